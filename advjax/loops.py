@@ -1,0 +1,84 @@
+"""One compiled fold over the batches of an epoch, in the form each backend runs fast.
+
+Training and evaluation are both folds: `carry = body(carry, step, *operands)`
+for step in [0, num_steps). The operands (device-resident data, permutation,
+keys) are passed as arguments, never closed over, so they are not baked into
+the executable as constants.
+
+Two forms, chosen per backend:
+- "scan": the whole epoch is one `lax.fori_loop` inside one jit. Best on
+  GPU/TPU: one dispatch per epoch, no host work in between.
+- "chunked": a jit of `chunk_size` Python-unrolled steps, dispatched
+  asynchronously chunk after chunk (plus one jit for the remainder). Under
+  XLA:CPU a CNN training step inside any while loop takes a slow path for the
+  gradient convolutions (about 10x, DESIGN.md pitfall 9); unrolled steps do not.
+  Dispatch is asynchronous, so the host runs ahead and never waits inside the epoch.
+Both forms run the same `body` with the same step indices, so they compute the same function.
+"""
+
+from typing import Any, Callable
+
+import jax
+
+LOOP_FORMS = ("auto", "scan", "chunked")
+
+Body = Callable[..., Any]  # (carry, step, *operands) -> carry
+Fold = Callable[..., Any]  # (num_steps, carry, *operands) -> carry
+
+
+def resolve_form(form: str, backend: str | None = None) -> str:
+    """'auto' becomes 'chunked' on CPU and 'scan' on accelerators."""
+    if form not in LOOP_FORMS:
+        raise ValueError(f"loop form {form!r} is not one of {LOOP_FORMS}")
+    if form != "auto":
+        return form
+    return "chunked" if (backend or jax.default_backend()) == "cpu" else "scan"
+
+
+def _scan_fold(body: Body) -> Fold:
+    def fold(num_steps, carry, *operands):
+        return jax.lax.fori_loop(0, num_steps, lambda step, c: body(c, step, *operands), carry)
+
+    return jax.jit(fold, static_argnums=0, donate_argnums=1)
+
+
+def _chunked_fold(body: Body, chunk_size: int) -> Fold:
+    def chunk(size, carry, start, *operands):
+        for offset in range(size):
+            carry = body(carry, start + offset, *operands)
+        return carry
+
+    # `size` is static: one executable for full chunks, one per remainder length.
+    chunk = jax.jit(chunk, static_argnums=0, donate_argnums=1)
+
+    def fold(num_steps, carry, *operands):
+        size = min(chunk_size, num_steps)
+        num_full, remainder = divmod(num_steps, size)
+        for index in range(num_full):
+            carry = chunk(size, carry, index * size, *operands)
+        if remainder:
+            carry = chunk(remainder, carry, num_full * size, *operands)
+        return carry
+
+    return fold
+
+
+def map_over_seeds(body: Body, num_seeds: int, in_axes: tuple) -> Body:
+    """Vmaps `body` over a leading seed axis of the operands marked 0 in `in_axes`.
+
+    With one seed the body is returned untouched: K=1 costs nothing extra.
+    """
+    return body if num_seeds == 1 else jax.vmap(body, in_axes=in_axes)
+
+
+def make_fold(body: Body, *, form: str = "auto", chunk_size: int = 8) -> Fold:
+    """Returns `fold(num_steps, carry, *operands)`, applying `body` for steps 0..num_steps-1.
+
+    Build it once and call it every epoch: compiled code is reused for every call
+    with the same `num_steps` (scan) or chunk length (chunked) and operand shapes.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if resolve_form(form) == "scan":
+        return _scan_fold(body)
+    return _chunked_fold(body, chunk_size)

@@ -1,0 +1,146 @@
+"""Writing results: JSON files written atomically, and human-readable tables."""
+
+import json
+import os
+import tempfile
+from typing import Any, Sequence
+
+SPLITS = ("train", "validation", "test")
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes via a temporary file and a rename, so a killed run never leaves a truncated file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: str, records: Sequence[dict]) -> None:
+    """One object per line; the whole file is rewritten atomically each time."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per split, one column per perturbation."""
+    splits = [s for s in SPLITS if s in accuracy] + [s for s in accuracy if s not in SPLITS]
+    columns = list(next(iter(accuracy.values())))
+    lines = [
+        "| split | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for split in splits:
+        lines.append(f"| {split} | " + " | ".join(f"{accuracy[split][c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def stats_table(perturbation_stats: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table of the mean per-image perturbation statistics, after clipping."""
+    lines = ["| split | perturbation | mean | std | L-inf | L2 |", "|---|---|---:|---:|---:|---:|"]
+    for split, by_perturbation in perturbation_stats.items():
+        for name, s in by_perturbation.items():
+            lines.append(f"| {split} | {name} | {s['mean']:+.4f} | {s['std']:.4f} | {s['linf']:.4f} | {s['l2']:.3f} |")
+    return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    quote = lambda c: f'"{c}"' if any(ch in str(c) for ch in ',"\n') else str(c)
+    return "\n".join(",".join(quote(c) for c in row) for row in [header, *rows]) + "\n"
+
+
+# Figures. Matplotlib is imported inside each function so that the library and
+# the tests that never plot do not pay for it, and so a headless machine needs
+# no display (the Agg backend is selected explicitly).
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_digits(images, labels, path: str, columns: int = 8) -> None:
+    """Figure 1: a grid of sample digits with their labels."""
+    plt = _pyplot()
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.25))
+    for ax, image, label in zip(axes.flat, images, labels):
+        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"label {label}", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Figure 1. MNIST digits (training split)")
+    _save(fig, path)
+
+
+def plot_noise_ladder(noisy_images, sigmas: Sequence[float], path: str) -> None:
+    """Figure 3: one digit under Gaussian noise of increasing std (before clipping)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(1.6 * len(sigmas), 2.0))
+    for ax, image, sigma in zip(axes, noisy_images, sigmas):
+        ax.imshow(image.squeeze(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"σ = {sigma:g}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("Figure 3. Gaussian noise of increasing std, clipped to [0, 1]")
+    _save(fig, path)
+
+
+def plot_fgsm_example(original, adversarial, eps: float, before: tuple[int, float], after: tuple[int, float], path: str) -> None:
+    """Figure 4: original + eps * sign(gradient) = adversarial, with predictions and confidences."""
+    plt = _pyplot()
+    perturbation = adversarial - original
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 3.0))
+    panels = [
+        (original, f"original\npredicted {before[0]} ({before[1]:.1%})", dict(cmap="gray", vmin=0, vmax=1)),
+        (perturbation, f"+ perturbation\n(eps = {eps:g}, after clipping)", dict(cmap="seismic", vmin=-eps, vmax=eps)),
+        (adversarial, f"= adversarial\npredicted {after[0]} ({after[1]:.1%})", dict(cmap="gray", vmin=0, vmax=1)),
+    ]
+    for ax, (image, title, style) in zip(axes, panels):
+        ax.imshow(image.squeeze(), **style)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("Figure 4. Fast gradient sign method on the BP net")
+    _save(fig, path)
+
+
+def plot_curves(grid: Sequence[float], curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, title: str, path: str) -> None:
+    """Accuracy against perturbation strength; a band of ±1 std over seeds where there are several."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for label, (mean, std) in curves.items():
+        mean, std = np.asarray(mean), np.asarray(std)
+        (line,) = ax.plot(grid, mean, marker="o", markersize=3, label=label)
+        if np.any(std > 0):
+            ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    _save(fig, path)

@@ -1,0 +1,7 @@
+"""BP, FGSM adversarial training: alpha*J(x) + (1-alpha)*J(x + eps*sign(grad_x J))."""
+
+from configs import default
+
+
+def get_config(arg=None):
+    return default.experiment("bp", "fgsm", arg)

@@ -1,0 +1,7 @@
+"""BP, training on Gaussian-noised images."""
+
+from configs import default
+
+
+def get_config(arg=None):
+    return default.experiment("bp", "gaussian", arg)

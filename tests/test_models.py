@@ -1,0 +1,239 @@
+"""Tests for advjax.models: shapes, parameter counts, dropout and kernel inits."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advjax import models
+from configs import default
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+
+
+def model_config(name: str, **overrides):
+    """The default model config with `name` and other fields overridden."""
+    config = default.get_config().model
+    config.name = name
+    config.update(overrides)
+    return config
+
+
+def build(name: str, **overrides):
+    return models.build_model(model_config(name, **overrides))
+
+
+def images(batch: int, seed: int = 0) -> jax.Array:
+    return jax.random.uniform(jax.random.key(seed), (batch, *IMAGE_SHAPE), jnp.float32)
+
+
+@functools.cache
+def init_params(name: str, init: str = "glorot_uniform") -> dict:
+    """model.init of the named model, once per (name, init): a CNN init costs seconds on a CPU."""
+    model = build(name, init=init)
+    return model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False)["params"]
+
+
+def param_shapes(model) -> dict:
+    """Parameter shapes without computing any values (the CNN is 3.3M parameters)."""
+    abstract = jax.eval_shape(
+        lambda key: model.init(key, jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False),
+        jax.random.key(0),
+    )["params"]
+    return jax.tree.map(lambda leaf: tuple(leaf.shape), abstract)
+
+
+def count(shapes: dict) -> int:
+    return sum(math.prod(shape) for shape in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def dense_count(fan_in: int, fan_out: int) -> int:
+    return fan_in * fan_out + fan_out  # kernel + bias
+
+
+def conv_count(kernel: int, channels_in: int, channels_out: int) -> int:
+    return kernel * kernel * channels_in * channels_out + channels_out
+
+
+def kernel_fans(kernel: jax.Array) -> tuple[int, int]:
+    """(fan_in, fan_out) as Glorot/LeCun define them: receptive field times channels."""
+    receptive = math.prod(kernel.shape[:-2])
+    return receptive * kernel.shape[-2], receptive * kernel.shape[-1]
+
+
+@pytest.fixture(scope="module")
+def cnn_and_params():
+    return build("cnn"), init_params("cnn")
+
+
+# ----------------------------------------------------------------------------
+# Shapes and parameter counts.
+
+
+@pytest.mark.parametrize("name, batch", [("bp", 3), ("cnn", 2)])
+def test_logits_have_shape_batch_by_ten(name, batch):
+    logits = build(name).apply({"params": init_params(name)}, images(batch), train=False)
+    chex.assert_shape(logits, (batch, NUM_CLASSES))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+
+
+def test_bp_parameter_count_and_layer_shapes():
+    shapes = param_shapes(build("bp"))
+    widths = (28 * 28, 256, 256, NUM_CLASSES)
+    expected_count = sum(dense_count(a, b) for a, b in zip(widths[:-1], widths[1:]))
+    assert expected_count == 269_322  # 784*256+256 + 256*256+256 + 256*10+10
+    assert count(shapes) == expected_count
+    assert shapes == {
+        f"Dense_{i}": {"kernel": (a, b), "bias": (b,)} for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+    }
+
+
+def test_cnn_parameter_count_and_layer_shapes():
+    shapes = param_shapes(build("cnn"))
+    # SAME padding keeps 28x28; each 2x2/2 pool halves it: 28 -> 14 -> 7.
+    flat = (28 // 2 // 2) ** 2 * 64
+    assert flat == 3136
+    expected_count = conv_count(5, 1, 32) + conv_count(5, 32, 64) + dense_count(flat, 1024) + dense_count(1024, 10)
+    assert expected_count == 3_274_634
+    assert count(shapes) == expected_count
+    assert shapes == {
+        "Conv_0": {"kernel": (5, 5, 1, 32), "bias": (32,)},
+        "Conv_1": {"kernel": (5, 5, 32, 64), "bias": (64,)},
+        "Dense_0": {"kernel": (flat, 1024), "bias": (1024,)},
+        "Dense_1": {"kernel": (1024, NUM_CLASSES), "bias": (NUM_CLASSES,)},
+    }
+
+
+def test_bp_hidden_widths_come_from_the_config():
+    shapes = param_shapes(build("bp", hidden=(32, 16, 8)))
+    assert [shapes[f"Dense_{i}"]["kernel"] for i in range(4)] == [(784, 32), (32, 16), (16, 8), (8, 10)]
+
+
+def test_unknown_model_name_raises_value_error():
+    with pytest.raises(ValueError, match="resnet"):
+        build("resnet")
+
+
+# ----------------------------------------------------------------------------
+# Dropout: on only when train=True.
+
+
+def test_cnn_eval_mode_is_deterministic_and_ignores_dropout_rng(cnn_and_params):
+    model, params = cnn_and_params
+    x = images(2)
+    without_rng = model.apply({"params": params}, x, train=False)
+    with_rng_a = model.apply({"params": params}, x, train=False, rngs={"dropout": jax.random.key(1)})
+    with_rng_b = model.apply({"params": params}, x, train=False, rngs={"dropout": jax.random.key(2)})
+    chex.assert_trees_all_equal(with_rng_a, without_rng)
+    chex.assert_trees_all_equal(with_rng_b, without_rng)
+
+
+def test_cnn_train_mode_applies_dropout_drawn_from_the_rng(cnn_and_params):
+    model, params = cnn_and_params
+    x = images(2)
+    evaluated = model.apply({"params": params}, x, train=False)
+    train_a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    train_a_again = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(1)})
+    train_b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    # Same rng -> same mask; different rngs -> different masks; any mask differs from eval.
+    chex.assert_trees_all_equal(train_a, train_a_again)
+    assert not np.allclose(train_a, train_b, atol=1e-6)
+    assert not np.allclose(train_a, evaluated, atol=1e-6)
+
+
+def test_cnn_train_mode_needs_a_dropout_rng(cnn_and_params):
+    # A missing rng must be an error, not a silent fall-back to eval mode.
+    model, params = cnn_and_params
+    with pytest.raises(Exception, match="dropout"):
+        model.apply({"params": params}, images(2), train=True)
+
+
+def test_cnn_dropout_rate_comes_from_the_config():
+    model = build("cnn", dropout=0.0)
+    assert model.dropout_rate == 0.0
+    assert build("cnn").dropout_rate == default.get_config().model.dropout
+    params = init_params("cnn")  # dropout has no parameters
+    x = images(2)
+    # With rate 0 the train-mode pass is the eval pass.
+    chex.assert_trees_all_close(
+        model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)}),
+        model.apply({"params": params}, x, train=False),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_bp_train_mode_equals_eval_mode():
+    model = build("bp")
+    params = init_params("bp")
+    x = images(4)
+    chex.assert_trees_all_equal(
+        model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(5)}),
+        model.apply({"params": params}, x, train=False),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Kernel initialisers.
+
+
+def test_glorot_and_lecun_inits_give_different_params():
+    glorot = init_params("bp", "glorot_uniform")
+    lecun = init_params("bp", "lecun_normal")
+    chex.assert_trees_all_equal_shapes(glorot, lecun)
+    for layer in glorot:
+        assert not np.allclose(glorot[layer]["kernel"], lecun[layer]["kernel"]), layer
+        # Biases start at zero whatever the kernel init.
+        chex.assert_trees_all_equal(glorot[layer]["bias"], jnp.zeros_like(glorot[layer]["bias"]))
+        chex.assert_trees_all_equal(lecun[layer]["bias"], jnp.zeros_like(lecun[layer]["bias"]))
+
+
+@pytest.mark.parametrize("name", ["bp", "cnn"])
+@pytest.mark.parametrize("init", sorted(models.KERNEL_INITS))
+def test_kernel_init_is_taken_from_the_config(name, init):
+    # The CNN's own lecun init is not run (its compile costs seconds); the
+    # distributions are checked on the BP net and the CNN's Glorot params.
+    assert build(name, init=init).kernel_init is models.KERNEL_INITS[init]
+
+
+@pytest.mark.parametrize("name", ["bp", "cnn"])
+def test_glorot_uniform_kernels_fill_the_glorot_bound(name):
+    params = init_params(name, "glorot_uniform")
+    for layer, leaves in params.items():
+        kernel = np.asarray(leaves["kernel"])
+        fan_in, fan_out = kernel_fans(kernel)
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        largest = np.abs(kernel).max()
+        assert largest <= bound, (layer, largest, bound)
+        # Every kernel has >= 800 entries: a uniform sample reaches 90% of its bound
+        # (a too-narrow init, e.g. LeCun's, would not fill it).
+        assert largest >= 0.9 * bound, (layer, largest, bound)
+        # Uniform on [-b, b] has std b / sqrt(3); 5% is ~3 standard errors for the 800-entry conv.
+        np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3.0), rtol=0.05, err_msg=layer)
+
+
+def test_lecun_normal_kernels_have_variance_one_over_fan_in():
+    params = init_params("bp", "lecun_normal")
+    for layer, leaves in params.items():
+        kernel = np.asarray(leaves["kernel"])
+        fan_in, _ = kernel_fans(kernel)
+        # Dense_2 has 2,560 entries: a std's relative standard error is ~1.4%.
+        np.testing.assert_allclose(kernel.std(), 1.0 / math.sqrt(fan_in), rtol=0.06, err_msg=layer)
+        np.testing.assert_allclose(kernel.mean(), 0.0, atol=4.0 / math.sqrt(fan_in * kernel.size))
+
+
+def test_unknown_init_name_is_rejected():
+    with pytest.raises(ValueError, match="model.init=.he_normal"):
+        build("bp", init="he_normal")

@@ -1,0 +1,87 @@
+"""Config validation: every out-of-range field is refused, naming the field."""
+
+import pytest
+
+from advjax import validation
+from configs import default
+
+BAD_VALUES = [
+    ("seed", -1),
+    ("data.source", "imagenet"),
+    ("data.num_validation", 0),
+    ("data.num_validation", 60_000),
+    ("model.name", "resnet"),
+    ("model.init", "zeros"),
+    ("model.hidden", ()),
+    ("model.hidden", (256, -1)),
+    ("model.dropout", 1.0),
+    ("train.mode", "pgd"),
+    ("train.epochs", 0),
+    ("train.epochs", 2.5),
+    ("train.batch_size", 0),
+    ("train.batch_size", 50_001),
+    ("train.max_examples", -5),
+    ("train.learning_rate", 0.0),
+    ("train.learning_rate", -1e-3),
+    ("train.schedule", "linear"),
+    ("train.eps", -0.1),
+    ("train.eps", 1.5),
+    ("train.alpha", -0.1),
+    ("train.alpha", 1.1),
+    ("train.sigma", -0.3),
+    ("train.loop", "pmap"),
+    ("train.chunk_size", 0),
+    ("eval.eps", -0.1),
+    ("eval.sigma", -1.0),
+    ("eval.use_predicted_labels", "yes"),
+    ("eval.num_train", 0),
+    ("eval.num_train", 50_001),
+    ("eval.num_validation", 10_001),
+    ("eval.num_test", 10_001),
+    ("eval.batch_size", 0),
+]
+
+
+def _with(path, value):
+    config = default.get_config()
+    section, _, field = path.rpartition(".")
+    node = config[section] if section else config
+    with node.ignore_type():
+        node[field] = value
+    return config
+
+
+@pytest.mark.parametrize("name", ["bp", "bp_adv", "bp_gauss", "cnn", "cnn_adv", "cnn_gauss"])
+def test_shipped_configs_are_valid(name):
+    module = __import__(f"configs.{name}", fromlist=["get_config"])
+    validation.validate(module.get_config())
+
+
+@pytest.mark.parametrize("path,value", BAD_VALUES, ids=[f"{p}={v!r}" for p, v in BAD_VALUES])
+def test_bad_value_is_refused_naming_the_field(path, value):
+    with pytest.raises(validation.ConfigError, match=f"config\\.{path}="):
+        validation.validate(_with(path, value))
+
+
+def test_train_batch_larger_than_the_shrunk_training_set_is_refused():
+    config = default.get_config()
+    config.train.max_examples = 100
+    with pytest.raises(validation.ConfigError, match="config.train.batch_size=128"):
+        validation.validate(config)
+
+
+def test_missing_section_field_is_named():
+    config = default.get_config()
+    del config.eval["eps"]
+    with pytest.raises(validation.ConfigError, match="config.eval.eps is missing"):
+        validation.validate(config)
+
+
+def test_boundary_values_are_accepted():
+    config = default.get_config()
+    config.train.alpha = 0.0
+    config.train.eps = 0.0
+    config.eval.sigma = 0.0
+    validation.validate(config)
+    config.train.alpha = 1.0
+    validation.validate(config)
