@@ -6,6 +6,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from advjax import models, train
@@ -35,7 +36,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def save(workdir: str, state: train.TrainState) -> None:
     """Writes params, optimizer state and step; orbax commits it atomically."""
     with _manager(workdir, create=True) as manager:
-        manager.save(int(state.step), args=ocp.args.StandardSave(state))
+        # With several seeds the step is per seed, and equal across them.
+        manager.save(int(np.max(state.step)), args=ocp.args.StandardSave(state))
         manager.wait_until_finished()
 
 
@@ -50,7 +52,7 @@ def eval_apply_fn(model) -> Callable:
 
 class Restored(NamedTuple):
     config: ml_collections.ConfigDict
-    params: dict
+    params: dict  # with a leading seed axis when config.num_seeds > 1
     apply_fn: Callable  # (params, float32 images [B, 28, 28, 1] in [0, 1]) -> logits [B, 10]
 
 
@@ -58,7 +60,9 @@ def restore(workdir: str) -> Restored:
     """The last checkpoint in `workdir`, with its config and an eval-mode apply function."""
     config = load_config(workdir)
     model = models.build_model(config.model)
-    abstract = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), model, config.train, steps_per_epoch=1))
+    num_seeds = config.get("num_seeds", 1)
+    keys = jax.random.split(jax.random.key(0), num_seeds) if num_seeds > 1 else jax.random.key(0)
+    abstract = jax.eval_shape(lambda: train.create_states(keys, model, config.train, 1, num_seeds))
     with _manager(workdir, create=False) as manager:
         step = manager.latest_step()
         if step is None:

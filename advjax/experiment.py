@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from advjax import checkpoint, data, evaluate, models, report, train, validation
+from advjax import checkpoint, data, evaluate, loops, models, report, train, validation
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -41,18 +41,6 @@ def seed_keys(seed: int, num_seeds: int) -> tuple[jax.Array, ...]:
         return tuple(jax.random.split(jax.random.key(seed), 4))
     keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 4))(jnp.arange(seed, seed + num_seeds))
     return tuple(keys[:, i] for i in range(4))
-
-
-def over_seeds(fn: Callable, num_seeds: int) -> Callable:
-    """`fn` itself for one seed, else `fn` vmapped over the leading seed axis of every argument."""
-    return fn if num_seeds == 1 else jax.vmap(fn)
-
-
-def create_states(
-    init_rng: jax.Array, model, train_config: ml_collections.ConfigDict, steps_per_epoch: int, num_seeds: int
-) -> train.TrainState:
-    create = lambda rng: train.create_train_state(rng, model, train_config, steps_per_epoch)
-    return over_seeds(create, num_seeds)(init_rng)
 
 
 def eval_sets(mnist: data.MNIST, eval_config: ml_collections.ConfigDict) -> dict[str, evaluate.EvalSet]:
@@ -81,25 +69,54 @@ def epoch_record(epoch: int, totals: train.EpochTotals, num_steps: int, seconds:
     return record
 
 
+def _make_sweep(model, config: ml_collections.ConfigDict, perturbation: str) -> Callable:
+    return evaluate.make_sweep(
+        model.apply, perturbation, use_predicted_labels=config.eval.use_predicted_labels, form=config.train.loop,
+        chunk_size=config.eval.chunk_size, num_seeds=config.num_seeds, grid_chunk=config.eval.grid_chunk,
+    )
+
+
 def sweep_results(model, config, params, eval_set: evaluate.EvalSet, key: jax.Array) -> dict:
     """Accuracy against each configured grid (eval.sigma_grid, eval.eps_grid)."""
     grids = {"gaussian": config.eval.sigma_grid, "fgsm": config.eval.eps_grid}
     out = {}
     for name, grid in grids.items():
-        if not grid:
-            continue
-        sweep = evaluate.make_sweep(
-            model.apply, name, use_predicted_labels=config.eval.use_predicted_labels, form=config.train.loop,
-            chunk_size=config.eval.chunk_size, num_seeds=config.num_seeds,
-        )
-        accuracy = np.atleast_2d(sweep(params, eval_set, key, grid))
-        out[name] = {
-            "grid": list(grid),
-            "accuracy": accuracy.mean(axis=0).tolist(),
-            "accuracy_std": accuracy.std(axis=0).tolist(),
-            "accuracy_per_seed": accuracy.tolist(),
-        }
+        if grid:
+            accuracy = np.atleast_2d(_make_sweep(model, config, name)(params, eval_set, key, grid))  # [seeds, grid]
+            out[name] = {
+                "grid": list(grid),
+                "accuracy": accuracy.mean(axis=0).tolist(),
+                "accuracy_std": accuracy.std(axis=0).tolist(),
+                "accuracy_per_seed": accuracy.tolist(),
+            }
     return out
+
+
+def eps_table(model, config, params, sets: dict, keys: dict) -> dict:
+    """FGSM and matched-Gaussian accuracy at each eval.table_eps on the train and validation subsets.
+
+    Computed as sweeps over the eps list: one input gradient per image serves every eps.
+    """
+    eps_list = tuple(config.eval.table_eps)
+    if not eps_list:
+        return {}
+    names = ("fgsm", "matched_gaussian")
+    accuracy = {
+        (name, split): np.atleast_2d(_make_sweep(model, config, name)(params, sets[split], keys[split], eps_list))
+        for name in names
+        for split in ("train", "validation")
+    }
+    return {
+        str(eps): {
+            split: {
+                "accuracy": {n: float(accuracy[n, split][:, i].mean()) for n in names},
+                "accuracy_std": {n: float(accuracy[n, split][:, i].std()) for n in names},
+                "accuracy_per_seed": {n: accuracy[n, split][:, i].tolist() for n in names},
+            }
+            for split in ("train", "validation")
+        }
+        for i, eps in enumerate(eps_list)
+    }
 
 
 def train_and_evaluate(
@@ -116,7 +133,7 @@ def train_and_evaluate(
     init_rng, shuffle_rng, step_rng, eval_rng = seed_keys(config.seed, k)
     model = models.build_model(config.model)
     num_train = config.train.max_examples or len(mnist.train.labels)
-    state = create_states(init_rng, model, config.train, num_train // config.train.batch_size, k)
+    state = train.create_states(init_rng, model, config.train, num_train // config.train.batch_size, k)
     images = jax.device_put(mnist.train.images[:num_train])  # uint8 on the device: 4x less memory and transfer
     labels = jax.device_put(mnist.train.labels[:num_train])
     loop = dict(form=config.train.loop, num_seeds=k)
@@ -124,7 +141,7 @@ def train_and_evaluate(
         train.make_objective(model.apply, config.train), num_train, config.train.batch_size,
         chunk_size=config.train.chunk_size, **loop,
     )
-    permutation = over_seeds(lambda rng, epoch: train.epoch_permutation(rng, epoch, num_train), k)
+    permutation = loops.map_over_seeds(lambda rng, epoch: train.epoch_permutation(rng, epoch, num_train), k)
     sets = eval_sets(mnist, config.eval)
     # Progress is measured on the whole validation split; the paper's tables use subsets.
     progress_set = evaluate.make_eval_set(
@@ -155,12 +172,9 @@ def train_and_evaluate(
     full = evaluate.make_evaluator(
         model.apply, use_predicted_labels=config.eval.use_predicted_labels, chunk_size=config.eval.chunk_size, **loop
     )
-    split_keys = {split: over_seeds(lambda key: jax.random.fold_in(key, i), k)(eval_rng) for i, split in enumerate(sets)}
+    split_keys = {split: loops.map_over_seeds(lambda key: jax.random.fold_in(key, i), k)(eval_rng) for i, split in enumerate(sets)}
     results = {split: full(state.params, s, split_keys[split], config.eval.eps, config.eval.sigma) for split, s in sets.items()}
-    by_eps = {
-        str(eps): {split: full(state.params, sets[split], split_keys[split], eps, config.eval.sigma) for split in ("train", "validation")}
-        for eps in config.eval.table_eps
-    }
+    by_eps = eps_table(model, config, state.params, sets, split_keys)
     sweeps = sweep_results(model, config, state.params, sets[config.eval.sweep_split], split_keys[config.eval.sweep_split])
     summary = {
         "config": config.to_dict(),

@@ -52,6 +52,8 @@ def _chunked_fold(body: Body, chunk_size: int) -> Fold:
     chunk = jax.jit(chunk, static_argnums=0, donate_argnums=1)
 
     def fold(num_steps, carry, *operands):
+        if num_steps == 0:
+            return carry
         size = min(chunk_size, num_steps)
         num_full, remainder = divmod(num_steps, size)
         for index in range(num_full):
@@ -63,12 +65,12 @@ def _chunked_fold(body: Body, chunk_size: int) -> Fold:
     return fold
 
 
-def map_over_seeds(body: Body, num_seeds: int, in_axes: tuple) -> Body:
-    """Vmaps `body` over a leading seed axis of the operands marked 0 in `in_axes`.
+def map_over_seeds(fn: Callable, num_seeds: int, in_axes: int | tuple = 0) -> Callable:
+    """Vmaps `fn` over a leading seed axis of the arguments marked 0 in `in_axes`.
 
-    With one seed the body is returned untouched: K=1 costs nothing extra.
+    With one seed `fn` is returned untouched: K=1 costs nothing extra.
     """
-    return body if num_seeds == 1 else jax.vmap(body, in_axes=in_axes)
+    return fn if num_seeds == 1 else jax.vmap(fn, in_axes=in_axes)
 
 
 def make_fold(body: Body, *, form: str = "auto", chunk_size: int = 8) -> Fold:

@@ -22,6 +22,17 @@ KERNEL_INITS: dict[str, Initializer] = {
 }
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2 as a reshape and a max.
+
+    The same values as `nn.max_pool(x, (2, 2), strides=(2, 2))` on even sizes.
+    Its gradient is elementwise, where `nn.max_pool`'s is XLA's
+    select-and-scatter, which XLA:CPU runs slowly.
+    """
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class BP(nn.Module):
     """The paper's back-propagation net: 784-256-256-10, ReLU."""
 
@@ -49,7 +60,7 @@ class CNN(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         for features in (32, 64):
             x = nn.Conv(features, (5, 5), padding="SAME", kernel_init=self.kernel_init)(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(1024, kernel_init=self.kernel_init)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

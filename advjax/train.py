@@ -59,6 +59,14 @@ def create_train_state(
     return TrainState.create(apply_fn=model.apply, params=init_params(rng, model), tx=tx)
 
 
+def create_states(
+    init_rng: jax.Array, model: nn.Module, train_config: ml_collections.ConfigDict, steps_per_epoch: int, num_seeds: int
+) -> TrainState:
+    """One train state, or `num_seeds` stacked along a leading axis (one per init key)."""
+    create = lambda rng: create_train_state(rng, model, train_config, steps_per_epoch)
+    return loops.map_over_seeds(create, num_seeds)(init_rng)
+
+
 def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict) -> Objective:
     """The training loss for `train_config.mode`: 'ordinary', 'fgsm' or 'gaussian'."""
 

@@ -35,10 +35,8 @@ def non_negative_int() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _is_int(v) and v >= 0), "a non-negative integer"
 
 
-def number_in(low: float, high: float, *, low_open: bool = False) -> tuple[Callable[[Any], bool], str]:
-    above = (lambda v: v > low) if low_open else (lambda v: v >= low)
-    bracket = "(" if low_open else "["
-    return (lambda v: _is_number(v) and above(v) and v <= high), f"a number in {bracket}{low}, {high}]"
+def number_in(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_number(v) and low <= v <= high), f"a number in [{low}, {high}]"
 
 
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -55,7 +53,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.epochs": positive_int(),
     "train.batch_size": positive_int(),
     "train.max_examples": non_negative_int(),
-    "train.learning_rate": number_in(0.0, 10.0, low_open=True),
+    "train.learning_rate": ((lambda v: _is_number(v) and 0 < v < float("inf")), "a positive finite number"),
     "train.schedule": one_of(train.SCHEDULES),
     "train.eps": number_in(0.0, 1.0),
     "train.alpha": number_in(0.0, 1.0),
@@ -72,6 +70,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.eps_grid": ((lambda v: all(_is_number(x) and 0 <= x <= 1 for x in v)), "numbers in [0, 1]"),
     "eval.sweep_split": one_of(("train", "validation", "test")),
     "eval.table_eps": ((lambda v: all(_is_number(x) and 0 <= x <= 1 for x in v)), "numbers in [0, 1]"),
+    "eval.grid_chunk": non_negative_int(),
     "eval.batch_size": positive_int(),
     "eval.chunk_size": positive_int(),
 }

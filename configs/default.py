@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.sigma_grid = ()
     config.eval.eps_grid = ()
     config.eval.sweep_split = "validation"
+    config.eval.grid_chunk = 0  # grid points per vmapped pass; 0: all on accelerators, 1 on CPU (faster there)
     # Extra FGSM strengths evaluated on the train and validation subsets (the paper never states its eps).
     config.eval.table_eps = ()
     config.eval.batch_size = 500

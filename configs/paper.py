@@ -36,6 +36,5 @@ def get_config(arg=None):
         run = default.experiment(model, mode)
         run.eval.sigma_grid = tuple(np.round(np.linspace(0.0, 1.0, 21), 3).tolist())
         run.eval.eps_grid = tuple(np.round(np.linspace(0.0, 0.3, 13), 3).tolist())
-        run.eval.table_eps = config.report.table_eps
         config.runs[name] = run
     return config

@@ -1,8 +1,11 @@
 """Shared fixtures: the real MNIST directory, and a config shrunk to seconds."""
 
+import gzip
 import os
 import pathlib
+import struct
 
+import numpy as np
 import pytest
 
 from configs import default
@@ -38,4 +41,41 @@ def tiny_config(model: str = "bp", mode: str = "ordinary"):
     config.eval.num_validation = 200
     config.eval.num_test = 300
     config.eval.batch_size = 100
+    return config
+
+
+def _idx(array: np.ndarray) -> bytes:
+    magic = {3: 2051, 1: 2049}[array.ndim]
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+
+
+def synthetic_digits(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fake digits: each class lights its own 4x4 block, over noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, num).astype(np.uint8)
+    images = rng.integers(0, 60, (num, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        images[i, 4 + 10 * row : 8 + 10 * row, 2 + 5 * col : 6 + 5 * col] = 230
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def synthetic_mnist_dir(tmp_path_factory) -> pathlib.Path:
+    """A directory of IDX files in MNIST's format: 1200 training and 300 test images."""
+    path = tmp_path_factory.mktemp("synthetic_mnist")
+    for prefix, num, seed in (("train", 1200, 0), ("t10k", 300, 1)):
+        images, labels = synthetic_digits(num, seed)
+        (path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
+        (path / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
+    return path
+
+
+def synthetic_config(data_dir: pathlib.Path, model: str = "bp", mode: str = "ordinary"):
+    """tiny_config reading the synthetic directory (200 of its 1200 training images for validation)."""
+    config = tiny_config(model, mode)
+    config.data.source = "idx"
+    config.data.dir = str(data_dir)
+    config.data.num_validation = 200
+    config.train.max_examples = 0
     return config

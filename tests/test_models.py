@@ -6,6 +6,7 @@ import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,3 +238,17 @@ def test_lecun_normal_kernels_have_variance_one_over_fan_in():
 def test_unknown_init_name_is_rejected():
     with pytest.raises(ValueError, match="model.init=.he_normal"):
         build("bp", init="he_normal")
+
+
+def test_reshape_max_pool_equals_flax_max_pool_values_and_gradients():
+    # The CNN pools with a reshape and a max because XLA:CPU runs the gradient
+    # of nn.max_pool (select-and-scatter) slowly; it must compute the same thing.
+    from advjax.models import max_pool_2x2
+
+    x = jax.random.normal(jax.random.key(0), (3, 28, 28, 5))
+    reference = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))
+    chex.assert_trees_all_equal(max_pool_2x2(x), reference(x))
+    weights = jax.random.normal(jax.random.key(1), (3, 14, 14, 5))
+    grad = lambda pool: jax.grad(lambda z: jnp.sum(pool(z) * weights))(x)
+    # Continuous random inputs have no ties within a window, so the gradients agree exactly.
+    chex.assert_trees_all_close(grad(max_pool_2x2), grad(reference), atol=0, rtol=0)
