@@ -119,36 +119,28 @@ def eps_table(model, config, params, sets: dict, keys: dict) -> dict:
     }
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = logging.info
-) -> dict:
-    """Trains `config`, evaluates it, writes metrics, checkpoint and summary; returns the summary."""
-    validation.validate(config)
-    prepare_workdir(workdir)
-    checkpoint.save_config(workdir, config)
-    mnist = data.load_mnist(config.data)
-    log(f"data: {len(mnist.train.labels)} train / {len(mnist.validation.labels)} validation / {len(mnist.test.labels)} test")
-
+def fit(
+    config: ml_collections.ConfigDict, model, mnist: data.MNIST, workdir: str, log: Callable[[str], None]
+) -> tuple[train.TrainState, list[dict]]:
+    """Trains for config.train.epochs, writing metrics.jsonl after every epoch."""
     k = config.num_seeds
     init_rng, shuffle_rng, step_rng, eval_rng = seed_keys(config.seed, k)
-    model = models.build_model(config.model)
     num_train = config.train.max_examples or len(mnist.train.labels)
     state = train.create_states(init_rng, model, config.train, num_train // config.train.batch_size, k)
     images = jax.device_put(mnist.train.images[:num_train])  # uint8 on the device: 4x less memory and transfer
     labels = jax.device_put(mnist.train.labels[:num_train])
-    loop = dict(form=config.train.loop, num_seeds=k)
     run_epoch = train.make_epoch_fn(
         train.make_objective(model.apply, config.train), num_train, config.train.batch_size,
-        chunk_size=config.train.chunk_size, **loop,
+        form=config.train.loop, chunk_size=config.train.chunk_size, num_seeds=k,
     )
     permutation = loops.map_over_seeds(lambda rng, epoch: train.epoch_permutation(rng, epoch, num_train), k)
-    sets = eval_sets(mnist, config.eval)
     # Progress is measured on the whole validation split; the paper's tables use subsets.
     progress_set = evaluate.make_eval_set(
         mnist.validation.images, mnist.validation.labels, len(mnist.validation.labels), config.eval.batch_size
     )
-    clean_accuracy = evaluate.make_evaluator(model.apply, ("clean",), chunk_size=config.eval.chunk_size, **loop)
-
+    clean_accuracy = evaluate.make_evaluator(
+        model.apply, ("clean",), form=config.train.loop, chunk_size=config.eval.chunk_size, num_seeds=k
+    )
     records = []
     for epoch in range(1, config.train.epochs + 1):
         start = time.perf_counter()
@@ -165,30 +157,56 @@ def train_and_evaluate(
             f"epoch {epoch}/{config.train.epochs}  {seconds:6.1f}s  loss {r['train_loss']:.4f}  "
             f"train acc {r['train_accuracy']:.4f}  val acc {r['validation_accuracy']:.4f}  ({r['examples_per_second']:.0f} ex/s)"
         )
+    return state, records
 
-    checkpoint.save(workdir, state)
-    log(f"evaluating: FGSM eps={config.eval.eps}, Gaussian sigma={config.eval.sigma}, matched Gaussian")
-    start = time.perf_counter()
+
+def evaluate_trained(config: ml_collections.ConfigDict, model, params, mnist: data.MNIST) -> dict:
+    """Every split under every perturbation, the sweeps and the eps table: the summary's results."""
+    k = config.num_seeds
+    eval_rng = seed_keys(config.seed, k)[3]
+    sets = eval_sets(mnist, config.eval)
     full = evaluate.make_evaluator(
-        model.apply, use_predicted_labels=config.eval.use_predicted_labels, chunk_size=config.eval.chunk_size, **loop
+        model.apply, use_predicted_labels=config.eval.use_predicted_labels, form=config.train.loop,
+        chunk_size=config.eval.chunk_size, num_seeds=k,
     )
-    split_keys = {split: loops.map_over_seeds(lambda key: jax.random.fold_in(key, i), k)(eval_rng) for i, split in enumerate(sets)}
-    results = {split: full(state.params, s, split_keys[split], config.eval.eps, config.eval.sigma) for split, s in sets.items()}
-    by_eps = eps_table(model, config, state.params, sets, split_keys)
-    sweeps = sweep_results(model, config, state.params, sets[config.eval.sweep_split], split_keys[config.eval.sweep_split])
+    keys = {split: loops.map_over_seeds(lambda key: jax.random.fold_in(key, i), k)(eval_rng) for i, split in enumerate(sets)}
+    results = {split: full(params, s, keys[split], config.eval.eps, config.eval.sigma) for split, s in sets.items()}
+    sweep_split = config.eval.sweep_split
+    return {
+        "eval_sizes": {split: s.num_examples for split, s in sets.items()},
+        **{field: {split: r[field] for split, r in results.items()} for field in next(iter(results.values()))},
+        "sweeps": {"split": sweep_split, **sweep_results(model, config, params, sets[sweep_split], keys[sweep_split])},
+        "by_eps": eps_table(model, config, params, sets, keys),
+    }
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = logging.info
+) -> dict:
+    """Trains `config`, evaluates it, writes metrics, checkpoint and summary; returns the summary."""
+    validation.validate(config)
+    prepare_workdir(workdir)
+    checkpoint.save_config(workdir, config)
+    mnist = data.load_mnist(config.data)
+    log(f"data: {len(mnist.train.labels)} train / {len(mnist.validation.labels)} validation / {len(mnist.test.labels)} test")
+    model = models.build_model(config.model)
+    state, records = fit(config, model, mnist, workdir, log)
+    checkpoint.save(workdir, state)
+
+    log(f"evaluating: FGSM eps={config.eval.eps}, Gaussian sigma={config.eval.sigma}, matched Gaussian, sweeps")
+    start = time.perf_counter()
+    results = evaluate_trained(config, model, state.params, mnist)
     summary = {
         "config": config.to_dict(),
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
-        "num_seeds": k,
-        "eval_sizes": {split: s.num_examples for split, s in sets.items()},
+        "num_seeds": config.num_seeds,
         "attack_labels": "predicted" if config.eval.use_predicted_labels else "true",
         "perturbation_stats_definition": "per-image mean, std, L-inf and L2 of (perturbed - clean) after clipping to [0, 1], averaged over images",
-        **{field: {split: r[field] for split, r in results.items()} for field in next(iter(results.values()))},
-        "sweeps": {"split": config.eval.sweep_split, **sweeps},
-        "by_eps": by_eps,
+        **results,
         "epochs": records,
         "evaluation_seconds": time.perf_counter() - start,
     }
     report.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    log(f"evaluation took {summary['evaluation_seconds']:.1f}s")
     return summary
