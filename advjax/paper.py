@@ -199,11 +199,11 @@ def curve_figures(s: dict, figures: str) -> dict[str, str]:
         ),
         "fig7_noise_cnn_ord_vs_adv.png": (
             sigma_grid, {"CNN, ordinary": _curve(s["cnn"], "gaussian"), "CNN, FGSM-adversarial": _curve(s["cnn_adv"], "gaussian")},
-            "Gaussian noise std σ (before clipping)", "Figure 7. CNN under Gaussian noise, before and after adversarial training",
+            "Gaussian noise std σ (before clipping)", "Figure 7. CNN under Gaussian noise,\nbefore and after adversarial training",
         ),
         "fig8_noise_bp_ord_vs_adv.png": (
             sigma_grid, {"BP, ordinary": _curve(s["bp"], "gaussian"), "BP, FGSM-adversarial": _curve(s["bp_adv"], "gaussian")},
-            "Gaussian noise std σ (before clipping)", "Figure 8. BP under Gaussian noise, before and after adversarial training",
+            "Gaussian noise std σ (before clipping)", "Figure 8. BP under Gaussian noise,\nbefore and after adversarial training",
         ),
         "fig_eps_all_models.png": (
             eps_grid, {name: _curve(summary, "fgsm") for name, summary in s.items()},
@@ -213,7 +213,7 @@ def curve_figures(s: dict, figures: str) -> dict[str, str]:
     captions = {}
     for filename, (grid, curves, xlabel, title) in plots.items():
         report.plot_curves(grid, curves, xlabel, f"{title}\n({split} subset)", os.path.join(figures, filename))
-        captions[filename] = title
+        captions[filename] = title.replace("\n", " ")
     return captions
 
 

@@ -137,6 +137,8 @@ def plot_curves(grid: Sequence[float], curves: dict[str, tuple[Sequence[float], 
         (line,) = ax.plot(grid, mean, marker="o", markersize=3, label=label)
         if np.any(std > 0):
             ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    if any(np.any(np.asarray(std) > 0) for _, std in curves.values()):
+        ax.text(0.99, 0.01, "bands: ±1 std over seeds", transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
