@@ -82,10 +82,6 @@ def train_all(config: ml_collections.ConfigDict, workdir: str, log: Callable[[st
 # Tables ---------------------------------------------------------------------
 
 
-def _cell(summary: dict, split: str, perturbation: str, source: str = "accuracy") -> float:
-    return summary[source][split][perturbation]
-
-
 def _fmt(summary: dict, split: str, perturbation: str, by_eps: str | None = None) -> str:
     """mean, with ± std over seeds where there are several."""
     node = summary["by_eps"][by_eps] if by_eps else summary
