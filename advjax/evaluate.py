@@ -12,8 +12,9 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from advjax import attacks, loops
+from advjax import attacks, loops, sharding
 from advjax.train import to_float_images
 
 PERTURBATIONS = ("clean", "fgsm", "gaussian", "matched_gaussian")
@@ -42,6 +43,20 @@ def make_eval_set(images: np.ndarray | jax.Array, labels: np.ndarray | jax.Array
 
     mask = (jnp.arange(num_batches * batch_size) < num_examples).reshape(num_batches, batch_size)
     return EvalSet(batched(images), batched(labels), mask, num_examples)
+
+
+def shard_eval_set(eval_set: EvalSet, mesh: Mesh) -> EvalSet:
+    """The eval set split along its batch dimension across the mesh's `data` axis.
+
+    Sharded rather than replicated: an EvalSet is stored batch-major and never
+    shuffled, so each device can hold exactly its share of every batch
+    (1/N of the memory) and indexing a batch in the fold moves no data. The
+    training images are replicated instead, because a fresh shuffle each
+    epoch would make a sharded copy exchange images between devices every step.
+    """
+    sharding.check_batch_size(eval_set.labels.shape[1], mesh, "eval.batch_size")
+    images, labels, mask = sharding.shard_batch_major((eval_set.images, eval_set.labels, eval_set.mask), mesh)
+    return eval_set._replace(images=images, labels=labels, mask=mask)
 
 
 def perturb_batch(
@@ -84,12 +99,15 @@ def make_evaluator(
     form: str = "auto",
     chunk_size: int = 8,
     num_seeds: int = 1,
+    mesh: Mesh | None = None,
 ) -> Callable:
     """`evaluate(params, eval_set, key, eps, sigma) -> {"accuracy", "perturbation_stats", ...}`.
 
     Build it once and use it for every split and epoch: `eps` and `sigma` are
     traced, and splits with the same batch size share compiled code. With
     `num_seeds > 1`, `params` and `key` carry a leading seed axis (see `summarize`).
+    With a `mesh`, every batch (and its attacks) is split across the `data`
+    axis; pass params and key replicated and the eval set through `shard_eval_set`.
     """
     unknown = set(perturbations) - set(PERTURBATIONS)
     if unknown:
@@ -97,7 +115,7 @@ def make_evaluator(
     perturbations = tuple(perturbations)
 
     def body(totals, step, params, images, labels, mask, key, eps, sigma):
-        x, y, valid = to_float_images(images[step]), labels[step], mask[step]
+        x, y, valid = sharding.constrain_batch((to_float_images(images[step]), labels[step], mask[step]), mesh)
         logits_fn = lambda z: apply_fn({"params": params}, z, train=False)
         attack_labels = attacks.predicted_labels(logits_fn, x) if use_predicted_labels else y
         perturbed = perturb_batch(logits_fn, x, attack_labels, jax.random.fold_in(key, step), eps, sigma, perturbations)
@@ -107,12 +125,13 @@ def make_evaluator(
             correct[name] += jnp.sum((jnp.argmax(out, -1) == y) & valid)
             per_image = jnp.stack(attacks.perturbation_stats(x, perturbed[name]), axis=-1)
             stats[name] += jnp.sum(jnp.where(valid[:, None], per_image, 0.0), axis=0)
-        return {"correct": correct, "stats": stats}
+        return sharding.constrain_replicated({"correct": correct, "stats": stats}, mesh)
 
     body = loops.map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None, None, None, 0, None, None))
     fold = loops.make_fold(body, form=form, chunk_size=chunk_size)
 
     def evaluate(params, eval_set: EvalSet, key, eps=0.0, sigma=0.0) -> dict:
+        sharding.check_batch_size(eval_set.labels.shape[1], mesh, "eval.batch_size")
         totals = fold(
             eval_set.labels.shape[0],
             _zero_totals(perturbations, num_seeds),
@@ -174,6 +193,7 @@ def make_sweep(
     chunk_size: int = 8,
     num_seeds: int = 1,
     grid_chunk: int = 0,
+    mesh: Mesh | None = None,
 ) -> Callable:
     """`sweep(params, eval_set, key, grid) -> accuracy [len(grid)]`, one compiled call.
 
@@ -189,12 +209,13 @@ def make_sweep(
     (common random numbers), so a curve's wiggles are the model's, not the
     sampler's. FGSM's direction does not depend on eps, so its gradient is
     computed once per batch and only the step is mapped over the grid.
+    With a `mesh`, each batch is split across the `data` axis (as in `make_evaluator`).
     """
     if perturbation not in SWEEPS:
         raise ValueError(f"cannot sweep {perturbation!r}; choose from {SWEEPS}")
 
     def body(correct, step, params, images, labels, mask, key, grid):
-        x, y, valid = to_float_images(images[step]), labels[step], mask[step]
+        x, y, valid = sharding.constrain_batch((to_float_images(images[step]), labels[step], mask[step]), mesh)
         logits_fn = lambda z: apply_fn({"params": params}, z, train=False)
         batch_key = jax.random.fold_in(key, step)
         if perturbation == "gaussian":
@@ -206,13 +227,15 @@ def make_sweep(
             matched = lambda eps: attacks.matched_gaussian(batch_key, x, fgsm(eps))
             perturb = fgsm if perturbation == "fgsm" else matched
         count = lambda value: jnp.sum((jnp.argmax(logits_fn(perturb(value)), -1) == y) & valid)
-        return correct + jax.lax.map(count, grid, batch_size=resolve_grid_chunk(grid_chunk, grid.shape[0]))
+        counts = jax.lax.map(count, grid, batch_size=resolve_grid_chunk(grid_chunk, grid.shape[0]))
+        return sharding.constrain_replicated(correct + counts, mesh)
 
     body = loops.map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None, None, None, 0, None))
     fold = loops.make_fold(body, form=form, chunk_size=chunk_size)
 
     def sweep(params, eval_set: EvalSet, key, grid) -> np.ndarray:
         grid = jnp.asarray(grid, jnp.float32)
+        sharding.check_batch_size(eval_set.labels.shape[1], mesh, "eval.batch_size")
         correct = fold(
             eval_set.labels.shape[0], jnp.zeros(_seed_shape(num_seeds) + grid.shape, jnp.int32), params,
             eval_set.images, eval_set.labels, eval_set.mask, key, grid,

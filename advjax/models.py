@@ -80,3 +80,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     if model_config.name == "cnn":
         return CNN(dropout_rate=model_config.dropout, kernel_init=kernel_init)
     raise ValueError(f"model.name={model_config.name!r} is not one of {MODELS}")
+
+
+def is_deterministic(model_config: ml_collections.ConfigDict) -> bool:
+    """Whether train mode equals eval mode: no dropout (BP always; the CNN with dropout 0)."""
+    return model_config.name == "bp" or float(model_config.dropout) == 0.0

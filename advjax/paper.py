@@ -57,25 +57,34 @@ def _saved_summary(workdir: str, config: ml_collections.ConfigDict) -> dict | No
     path = os.path.join(workdir, experiment.SUMMARY_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        summary = json.load(f)
-    same = json.dumps(summary["config"], sort_keys=True) == json.dumps(json.loads(json.dumps(config.to_dict())), sort_keys=True)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        same = json.dumps(summary["config"], sort_keys=True) == json.dumps(checkpoint.config_as_json(config), sort_keys=True)
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: not trusted, the run is resumed or redone instead
+        return None
     return summary if same else None
 
 
-def train_all(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None]) -> dict[str, dict]:
+def train_all(
+    config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None], overwrite: bool = False
+) -> dict[str, dict]:
+    """Each run's summary: reused when finished with the same config, else trained (or resumed).
+
+    `overwrite` retrains every run from scratch, discarding what its workdir holds.
+    """
     runs = run_configs(config)
     for run in runs.values():
         validation.validate(run)  # every run is checked before the first one trains
     summaries = {}
     for i, (name, run) in enumerate(runs.items(), 1):
         run_dir = os.path.join(workdir, name)
-        summaries[name] = _saved_summary(run_dir, run)
+        summaries[name] = None if overwrite else _saved_summary(run_dir, run)
         if summaries[name] is not None:
             log(f"[{i}/{len(runs)}] {name}: reusing the finished run in {run_dir}")
             continue
         log(f"[{i}/{len(runs)}] {name}: training {run.model.name} ({run.train.mode}) for {run.train.epochs} epochs, {run.num_seeds} seed(s)")
-        summaries[name] = experiment.train_and_evaluate(run, run_dir, log=log)
+        summaries[name] = experiment.train_and_evaluate(run, run_dir, log=log, overwrite=overwrite)
     return summaries
 
 
@@ -337,10 +346,12 @@ def write_report(config: ml_collections.ConfigDict, summaries: dict, workdir: st
     return path
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = logging.info) -> dict:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = logging.info, overwrite: bool = False
+) -> dict:
     """Trains (or reuses) all six runs and writes the report; returns {"report": path, "summaries": ...}."""
     experiment.prepare_workdir(workdir)
-    summaries = train_all(config, workdir, log)
+    summaries = train_all(config, workdir, log, overwrite)
     path = write_report(config, summaries, workdir, log)
     log(f"report: {path}")
     return {"report": path, "summaries": summaries}

@@ -8,16 +8,26 @@ from typing import Any, Sequence
 SPLITS = ("train", "validation", "test")
 
 
-def write_text(path: str, text: str) -> None:
-    """Writes via a temporary file and a rename, so a killed run never leaves a truncated file."""
+def write_bytes(path: str, content: bytes) -> None:
+    """Writes via a temporary file and a rename, so a killed run never leaves a truncated file.
+
+    The fsync before the rename makes this hold across a power cut too: the
+    rename can reach the disk only after the content has.
+    """
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -77,9 +87,13 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
+    import io
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:] or "png")
     _pyplot().close(fig)
+    write_bytes(path, buffer.getvalue())
 
 
 def plot_digits(images, labels, path: str, columns: int = 8) -> None:

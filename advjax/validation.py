@@ -6,9 +6,10 @@ the command line costs a second, not a compilation.
 
 from typing import Any, Callable
 
+import jax
 import ml_collections
 
-from advjax import data, loops, models, train
+from advjax import data, loops, models, robustness, sharding, train
 
 
 class ConfigError(ValueError):
@@ -39,15 +40,29 @@ def number_in(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _is_number(v) and low <= v <= high), f"a number in [{low}, {high}]"
 
 
+def text() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: isinstance(v, str)), "a string"
+
+
+def sequence_of(ok: Callable[[Any], bool], items: str, non_empty: bool = False) -> tuple[Callable[[Any], bool], str]:
+    """A tuple or list whose every item passes `ok`; a bare number or a string is refused, not iterated."""
+    check = lambda v: isinstance(v, (tuple, list)) and (len(v) > 0 or not non_empty) and all(ok(x) for x in v)
+    return check, f"a {'non-empty ' if non_empty else ''}list of {items}"
+
+
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": non_negative_int(),
     "num_seeds": positive_int(),
+    "num_devices": non_negative_int(),
     "data.source": one_of(data.SOURCES),
+    "data.dir": text(),
+    "data.cache_dir": text(),
+    "data.tfds_data_dir": text(),
     "data.num_validation": positive_int(),
     "data.split_seed": non_negative_int(),
     "model.name": one_of(models.MODELS),
     "model.init": one_of(tuple(models.KERNEL_INITS)),
-    "model.hidden": ((lambda v: len(v) > 0 and all(_is_int(w) and w > 0 for w in v)), "a non-empty list of positive integers"),
+    "model.hidden": sequence_of(lambda w: _is_int(w) and w > 0, "positive integers", non_empty=True),
     "model.dropout": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
     "train.mode": one_of(train.TRAINING_MODES),
     "train.epochs": positive_int(),
@@ -60,16 +75,24 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.sigma": number_in(0.0, 10.0),
     "train.loop": one_of(loops.LOOP_FORMS),
     "train.chunk_size": positive_int(),
+    "train.checkpoints_to_keep": positive_int(),
+    "train.attack_steps": positive_int(),
+    "train.attack_step_size": number_in(0.0, 1.0),
+    "train.fast_step_size": number_in(0.0, 10.0),
+    "train.trades_beta": number_in(0.0, 1000.0),
+    "train.attack_unroll": one_of(train.ATTACK_UNROLL),
+    "train.overfitting_check_examples": non_negative_int(),
+    "train.overfitting_check_steps": positive_int(),
     "eval.eps": number_in(0.0, 1.0),
     "eval.sigma": number_in(0.0, 10.0),
     "eval.use_predicted_labels": ((lambda v: isinstance(v, bool)), "true or false"),
     "eval.num_train": positive_int(),
     "eval.num_validation": positive_int(),
     "eval.num_test": positive_int(),
-    "eval.sigma_grid": ((lambda v: all(_is_number(x) and 0 <= x <= 10 for x in v)), "numbers in [0, 10]"),
-    "eval.eps_grid": ((lambda v: all(_is_number(x) and 0 <= x <= 1 for x in v)), "numbers in [0, 1]"),
+    "eval.sigma_grid": sequence_of(lambda x: _is_number(x) and 0 <= x <= 10, "numbers in [0, 10]"),
+    "eval.eps_grid": sequence_of(lambda x: _is_number(x) and 0 <= x <= 1, "numbers in [0, 1]"),
     "eval.sweep_split": one_of(("train", "validation", "test")),
-    "eval.table_eps": ((lambda v: all(_is_number(x) and 0 <= x <= 1 for x in v)), "numbers in [0, 1]"),
+    "eval.table_eps": sequence_of(lambda x: _is_number(x) and 0 <= x <= 1, "numbers in [0, 1]"),
     "eval.grid_chunk": non_negative_int(),
     "eval.batch_size": positive_int(),
     "eval.chunk_size": positive_int(),
@@ -103,9 +126,27 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first field that is out of range."""
+    """Raises ConfigError naming the first field that is missing, of the wrong type or out of range."""
     for path, (ok, expected) in RULES.items():
         value = _lookup(config, path)
         if not ok(value):
             raise ConfigError(f"config.{path}={value!r} is invalid: expected {expected}")
     _check_sizes(config)
+    _check_devices(config)
+    try:
+        robustness.check_section(config.robust)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(str(e)) from e
+
+
+def _check_devices(config: ml_collections.ConfigDict) -> None:
+    """The device count exists, and divides every global batch (each device takes an equal share)."""
+    available = jax.device_count()
+    if config.num_devices > available:
+        raise ConfigError(f"config.num_devices={config.num_devices} exceeds the {available} devices available")
+    devices = config.num_devices or available
+    for path in ("train.batch_size", "eval.batch_size"):
+        try:
+            sharding.check_batch_size(_lookup(config, path), devices, path)
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from e

@@ -1,34 +1,47 @@
 """Training and sweep throughput, each against a baseline measured in the same run. Prints JSON.
 
     python bench/throughput.py [--models=bp,cnn] [--modes=ordinary,fgsm] [--examples=N]
+                               [--sweep_images=5000 --sweep_points=21]
 
-Ours: uint8 data resident on the device, one compiled fold per epoch
-(advjax.loops: a fori_loop on accelerators, unrolled chunks on CPU).
-Baseline: the flax-example way: the same model and the same jitted train step,
-driven by a Python loop over host-side numpy batches, one transfer per batch.
-Synthetic data, so nothing needs downloading; throughput does not depend on pixel values.
+Every measurement runs in its own fresh Python process, so each one's compile
+time, peak memory and XLA settings are its own, and the baseline runs exactly
+as a user would run it. Per workload, in this order:
+1. ours, with an empty persistent compilation cache (cold compile);
+2. the baseline: the flax-example way (bench/flax_example.py);
+3. ours again, on the cache the first run filled (warm compile).
+Throughput is steady state (the best of the epochs after the first) and first
+epoch (compilation included). FLOPs per example come from XLA's cost analysis
+of one training step; `peak_matmul_gflops` is a large float32 matmul on the
+same device, the ceiling any dense model can approach.
+Synthetic data: throughput does not depend on pixel values.
+The script runs unchanged on CPU and GPU.
 """
 
 import json
+import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
-from advjax import evaluate, models, train  # noqa: E402
-from configs import default  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 _MODELS = flags.DEFINE_list("models", ["bp", "cnn"], "Models to measure.")
 _MODES = flags.DEFINE_list("modes", ["ordinary", "fgsm"], "Training modes to measure.")
-_EXAMPLES = flags.DEFINE_integer("examples", 0, "Examples per epoch (0: 12,800 for BP, 2,560 for the CNN on CPU).")
+_EXAMPLES = flags.DEFINE_integer("examples", 0, "Examples per epoch (0: 12,800 for BP; 2,560 for the CNN on CPU, 25,600 elsewhere).")
+_EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per measurement: the first compiles, the best of the rest is steady state.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _SWEEP_IMAGES = flags.DEFINE_integer("sweep_images", 5000, "Images in the sigma sweep.")
 _SWEEP_POINTS = flags.DEFINE_integer("sweep_points", 21, "Grid points in the sigma sweep.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: run one measurement (a JSON spec) and print its JSON.")
+
+
+# ----------------------------------------------------------------------------- workers (one per process)
 
 
 def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,108 +49,229 @@ def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
 
 
-def timed(fn):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
+def _peak_memory_bytes() -> dict:
+    import jax
 
-
-def peak_memory_bytes() -> int:
     stats = jax.devices()[0].memory_stats() or {}
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS on CPU
+        out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    return out
 
 
-def measure_ours(config, model, images, labels) -> dict:
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def _epoch_times(run_epoch, epochs: int) -> tuple[float, float]:
+    times = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        run_epoch(epoch)
+        times.append(time.perf_counter() - start)
+    return times[0], min(times[1:])
+
+
+def train_worker(spec: dict) -> dict:
+    import jax
+
+    from advjax import models, runtime, train
+    from configs import default
+
+    cache = runtime.enable_compilation_cache(spec.get("cache_dir") or "none")
+    meter = runtime.CompileMeter().install()
+    config = default.experiment(spec["model"], spec["mode"])
+    config.train.batch_size = batch = spec["batch_size"]
+    model = models.build_model(config.model)
+    images, labels = synthetic(spec["examples"])
     n = len(labels)
-    objective = train.make_objective(model.apply, config.train)
-    epoch = train.make_epoch_fn(objective, n, config.train.batch_size, form=config.train.loop, chunk_size=config.train.chunk_size)
-    state = train.create_train_state(jax.random.key(0), model, config.train, epoch.num_steps)
-    images, labels = jax.device_put(images), jax.device_put(labels)
-    rng = jax.random.key(1)
-    box = {"state": state}
+    steps = n // batch
 
-    def run(e):
-        box["state"], totals = epoch(box["state"], train.EpochTotals.zeros(), images, labels, train.epoch_permutation(rng, e, n), rng)
-        return totals
+    if spec["impl"] == "ours":
+        objective = train.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
+        epoch_fn = train.make_epoch_fn(objective, n, batch, form=config.train.loop, chunk_size=config.train.chunk_size)
+        state = train.create_train_state(jax.random.key(0), model, config.train, steps)
+        device_images, device_labels = jax.device_put(images), jax.device_put(labels)
+        box = {"state": state}
 
-    first = timed(lambda: run(0))
-    steady = min(timed(lambda: run(e)) for e in (1, 2))
-    examples = epoch.num_steps * config.train.batch_size
-    return {"first_epoch_s": first, "steady_epoch_s": steady, "compile_s_est": first - steady,
-            "examples_per_s": examples / steady, "first_epoch_examples_per_s": examples / first}
+        def run_epoch(e):
+            perm = train.epoch_permutation(jax.random.key(1), e, n)
+            box["state"], totals = epoch_fn(box["state"], train.EpochTotals.zeros(), device_images, device_labels, perm, jax.random.key(2))
+            box["loss"] = float(jax.device_get(totals.loss)) / steps
+
+        step = jax.jit(lambda s, x, y, r: train.train_step(s, objective, x, y, r))
+        flops_fn = lambda: _flops(step.lower(box["state"], images[:batch] / 255.0, labels[:batch], jax.random.key(0)).compile())
+    else:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        import flax_example
+
+        host_images = images.astype(np.float32) / 255.0  # the flax example normalises once, on the host
+        apply_model = flax_example.make_apply_model(spec["mode"], config.train.eps, config.train.alpha, config.train.sigma)
+        state = train.create_train_state(jax.random.key(0), model, config.train, steps)
+        box = {"state": state}
+
+        def run_epoch(e):
+            box["state"], box["loss"], _ = flax_example.train_epoch(apply_model, box["state"], host_images, labels, batch, jax.random.key(e))
+
+        def flops_fn():
+            x, y, r = host_images[:batch], labels[:batch], jax.random.key(0)
+            grads = apply_model(box["state"], x, y, r)[0]
+            return _flops(apply_model.lower(box["state"], x, y, r).compile()) + _flops(flax_example.update_model.lower(box["state"], grads).compile())
+
+    first, steady = _epoch_times(run_epoch, spec["epochs"])
+    compile_stats = meter.summary()
+    examples = steps * batch
+    out = {
+        "first_epoch_s": first,
+        "steady_epoch_s": steady,
+        "examples_per_s": examples / steady,
+        "first_epoch_examples_per_s": examples / first,
+        "compile": compile_stats,
+        "compile_cache": "warm" if cache and compile_stats["cache_hits"] else ("cold" if cache else "off"),
+        "final_loss": box["loss"],
+        **_peak_memory_bytes(),
+    }
+    out["flops_per_example"] = flops_fn() / batch
+    out["achieved_gflops"] = out["flops_per_example"] * out["examples_per_s"] / 1e9
+    return out
 
 
-def measure_baseline(config, model, images, labels) -> dict:
-    objective = train.make_objective(model.apply, config.train)
-    step = jax.jit(lambda s, x, y, r: train.train_step(s, objective, x, y, r))
-    state = train.create_train_state(jax.random.key(0), model, config.train, len(labels) // config.train.batch_size)
-    batch = config.train.batch_size
-    num_steps = len(labels) // batch
-    box = {"state": state}
+def sweep_worker(spec: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
 
-    def run(e):
-        order = np.random.default_rng(e).permutation(len(labels))
-        for i in range(num_steps):
-            index = order[i * batch : (i + 1) * batch]
-            x = images[index].astype(np.float32) / 255.0  # host-side batch, as in flax's MNIST example
-            box["state"], metrics = step(box["state"], x, labels[index], jax.random.fold_in(jax.random.key(1), i))
-        return metrics
+    from advjax import evaluate, models, runtime, train
+    from configs import default
 
-    first = timed(lambda: run(0))
-    steady = min(timed(lambda: run(e)) for e in (1, 2))
-    examples = num_steps * batch
-    return {"first_epoch_s": first, "steady_epoch_s": steady, "compile_s_est": first - steady, "examples_per_s": examples / steady}
-
-
-def measure_sweep(config, model, images, labels) -> dict:
+    runtime.enable_compilation_cache("none")
+    meter = runtime.CompileMeter().install()
+    config = default.experiment(spec["model"], "ordinary")
+    model = models.build_model(config.model)
     params = train.init_params(jax.random.key(0), model)
-    eval_set = evaluate.make_eval_set(images, labels, len(labels), config.eval.batch_size)
-    sweep = evaluate.make_sweep(model.apply, "gaussian", form=config.train.loop, chunk_size=config.eval.chunk_size)
-    grid = np.linspace(0.0, 1.0, _SWEEP_POINTS.value)
-    first = timed(lambda: sweep(params, eval_set, jax.random.key(0), grid))
-    steady = timed(lambda: sweep(params, eval_set, jax.random.key(1), grid + 0.01))
-    # Baseline: a Python loop over sigmas, each a jitted accuracy call over host batches.
-    noisy_accuracy = jax.jit(lambda p, x, y, k, s: jnp.sum(jnp.argmax(model.apply({"params": p}, jnp.clip(x + s * jax.random.normal(k, x.shape), 0, 1)), -1) == y))
+    images, labels = synthetic(spec["images"], seed=1)
+    grid = np.linspace(0.0, 1.0, spec["points"])
     b = config.eval.batch_size
+    if spec["impl"] == "ours":
+        eval_set = evaluate.make_eval_set(images, labels, len(labels), b)
+        sweep = evaluate.make_sweep(model.apply, "gaussian", form=config.train.loop, chunk_size=config.eval.chunk_size)
+        run = lambda key, g: sweep(params, eval_set, jax.random.key(key), g)
+    else:
+        # A Python loop over sigmas, each a jitted accuracy call over host batches.
+        @jax.jit
+        def correct(p, x, y, k, s):
+            noisy = jnp.clip(x + s * jax.random.normal(k, x.shape), 0, 1)
+            return jnp.sum(jnp.argmax(model.apply({"params": p}, noisy), -1) == y)
 
-    def baseline():
-        out = []
-        for s in grid:
-            for i in range(0, len(labels), b):
-                out.append(noisy_accuracy(params, images[i : i + b].astype(np.float32) / 255.0, labels[i : i + b], jax.random.key(i), s))
-        return out
+        host_images = images.astype(np.float32) / 255.0
 
-    baseline()  # compile
-    base = timed(baseline)
+        def run(key, g):
+            counts = [correct(params, host_images[i : i + b], labels[i : i + b], jax.random.key(key + i), s) for s in g for i in range(0, len(labels), b)]
+            return np.asarray(jax.device_get(counts))
+
+    start = time.perf_counter()
+    run(0, grid)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    run(1, grid + 0.01)  # a new grid of the same length: no recompilation
+    steady = time.perf_counter() - start
     work = len(labels) * len(grid)
-    return {"compile_s_est": first - steady, "steady_s": steady, "image_points_per_s": work / steady,
-            "baseline_steady_s": base, "baseline_image_points_per_s": work / base, "speedup": base / steady}
+    return {"first_s": first, "steady_s": steady, "image_points_per_s": work / steady, "compile": meter.summary(), **_peak_memory_bytes()}
+
+
+def matmul_worker(spec: dict) -> dict:
+    """The device's float32 matmul rate on a large square product: a ceiling for dense layers."""
+    import jax
+    import jax.numpy as jnp
+
+    n = spec["n"]
+    a = jnp.ones((n, n), jnp.float32) / n
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(spec["reps"]):
+        out = product(a)
+    out.block_until_ready()
+    seconds = (time.perf_counter() - start) / spec["reps"]
+    return {"n": n, "gflops": 2 * n**3 / seconds / 1e9}
+
+
+WORKERS = {"train": train_worker, "sweep": sweep_worker, "matmul": matmul_worker}
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def run_worker(spec: dict) -> dict:
+    """Runs one measurement in a fresh process and returns its JSON."""
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark worker {spec} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import jax
+
+    return {
+        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
+        "host_cpus": os.cpu_count(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv):
     del argv
-    on_cpu = jax.default_backend() == "cpu"
-    results = {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "training": {}, "sweep": {}}
+    if _WORKER.value:
+        spec = json.loads(_WORKER.value)
+        print(json.dumps(WORKERS[spec.pop("kind")](spec)))
+        return
+    info = machine()
+    on_cpu = info["backend"] == "cpu"
+    results = {"machine": info, "training": {}, "sweep": {}}
+    results["peak_matmul"] = run_worker({"kind": "matmul", "n": 2048 if on_cpu else 8192, "reps": 5 if on_cpu else 50})
+    log(f"float32 matmul peak: {results['peak_matmul']['gflops']:.0f} GFLOP/s")
     for name in _MODELS.value:
-        n = _EXAMPLES.value or (12_800 if name == "bp" or not on_cpu else 2_560)
-        images, labels = synthetic(n)
+        n = _EXAMPLES.value or (12_800 if name == "bp" else (2_560 if on_cpu else 25_600))
         for mode in _MODES.value:
-            config = default.experiment(name, mode)
-            config.train.batch_size = _BATCH.value
-            model = models.build_model(config.model)
-            ours = measure_ours(config, model, images, labels)
-            base = measure_baseline(config, model, images, labels)
+            spec = {"kind": "train", "model": name, "mode": mode, "examples": n, "batch_size": _BATCH.value, "epochs": _EPOCHS.value}
+            with tempfile.TemporaryDirectory() as cache_dir:
+                ours = run_worker({**spec, "impl": "ours", "cache_dir": cache_dir})
+                base = run_worker({**spec, "impl": "baseline"})
+                warm = run_worker({**spec, "impl": "ours", "cache_dir": cache_dir})
             results["training"][f"{name}_{mode}"] = {
-                "examples_per_epoch": n, "ours": ours, "baseline": base,
-                "speedup": ours["examples_per_s"] / base["examples_per_s"], "loop_form": config.train.loop,
+                "examples_per_epoch": n,
+                "ours": ours,
+                "baseline": base,
+                "speedup": ours["examples_per_s"] / base["examples_per_s"],
+                "first_epoch_speedup": base["first_epoch_s"] / ours["first_epoch_s"],
+                "fraction_of_matmul_peak": ours["achieved_gflops"] / results["peak_matmul"]["gflops"],
+                "compile_seconds": {
+                    "cold": ours["compile"]["trace_seconds"] + ours["compile"]["backend_seconds"],
+                    "warm": warm["compile"]["trace_seconds"] + warm["compile"]["backend_seconds"],
+                    "warm_backend_only": warm["compile"]["backend_seconds"],
+                    "warm_cache_hits": warm["compile"]["cache_hits"],
+                },
             }
-            print(f"{name} {mode}: ours {ours['examples_per_s']:.0f} ex/s, baseline {base['examples_per_s']:.0f} ex/s", file=sys.stderr)
-        config = default.experiment(name, "ordinary")
-        sweep_images, sweep_labels = synthetic(_SWEEP_IMAGES.value, seed=1)
-        results["sweep"][name] = measure_sweep(config, models.build_model(config.model), sweep_images, sweep_labels)
-    results["peak_memory_bytes"] = peak_memory_bytes()
+            r = results["training"][f"{name}_{mode}"]
+            log(
+                f"{name} {mode}: ours {ours['examples_per_s']:.0f} ex/s, baseline {base['examples_per_s']:.0f} ex/s "
+                f"({r['speedup']:.2f}x); compile cold {r['compile_seconds']['cold']:.1f}s, warm {r['compile_seconds']['warm']:.1f}s"
+            )
+        sweep_spec = {"kind": "sweep", "model": name, "images": _SWEEP_IMAGES.value, "points": _SWEEP_POINTS.value}
+        ours = run_worker({**sweep_spec, "impl": "ours"})
+        base = run_worker({**sweep_spec, "impl": "baseline"})
+        results["sweep"][name] = {"grid_points": _SWEEP_POINTS.value, "images": _SWEEP_IMAGES.value, "ours": ours, "baseline": base,
+                                  "speedup": base["steady_s"] / ours["steady_s"]}
+        log(f"{name} sweep: ours {ours['steady_s']:.2f}s, baseline {base['steady_s']:.2f}s")
     print(json.dumps(results, indent=2))
 
 

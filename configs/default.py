@@ -11,6 +11,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0  # model init, shuffling, dropout and noise all derive from it
+    # Devices of the data-parallel mesh: 0 = all (of every host); 1 = one device, no mesh.
+    config.num_devices = 0
     config.num_seeds = 1  # K > 1 trains seeds seed..seed+K-1 at once (vmapped); reports mean and std
 
     config.data = ml_collections.ConfigDict()
@@ -29,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dropout = 0.4  # CNN only; active in training alone
 
     config.train = ml_collections.ConfigDict()
-    config.train.mode = "ordinary"  # ordinary | fgsm | gaussian
+    config.train.mode = "ordinary"  # ordinary | fgsm | gaussian | pgd | fast | trades
     config.train.epochs = 5
     config.train.batch_size = 128
     config.train.max_examples = 0  # 0: all 50k training images; fewer for quick runs
@@ -38,8 +40,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eps = 0.1  # FGSM adversarial training (L-inf, pixels in [0, 1])
     config.train.alpha = 0.5  # weight of the clean loss: alpha*J(x) + (1-alpha)*J(x_adv)
     config.train.sigma = 0.3  # Gaussian-noise training, std before clipping
+    # The defenses' inner attacks (modes pgd, trades; fast uses one step).
+    config.train.attack_steps = 40  # Madry et al.'s MNIST PGD-40
+    config.train.attack_step_size = 0.01  # per step, in pixels
+    config.train.fast_step_size = 1.25  # fast mode's step, as a multiple of eps (Wong et al.)
+    config.train.trades_beta = 1.0  # weight of TRADES's KL term
+    config.train.attack_unroll = "auto"  # auto | loop | unrolled: attack steps unrolled on CPU, a loop elsewhere
+    # Adversarial modes: FGSM and PGD accuracy at train.eps on this many held-out
+    # validation images after every epoch, to catch catastrophic overfitting (0: off).
+    config.train.overfitting_check_examples = 500
+    config.train.overfitting_check_steps = 10
     config.train.loop = "auto"  # auto | scan | chunked (advjax/loops.py); auto: chunked on CPU
     config.train.chunk_size = 8  # steps per compiled chunk in the chunked form
+    # A checkpoint is written after every epoch; a relaunch on the same workdir
+    # resumes from the newest. Older ones are kept in case the newest is damaged.
+    config.train.checkpoints_to_keep = 2
 
     config.eval = ml_collections.ConfigDict()
     config.eval.eps = 0.1  # FGSM strength; the paper does not state its value
@@ -58,11 +73,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.table_eps = ()
     config.eval.batch_size = 500
     config.eval.chunk_size = 4
+
+    # Robustness evaluation (advjax/robustness.py): accuracy against eps for each
+    # attack, the per-example worst case over them, and the label-leaking check.
+    config.robust = ml_collections.ConfigDict()
+    config.robust.enabled = False  # run it after training and put it in summary.json
+    config.robust.split = "test"  # train | validation | test
+    config.robust.num_examples = 1000  # first N of the split; reports state the count (1000 is acceptable on CPU)
+    config.robust.batch_size = 500
+    config.robust.eps_grid = (0.1, 0.2, 0.3)  # L-inf eps for fgsm, fgsm_random_start, bim, pgd and the label-leaking check
+    config.robust.l2_eps_grid = (1.0, 2.0, 3.0)  # L2 eps for fgm_l2, pgd_l2 and deepfool (used only if one is listed)
+    # Any of advjax.attacks.ATTACKS; all attack the true labels. A multi-step
+    # attack belongs here always: FGSM alone hides gradient masking (pitfall 6).
+    config.robust.attacks = ("fgsm", "pgd")
+    config.robust.pgd_steps = 100  # steps per restart for bim, pgd and pgd_l2 (MNIST challenge: PGD-100)
+    config.robust.pgd_restarts = 10  # random restarts for pgd and pgd_l2; the worst per example is kept
+    config.robust.pgd_step_size = 0.01  # L-inf step in pixels for bim and pgd; 0: 2.5 eps / steps (pgd_l2 always uses that)
+    config.robust.deepfool_max_iter = 50
+    config.robust.chunk_size = 4  # attack steps per compiled chunk in the chunked (CPU) loop form
     return config
 
 
 # The paper's Table 5 reports Gaussian robustness at std 0.3 for BP and 0.8 for the CNN.
 PAPER_EVAL_SIGMA = {"bp": 0.3, "cnn": 0.8}
+
+
+def defense(model: str, mode: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """A defense against eps = 0.3 (the MNIST challenge's budget), on Madry et al.'s
+    network: the paper's CNN without dropout (BP has none)."""
+    config = experiment(model, mode, arg)
+    config.model.dropout = 0.0
+    config.train.eps = 0.3
+    config.eval.eps = 0.3
+    return config
 
 
 def experiment(model: str, mode: str, arg: str | None = None) -> ml_collections.ConfigDict:

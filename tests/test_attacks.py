@@ -1,4 +1,6 @@
-"""Tests for advjax.attacks: FGSM against closed forms, noise, clipping, statistics."""
+"""Tests for advjax.attacks: FGSM, FGM-L2, random-start FGSM, BIM, PGD, targeted
+and least-likely attacks and DeepFool against closed forms on linear models;
+noise, clipping, statistics, traced strengths, and PGD against FGSM on a trained MLP."""
 
 from __future__ import annotations
 
@@ -6,9 +8,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from advjax import attacks, models
+from advjax import attacks, models, objectives
 from configs import default
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -17,7 +20,14 @@ NUM_PIXELS = 28 * 28
 # Jitted only for speed: eagerly, every new shape compiles each op of the
 # gradient on its own (about a second per call on a 2-core CPU). Strengths and
 # keys stay traced arguments; the logits function is static.
-fgsm = jax.jit(attacks.fgsm, static_argnums=0)
+fgsm = jax.jit(attacks.fgsm, static_argnums=0, static_argnames="targeted")
+fgm_l2 = jax.jit(attacks.fgm_l2, static_argnums=0, static_argnames="targeted")
+fgsm_random_start = jax.jit(attacks.fgsm_random_start, static_argnums=0, static_argnames="targeted")
+bim = jax.jit(attacks.bim, static_argnums=0, static_argnames=("num_steps", "targeted"))
+pgd = jax.jit(
+    attacks.pgd, static_argnums=0, static_argnames=("norm", "num_steps", "num_restarts", "random_start", "targeted")
+)
+deepfool = jax.jit(attacks.deepfool, static_argnums=0, static_argnames="max_iter")
 input_gradient = jax.jit(attacks.input_gradient, static_argnums=0)
 predicted_labels = jax.jit(attacks.predicted_labels, static_argnums=0)
 gaussian = jax.jit(attacks.gaussian)
@@ -378,3 +388,465 @@ def test_fgsm_on_cnn_in_eval_mode_is_deterministic_and_follows_the_eval_gradient
     # A train-mode logits_fn would make the attack depend on the dropout draw:
     # the eval-mode determinism above is not vacuous for this model.
     assert not np.array_equal(train_mode[0], train_mode[1])
+
+
+# ----------------------------------------------------------------------------
+# Beyond FGSM: helpers.
+
+
+def linf_norms(delta) -> np.ndarray:
+    return np.abs(per_image(delta)).max(axis=1)
+
+
+def l2_norms(delta) -> np.ndarray:
+    return np.sqrt((per_image(delta) ** 2).sum(axis=1))
+
+
+def random_linear_model(seed: int, num_classes: int = 10, scale: float = 0.05, bias_scale: float = 0.0):
+    rng = np.random.default_rng(seed)
+    weights = scale * rng.standard_normal((NUM_PIXELS, num_classes))
+    bias = bias_scale * rng.standard_normal(num_classes)
+    return weights, bias, linear_logits_fn(weights, bias)
+
+
+def numpy_logits(weights, bias, images) -> np.ndarray:
+    return per_image(images) @ np.asarray(weights, np.float64) + np.asarray(bias, np.float64)
+
+
+def numpy_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -log_p[np.arange(len(labels)), labels]
+
+
+def target_margin(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """logit_target - max other logit: positive exactly when the target is predicted."""
+    rows = np.arange(len(targets))
+    others = logits.copy()
+    others[rows, targets] = -np.inf
+    return logits[rows, targets] - others.max(axis=1)
+
+
+@pytest.fixture
+def quick_compile():
+    """Skip most of XLA's optimisation passes: for these tiny programs with loops,
+    compiling costs several times more than running (about 3x per PGD test on 2 cores)."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# Small settings for every registered attack.
+LINF_ATTACKS = {
+    "fgsm": {},
+    "fgsm_random_start": {},
+    "bim": {"num_steps": 4},
+    "pgd": {"num_steps": 4, "num_restarts": 2},
+}
+L2_ATTACKS = {
+    "fgm_l2": {},
+    "pgd_l2": {"num_steps": 4, "num_restarts": 2},
+    "deepfool": {"max_iter": 5},
+}
+
+
+# ----------------------------------------------------------------------------
+# Each attack stays in its ball and in [0, 1], and moves.
+
+
+@pytest.mark.usefixtures("quick_compile")
+@pytest.mark.parametrize("name", sorted(LINF_ATTACKS) + sorted(L2_ATTACKS))
+def test_attack_stays_in_its_norm_ball_and_unit_interval(name):
+    _, _, logits_fn = random_linear_model(30)
+    # Uniform in [0, 1]: many pixels start near a bound, so clipping acts.
+    images = jnp.asarray(uniform_images(8, seed=31))
+    labels = jnp.asarray(np.random.default_rng(32).integers(0, 10, 8))
+    is_linf = name in LINF_ATTACKS
+    eps = 0.1 if is_linf else 1.0
+    attack = attacks.make_attack(name, **(LINF_ATTACKS if is_linf else L2_ATTACKS)[name])
+
+    adversarial = jax.jit(lambda x, key: attack(logits_fn, x, labels, eps, key))(images, jax.random.key(33))
+
+    chex.assert_shape(adversarial, images.shape)
+    assert_in_unit_interval(adversarial)
+    norms = (linf_norms if is_linf else l2_norms)(np.asarray(adversarial) - np.asarray(images))
+    np.testing.assert_array_less(norms, eps * (1 + 1e-5))
+    # Not vacuous: the attack used a real part of its budget.
+    assert norms.max() > 0.5 * eps, norms
+
+
+@pytest.mark.usefixtures("quick_compile")
+def test_fgsm_random_start_closed_form_on_a_binary_linear_model():
+    # Two classes: the gradient's sign is sign(w_other - w_y) at every x, so the
+    # attack is clip(u + step * s, -eps, eps) with u the uniform start.
+    rng = np.random.default_rng(34)
+    weights = 0.01 * rng.standard_normal((NUM_PIXELS, 2))
+    dead = np.zeros(NUM_PIXELS, bool)
+    dead[::7] = True
+    weights[dead] = 0.0
+    labels = np.array([0, 1, 1])
+    images = jnp.full((3, *IMAGE_SHAPE), 0.5, jnp.float32)
+    eps, key = 0.1, jax.random.key(35)
+    logits_fn = linear_logits_fn(weights, np.zeros(2))
+    sign = per_image(np.sign(weights[:, 1 - labels] - weights[:, labels]).T)
+    start = per_image(attacks.uniform_in_ball(key, images, eps, "linf")) - 0.5
+
+    for step_size in (None, 2 * eps):
+        adversarial = fgsm_random_start(logits_fn, images, jnp.asarray(labels), eps, key, step_size)
+        delta = per_image(adversarial) - 0.5
+        expected = np.clip(start + (1.25 * eps if step_size is None else step_size) * sign, -eps, eps)
+        np.testing.assert_allclose(delta, expected, atol=1e-6)
+        # Pixels with zero gradient stay at their random start (sign(0) = 0).
+        np.testing.assert_allclose(delta[:, dead], start[:, dead], atol=1e-6)
+    # A step of 2 eps reaches the ball's face from anywhere: every live pixel moves by exactly eps.
+    np.testing.assert_allclose(np.abs(delta[:, ~dead]), eps, rtol=1e-5)
+    np.testing.assert_array_equal(np.sign(delta[:, ~dead]), sign[:, ~dead])
+
+
+def test_fgm_l2_moves_exactly_eps_along_the_gradient():
+    weights, bias, logits_fn = random_linear_model(36, bias_scale=0.5)
+    # At 0.5 an L2 step of 0.5 moves pixels by ~0.02: nothing is clipped.
+    images = np.full((4, *IMAGE_SHAPE), 0.5, np.float32)
+    images += np.random.default_rng(37).uniform(-0.1, 0.1, images.shape).astype(np.float32)
+    labels = np.array([1, 3, 5, 7])
+    eps = 0.5
+
+    adversarial = fgm_l2(logits_fn, jnp.asarray(images), jnp.asarray(labels), eps)
+
+    gradient = per_image(closed_form_input_gradient(weights, bias, images, labels))
+    expected = eps * gradient / np.linalg.norm(gradient, axis=1, keepdims=True)
+    delta = per_image(adversarial) - per_image(images)
+    np.testing.assert_allclose(l2_norms(delta), eps, rtol=1e-5)
+    np.testing.assert_allclose(delta, expected, atol=2e-6)
+
+
+@pytest.mark.usefixtures("quick_compile")
+def test_fgm_l2_zero_gradient_does_not_move_and_a_tiny_one_moves_eps():
+    images = jnp.full((2, *IMAGE_SHAPE), 0.5, jnp.float32)
+    labels = jnp.array([0, 0])
+    flat = linear_logits_fn(np.zeros((NUM_PIXELS, 10)), np.zeros(10))
+    chex.assert_trees_all_equal(fgm_l2(flat, images, labels, 0.5), images)
+
+    # A margin of 60 makes the loss gradient ~1e-26 per pixel: its squares
+    # underflow in float32, yet the step must still be a full eps.
+    weights = 0.01 * np.random.default_rng(38).standard_normal((NUM_PIXELS, 10))
+    confident = linear_logits_fn(weights, np.array([60.0] + [0.0] * 9))
+    gradient = np.asarray(input_gradient(confident, images, labels))
+    assert 0 < np.abs(gradient).max() < 1e-20
+    delta = np.asarray(fgm_l2(confident, images, labels, 0.5)) - np.asarray(images)
+    np.testing.assert_allclose(l2_norms(delta), 0.5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("quick_compile")
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_uniform_in_ball_fills_the_ball(norm):
+    images = jnp.full((64, *IMAGE_SHAPE), 0.5, jnp.float32)
+    eps = 0.1 if norm == "linf" else 2.0
+    delta = np.asarray(jax.jit(attacks.uniform_in_ball, static_argnums=3)(jax.random.key(39), images, eps, norm)) - 0.5
+    if norm == "linf":
+        assert np.abs(delta).max() <= eps * (1 + 1e-6)
+        # Uniform on [-eps, eps]: std eps / sqrt(3).
+        np.testing.assert_allclose(delta.std(), eps / np.sqrt(3), rtol=0.01)
+    else:
+        norms = l2_norms(delta)
+        # Uniform in a 784-dimensional ball: radius eps * u^(1/784), almost all near eps.
+        assert norms.max() <= eps * (1 + 1e-5) and norms.min() > 0.98 * eps, (norms.min(), norms.max())
+        # ...and an isotropic direction: the per-image means are ~0, not one shared direction.
+        directions = per_image(delta) / norms[:, None]
+        assert np.abs(directions @ directions.T - np.eye(64)).max() < 0.2
+
+
+# ----------------------------------------------------------------------------
+# PGD.
+
+
+def test_one_step_pgd_without_random_start_equals_fgsm_exactly():
+    _, _, logits_fn = random_linear_model(40)
+    images = jnp.asarray(uniform_images(6, seed=41))
+    labels = jnp.asarray(np.random.default_rng(42).integers(0, 10, 6))
+    eps = 0.1
+    one_step = pgd(logits_fn, images, labels, eps, None, num_steps=1, step_size=eps, random_start=False)
+    reference = fgsm(logits_fn, images, labels, eps)
+    chex.assert_trees_all_equal(one_step, reference)
+    assert np.mean(np.asarray(one_step) != np.asarray(images)) > 0.5
+
+
+@pytest.mark.usefixtures("quick_compile")
+def test_pgd_restarts_keep_the_worst_case_per_example():
+    weights, bias, logits_fn = random_linear_model(43, bias_scale=0.3)
+    images = jnp.asarray(uniform_images(32, seed=44))
+    labels = np.argmax(numpy_logits(weights, bias, images), axis=1)  # all correct before the attack
+    # A wide ball and one short step: where each restart starts decides whether it fools the model.
+    eps, step_size, num_steps, num_restarts = 0.2, 0.005, 1, 4
+    key = jax.random.key(45)
+
+    returned = pgd(
+        logits_fn, images, jnp.asarray(labels), eps, key,
+        num_steps=num_steps, step_size=step_size, num_restarts=num_restarts,
+    )
+
+    @jax.jit
+    def single_restarts(images, key):
+        # Restart r, rebuilt from its parts: its own start, then the same projected steps.
+        def one(restart):
+            start = attacks.uniform_in_ball(jax.random.fold_in(key, restart), images, eps, "linf")
+            return attacks.iterate(logits_fn, images, jnp.asarray(labels), start, eps, step_size, num_steps)
+
+        return jnp.stack([one(r) for r in range(num_restarts)])
+
+    candidates = np.asarray(single_restarts(images, key))
+    logits = np.stack([numpy_logits(weights, bias, c) for c in candidates])  # [R, B, K]
+    success = logits.argmax(axis=2) != labels
+    loss = np.stack([numpy_cross_entropy(l, labels) for l in logits])
+    # Restarts disagree, so which one is kept matters.
+    assert (success.any(axis=0) & ~success.all(axis=0)).any()
+    # Per example: a restart that fools the model if there is one, then the highest loss.
+    worst = np.lexsort((loss, success), axis=0)[-1]
+    assert len(set(worst.tolist())) > 1
+    np.testing.assert_allclose(np.asarray(returned), candidates[worst, np.arange(32)], atol=1e-6)
+
+    returned_logits = numpy_logits(weights, bias, returned)
+    returned_success = returned_logits.argmax(axis=1) != labels
+    np.testing.assert_array_equal(returned_success, success.any(axis=0))
+    returned_loss = numpy_cross_entropy(returned_logits, labels)
+    assert np.all(returned_loss[~returned_success] >= loss[:, ~returned_success].max(axis=0) - 1e-5)
+
+
+def test_pgd_without_a_key_for_its_random_start_is_an_error():
+    _, _, logits_fn = random_linear_model(46)
+    with pytest.raises(ValueError, match="key"):
+        attacks.pgd(logits_fn, jnp.zeros((1, *IMAGE_SHAPE)), jnp.array([0]), 0.1, None)
+
+
+# ----------------------------------------------------------------------------
+# DeepFool.
+
+
+def closed_form_minimal_perturbation(weights, bias, images, labels):
+    """For a linear classifier: the distance |f_l - f_y| / ||w_l - w_y|| to the nearest
+    other class l's boundary, and the unit direction w_l - w_y that reaches it."""
+    logits = numpy_logits(weights, bias, images)
+    rows = np.arange(len(labels))
+    differences = weights.T[None, :, :] - weights.T[labels][:, None, :]  # [B, K, D]
+    distances = np.abs(logits - logits[rows, labels][:, None]) / np.linalg.norm(differences, axis=2).clip(1e-30)
+    distances[rows, labels] = np.inf
+    closest = distances.argmin(axis=1)
+    direction = differences[rows, closest]
+    return distances[rows, closest], direction / np.linalg.norm(direction, axis=1, keepdims=True), closest
+
+
+@pytest.mark.usefixtures("quick_compile")
+@pytest.mark.parametrize("num_classes, overshoot", [(2, 0.02), (10, 0.02), (10, 0.1)])
+def test_deepfool_finds_the_minimal_perturbation_of_a_linear_model(num_classes, overshoot):
+    weights, bias, logits_fn = random_linear_model(47, num_classes, scale=0.01, bias_scale=0.5)
+    # Near 0.5, and the steps are ~0.01 per pixel: clipping to [0, 1] never acts.
+    images = 0.5 + np.random.default_rng(48).uniform(-0.1, 0.1, (6, *IMAGE_SHAPE)).astype(np.float32)
+    labels = np.argmax(numpy_logits(weights, bias, images), axis=1)
+    distance, direction, closest = closed_form_minimal_perturbation(weights, bias, images, labels)
+
+    adversarial = deepfool(logits_fn, jnp.asarray(images), jnp.asarray(labels), overshoot=overshoot)
+
+    delta = per_image(adversarial) - per_image(images)
+    assert 0 < np.asarray(adversarial).min() and np.asarray(adversarial).max() < 1
+    # (1 + overshoot) times the minimal distance, plus DeepFool's 1e-4 nudge past the boundary.
+    np.testing.assert_allclose(l2_norms(delta), (1 + overshoot) * (distance + 1e-4), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(delta / l2_norms(delta)[:, None], direction, atol=1e-4)
+    predicted = numpy_logits(weights, bias, adversarial).argmax(axis=1)
+    assert np.all(predicted != labels)
+    if num_classes == 2:
+        np.testing.assert_array_equal(predicted, closest)
+
+    # With a budget, the registry's DeepFool keeps only the perturbations that fit in it.
+    budget = float(np.median(l2_norms(delta)))
+    budgeted = attacks.make_attack("deepfool", overshoot=overshoot)
+    within = np.asarray(budgeted(logits_fn, jnp.asarray(images), jnp.asarray(labels), budget))
+    fits = l2_norms(delta) <= budget
+    assert fits.any() and not fits.all()
+    np.testing.assert_array_equal(within[fits], np.asarray(adversarial)[fits])
+    np.testing.assert_array_equal(within[~fits], images[~fits])
+
+
+@pytest.mark.usefixtures("quick_compile")
+def test_deepfool_leaves_examples_not_predicted_as_their_label_unchanged():
+    weights, bias, logits_fn = random_linear_model(49, bias_scale=0.5)
+    images = jnp.asarray(uniform_images(4, 0.3, 0.7, seed=50))
+    wrong = (np.argmax(numpy_logits(weights, bias, images), axis=1) + 1) % 10
+    chex.assert_trees_all_equal(deepfool(logits_fn, images, jnp.asarray(wrong)), images)
+
+
+# ----------------------------------------------------------------------------
+# Targeted and least-likely attacks.
+
+
+def test_one_step_targeted_attacks_descend_toward_the_target_on_a_binary_linear_model():
+    # Two classes: -grad J(t) = p_o (w_t - w_o), so a targeted step follows w_t - w_o.
+    rng = np.random.default_rng(51)
+    weights = 0.01 * rng.standard_normal((NUM_PIXELS, 2))
+    logits_fn = linear_logits_fn(weights, np.zeros(2))
+    targets = np.array([0, 1, 1])
+    images = jnp.full((3, *IMAGE_SHAPE), 0.5, jnp.float32)
+    toward = (weights[:, targets] - weights[:, 1 - targets]).T
+
+    signed = per_image(fgsm(logits_fn, images, jnp.asarray(targets), 0.1, targeted=True)) - 0.5
+    np.testing.assert_allclose(signed, 0.1 * np.sign(toward), atol=1e-6)
+    l2_step = per_image(fgm_l2(logits_fn, images, jnp.asarray(targets), 0.5, targeted=True)) - 0.5
+    np.testing.assert_allclose(l2_step, 0.5 * toward / np.linalg.norm(toward, axis=1, keepdims=True), atol=1e-6)
+
+
+@pytest.mark.usefixtures("quick_compile")
+@pytest.mark.parametrize("name, eps", [("fgsm", 0.05), ("fgm_l2", 1.0), ("bim", 0.3), ("pgd", 0.3), ("pgd_l2", 4.0)])
+def test_targeted_attacks_raise_the_target_margin(name, eps):
+    weights, bias, logits_fn = random_linear_model(52)
+    images = jnp.asarray(uniform_images(8, 0.2, 0.8, seed=53))
+    clean = numpy_logits(weights, bias, images)
+    targets = (clean.argmax(axis=1) + 1 + np.arange(8) % 9) % 10  # never the predicted class
+    params = {"num_steps": 10} if name in ("bim", "pgd", "pgd_l2") else {}
+    attack = attacks.make_attack(name, targeted=True, **params)
+
+    adversarial = jax.jit(lambda x: attack(logits_fn, x, jnp.asarray(targets), eps, jax.random.key(54)))(images)
+
+    before = target_margin(clean, targets)
+    after = target_margin(numpy_logits(weights, bias, adversarial), targets)
+    assert np.all(before < 0) and np.all(after > before), (before, after)
+    if name not in ("fgsm", "fgm_l2"):  # the iterative attacks with a large budget reach the target
+        assert np.all(after > 0), after
+
+
+@pytest.mark.usefixtures("quick_compile")
+def test_least_likely_attack_targets_the_argmin_class_and_ignores_labels():
+    weights, bias, logits_fn = random_linear_model(55)
+    images = jnp.asarray(uniform_images(8, 0.2, 0.8, seed=56))
+    clean = numpy_logits(weights, bias, images)
+    least_likely = np.asarray(attacks.least_likely_labels(jnp.asarray(clean)))
+    np.testing.assert_array_equal(least_likely, clean.argmin(axis=1))
+    attack = jax.jit(
+        lambda x, labels: attacks.make_attack("bim", least_likely=True, num_steps=10)(logits_fn, x, labels, 0.3)
+    )
+
+    adversarial = attack(images, jnp.zeros(8, jnp.int32))
+
+    np.testing.assert_array_equal(numpy_logits(weights, bias, adversarial).argmax(axis=1), least_likely)
+    chex.assert_trees_all_equal(attack(images, jnp.arange(8)), adversarial)
+
+
+# ----------------------------------------------------------------------------
+# The registry: one signature, vmappable over eps.
+
+
+VMAP_CASES = [(name, params, False) for name, params in {**LINF_ATTACKS, **L2_ATTACKS}.items()]
+VMAP_CASES.append(("pgd", {"num_steps": 3, "relative_step_size": 0.5}, True))
+
+
+@pytest.mark.usefixtures("quick_compile")
+@pytest.mark.parametrize(
+    "name, params, least_likely", VMAP_CASES, ids=[f"{n}{'-least_likely' if ll else ''}" for n, _, ll in VMAP_CASES]
+)
+def test_attack_vmapped_over_eps_equals_separate_calls(name, params, least_likely):
+    weights, bias, logits_fn = random_linear_model(57, bias_scale=0.3)
+    images = jnp.asarray(uniform_images(4, seed=58))
+    # The model's own labels, so that DeepFool has something to do (distances 0.05 to 0.29 here).
+    labels = jnp.asarray(np.argmax(numpy_logits(weights, bias, images), axis=1))
+    key = jax.random.key(59)
+    attack = attacks.make_attack(name, least_likely=least_likely, **params)
+    grid = jnp.array([0.0, 0.05, 0.2]) if name in LINF_ATTACKS else jnp.array([0.0, 0.1, 2.0])
+    at_eps = jax.jit(lambda eps: attack(logits_fn, images, labels, eps, key))
+
+    batched = jax.jit(jax.vmap(at_eps))(grid)
+
+    separate = jnp.stack([at_eps(eps) for eps in grid])
+    chex.assert_trees_all_close(batched, separate, atol=1e-6)
+    chex.assert_trees_all_equal(batched[0], images)  # eps = 0 moves nothing
+    assert not np.array_equal(np.asarray(batched[1]), np.asarray(batched[2]))
+
+
+def test_relative_step_size_is_that_multiple_of_eps():
+    _, _, logits_fn = random_linear_model(60)
+    images = jnp.asarray(uniform_images(3, seed=61))
+    labels = jnp.array([0, 1, 2])
+    relative = attacks.make_attack("bim", num_steps=3, relative_step_size=0.4)(logits_fn, images, labels, 0.1)
+    explicit = bim(logits_fn, images, labels, 0.1, num_steps=3, step_size=0.04)
+    chex.assert_trees_all_close(relative, explicit, atol=1e-7)
+
+
+def test_make_attack_rejects_unknown_names_and_parameters():
+    with pytest.raises(ValueError, match="unknown attack"):
+        attacks.make_attack("cw")
+    with pytest.raises(TypeError, match="num_steps"):
+        attacks.make_attack("fgsm", num_steps=3)
+    with pytest.raises(TypeError, match="targeted"):
+        attacks.make_attack("deepfool", least_likely=True)
+    with pytest.raises(TypeError, match="not both"):
+        attacks.make_attack("pgd", step_size=0.01, relative_step_size=0.1)
+    assert set(attacks.ATTACKS) >= {"fgsm", "fgm_l2", "fgsm_random_start", "bim", "pgd", "pgd_l2", "deepfool"}
+
+
+# ----------------------------------------------------------------------------
+# A trained model: PGD is at least as strong as FGSM.
+
+
+def separable_digits(num: int, seed: int) -> tuple[jax.Array, jax.Array]:
+    """Each class lights its own 4x4 block over faint noise: learnable in a hundred steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, num)
+    images = rng.uniform(0.0, 0.3, (num, *IMAGE_SHAPE)).astype(np.float32)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        images[i, 4 + 10 * row : 8 + 10 * row, 2 + 5 * col : 6 + 5 * col] = 0.8
+    return jnp.asarray(images), jnp.asarray(labels)
+
+
+def mlp_logits(params: dict, images: jax.Array) -> jax.Array:
+    hidden = jax.nn.relu(images.reshape((images.shape[0], -1)) @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+@pytest.fixture(scope="module")
+def trained_mlp() -> dict:
+    """A 784-32-10 MLP trained to ~100% on separable_digits: Adam, full batch, 100 steps."""
+    images, labels = separable_digits(256, seed=0)
+    rng = np.random.default_rng(1)
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((NUM_PIXELS, 32)) / 28, jnp.float32),
+        "b1": jnp.zeros(32),
+        "w2": jnp.asarray(rng.standard_normal((32, 10)) / np.sqrt(32), jnp.float32),
+        "b2": jnp.zeros(10),
+    }
+    optimizer = optax.adam(1e-2)
+
+    @jax.jit
+    def train(params):
+        def step(carry, _):
+            params, state = carry
+            loss = lambda p: objectives.cross_entropy(mlp_logits(p, images), labels).mean()
+            updates, state = optimizer.update(jax.grad(loss)(params), state)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, optimizer.init(params)), None, length=100)[0][0]
+
+    return train(params)
+
+
+@pytest.mark.usefixtures("quick_compile")
+def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model(trained_mlp):
+    images, labels = separable_digits(256, seed=2)
+    logits_fn = lambda x: mlp_logits(trained_mlp, x)
+    eps = 0.07  # where FGSM fools the model on about a third of the test images
+
+    @jax.jit
+    def accuracies(key):
+        accuracy = lambda x: jnp.mean(jnp.argmax(logits_fn(x), -1) == labels)
+        fooled_by_deepfool = jnp.argmax(logits_fn(attacks.deepfool(logits_fn, images, labels)), -1) != labels
+        return (
+            accuracy(images),
+            accuracy(attacks.fgsm(logits_fn, images, labels, eps)),
+            accuracy(attacks.pgd(logits_fn, images, labels, eps, key, num_steps=10, num_restarts=2)),
+            jnp.mean(fooled_by_deepfool),
+        )
+
+    clean, fgsm_accuracy, pgd_accuracy, deepfool_success = map(float, accuracies(jax.random.key(62)))
+    assert clean > 0.95, clean
+    assert 0.3 < fgsm_accuracy < clean, fgsm_accuracy  # FGSM bites, but not completely
+    # The margin is what the multi-step attack adds on a nonlinear model (~0.7 -> ~0.25).
+    assert pgd_accuracy <= fgsm_accuracy - 0.2, (pgd_accuracy, fgsm_accuracy)
+    assert deepfool_success > 0.95, deepfool_success

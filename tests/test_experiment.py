@@ -1,4 +1,4 @@
-"""train_and_evaluate on synthetic MNIST-format files: outputs, sweeps, seeds, determinism, guards."""
+"""train_and_evaluate on synthetic MNIST-format files: outputs, sweeps, seeds, determinism, resume, guards."""
 
 import json
 
@@ -8,18 +8,32 @@ import numpy as np
 import pytest
 
 import advjax
-from advjax import experiment
+from advjax import checkpoint, experiment
 from tests.conftest import synthetic_config
 
-TIMING_FIELDS = ("epoch_seconds", "examples_per_second")
+TIMING_FIELDS = ("epoch_seconds", "examples_per_second", "evaluation_seconds")
 
 
-def _run(config, workdir):
-    return experiment.train_and_evaluate(config, str(workdir), log=lambda message: None)
+def _run(config, workdir, log=lambda message: None, **kwargs):
+    return experiment.train_and_evaluate(config, str(workdir), log=log, **kwargs)
 
 
-def _without_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+def _outputs(workdir) -> dict[str, bytes]:
+    """The files whose bytes must not depend on timing, interruption or resumption."""
+    return {name: (workdir / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "config.json")}
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised from the log line of an epoch, after its checkpoint was written."""
+
+
+def interrupt_after_epoch(epoch: int, messages: list):
+    def log(message: str) -> None:
+        messages.append(message)
+        if message.startswith(f"epoch {epoch}/"):
+            raise Interrupted(message)
+
+    return log
 
 
 def test_summary_holds_every_split_perturbation_sweep_and_eps_table(tmp_path, synthetic_mnist_dir):
@@ -70,21 +84,85 @@ def test_k_seeds_at_once_equal_k_separate_runs_and_differ_from_each_other(tmp_pa
     assert together["accuracy_std"]["validation"]["clean"] == pytest.approx(per_seed.std())
 
 
-def test_the_same_config_twice_gives_identical_metrics(tmp_path, synthetic_mnist_dir):
+def test_the_same_config_twice_gives_byte_identical_metrics_and_summary(tmp_path, synthetic_mnist_dir):
     config = synthetic_config(synthetic_mnist_dir, mode="fgsm")
-    first, second = _run(config, tmp_path / "a"), _run(config, tmp_path / "b")
-    assert _without_timing(first["epochs"]) == _without_timing(second["epochs"])
-    assert first["accuracy"] == second["accuracy"]
-    assert first["perturbation_stats"] == second["perturbation_stats"]
+    config.train.epochs = 2
+    _run(config, tmp_path / "a")
+    _run(config, tmp_path / "b")
+    assert _outputs(tmp_path / "a") == _outputs(tmp_path / "b")
+    # Wall-clock times live apart, in timings.json, and nowhere else.
+    for name in ("metrics.jsonl", "summary.json"):
+        assert not any(field in (tmp_path / "a" / name).read_text() for field in TIMING_FIELDS)
+    timings = json.loads((tmp_path / "a" / "timings.json").read_text())
+    assert [t["epoch"] for t in timings["epochs"]] == [1, 2] and timings["evaluation_seconds"] > 0
 
 
-def test_an_absurd_learning_rate_stops_with_a_message_naming_the_epoch(tmp_path, synthetic_mnist_dir):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on the damaged checkpoint
+def test_an_interrupted_run_resumes_and_ends_exactly_as_an_uninterrupted_one(tmp_path, synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir, mode="gaussian")  # noise: the keys must follow too
+    config.train.epochs = 3
+    config.train.batch_size = 128  # 7 steps: the cosine schedule and Adam's count must resume mid-decay
+    _run(config, tmp_path / "whole")
+
+    first = []
+    with pytest.raises(Interrupted):
+        _run(config, tmp_path / "cut", log=interrupt_after_epoch(2, first))
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    # A damaged newest checkpoint: the run must fall back to epoch 1's and
+    # trust it, not the metrics file, which then holds an epoch more.
+    for path in (tmp_path / "cut" / "checkpoints" / "2" / checkpoint.STATE_ITEM).rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    second = []
+    _run(config, tmp_path / "cut", log=second.append)
+
+    assert any(m.startswith("resumed after epoch 1/3") for m in second)
+    assert not any(m.startswith("epoch 1/") for m in second)  # epoch 1 is not trained again
+    assert _outputs(tmp_path / "cut") == _outputs(tmp_path / "whole")
+    chex.assert_trees_all_equal(advjax.restore(str(tmp_path / "cut")).params, advjax.restore(str(tmp_path / "whole")).params)
+    timings = json.loads((tmp_path / "cut" / "timings.json").read_text())
+    assert [t["epoch"] for t in timings["epochs"]] == [1, 2, 3]
+
+
+def test_a_finished_run_relaunched_skips_training_and_writes_the_same_summary(tmp_path, synthetic_mnist_dir):
     config = synthetic_config(synthetic_mnist_dir)
-    config.train.learning_rate = 1e30
-    config.train.schedule = "constant"
-    with pytest.raises(experiment.TrainingDiverged, match="epoch 1"):
-        _run(config, tmp_path)
-    assert not (tmp_path / "summary.json").exists()
+    config.train.epochs = 2
+    _run(config, tmp_path)
+    before = _outputs(tmp_path)
+    messages = []
+    _run(config, tmp_path, log=messages.append)
+    assert any("skipping training" in m for m in messages)
+    assert not any(m.startswith("epoch ") for m in messages)
+    assert _outputs(tmp_path) == before
+
+
+def test_a_workdir_of_another_config_is_refused_unless_overwritten(tmp_path, synthetic_mnist_dir):
+    old = synthetic_config(synthetic_mnist_dir)
+    old.train.epochs = 3
+    _run(old, tmp_path / "run")
+    new = synthetic_config(synthetic_mnist_dir)
+    new.train.epochs = 1
+
+    with pytest.raises(checkpoint.WorkdirError, match=r"config\.train\.epochs: 3 there, 1 now.*--overwrite"):
+        _run(new, tmp_path / "run")
+    summary = _run(new, tmp_path / "run", overwrite=True)
+
+    # Nothing of the old run is left to be trusted: its later checkpoints, records and timings are gone.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert [r["epoch"] for r in summary["epochs"]] == [1]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(json.loads((tmp_path / "run" / "timings.json").read_text())["epochs"]) == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 1
+
+
+def test_overwrite_with_the_same_config_trains_afresh(tmp_path, synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir)
+    _run(config, tmp_path)
+    before = _outputs(tmp_path)
+    messages = []
+    _run(config, tmp_path, log=messages.append, overwrite=True)
+    assert not any("resumed" in m for m in messages) and any(m.startswith("epoch 1/1") for m in messages)
+    assert _outputs(tmp_path) == before
 
 
 def test_seed_keys_for_k_seeds_are_those_of_each_seed_alone():

@@ -5,8 +5,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import pytest
 
 import advjax
 from advjax import data
+from tests.conftest import write_synthetic_mnist
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PERTURBATIONS = {"clean", "fgsm", "gaussian", "matched_gaussian"}
@@ -28,12 +31,29 @@ SHRINK = [
 ]
 
 
+def launch_command(config: str, workdir, *overrides: str) -> list[str]:
+    return [sys.executable, "launch.py", f"--config=configs/{config}.py", f"--workdir={workdir}", *overrides]
+
+
 def launch(config: str, workdir, *overrides: str, data_dir=None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if data_dir is not None:
         env["ADVJAX_DATA_DIR"] = str(data_dir)
-    command = [sys.executable, "launch.py", f"--config=configs/{config}.py", f"--workdir={workdir}", *overrides]
+    command = launch_command(config, workdir, *overrides)
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def synthetic_overrides(data_dir, *extra: str) -> list[str]:
+    return [
+        "--config.data.source=idx",
+        f"--config.data.dir={data_dir}",
+        "--config.data.num_validation=200",
+        "--config.eval.num_train=200",
+        "--config.eval.num_validation=200",
+        "--config.eval.num_test=300",
+        "--config.eval.batch_size=100",
+        *extra,
+    ]
 
 
 def independent_fgsm_accuracy(apply_fn, params, images, labels, eps) -> float:
@@ -141,3 +161,90 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path):
     result = launch("bp", blocker / "run", data_dir=tmp_path)
     assert result.returncode == 2
     assert "not writable" in result.stderr
+
+
+def test_an_unknown_config_field_on_the_command_line_is_one_error_line(tmp_path):
+    result = launch("bp", tmp_path / "run", "--config.train.epoch=3", data_dir=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert 'Did you mean "epochs"' in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# Resume after a kill. The synthetic training split (3000 - 200 images, FGSM
+# training) makes each epoch last about a second on the 2-core CI machine once
+# compiled, while the poll below reacts within 10 ms of the first checkpoint:
+# the kill lands long before epochs 2-3 and the evaluation are done.
+KILL_TEST_TRAIN_IMAGES = 3000
+
+
+@pytest.fixture(scope="module")
+def kill_test_setup(tmp_path_factory) -> tuple[list[str], pathlib.Path]:
+    """(overrides, workdir of the same run uninterrupted); the run also fills the compilation cache."""
+    root = tmp_path_factory.mktemp("resume")
+    data_dir = write_synthetic_mnist(root / "mnist", num_train=KILL_TEST_TRAIN_IMAGES)
+    overrides = synthetic_overrides(data_dir, "--config.train.epochs=3")
+    whole = launch("bp_adv", root / "whole", *overrides)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return overrides, root / "whole"
+
+
+def kill_after_first_checkpoint(command: list[str], workdir: pathlib.Path, log_path: pathlib.Path) -> subprocess.Popen:
+    """Starts `command` and SIGKILLs it as soon as the checkpoint of epoch 1 is committed."""
+    committed = workdir / "checkpoints" / "1"  # orbax renames a checkpoint into place once complete
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while process.poll() is None and not committed.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return process
+
+
+def checkpointed_epochs(workdir: pathlib.Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_run_killed_after_an_epoch_resumes_and_ends_as_an_uninterrupted_one(tmp_path, kill_test_setup):
+    overrides, whole = kill_test_setup
+    workdir = tmp_path / "run"
+
+    killed = kill_after_first_checkpoint(launch_command("bp_adv", workdir, *overrides), workdir, tmp_path / "killed.log")
+    log = (tmp_path / "killed.log").read_text()
+    assert killed.returncode == -signal.SIGKILL, (
+        f"the run ended (status {killed.returncode}) before it could be killed: give it more "
+        f"training images than {KILL_TEST_TRAIN_IMAGES}\n{log[-3000:]}"
+    )
+    done = checkpointed_epochs(workdir)
+    assert done and max(done) < 3 and not (workdir / "summary.json").exists(), (done, log[-3000:])
+
+    resumed = launch("bp_adv", workdir, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed after epoch {max(done)}/3" in resumed.stderr
+    assert f"] epoch {max(done)}/3 " not in resumed.stderr  # the checkpointed epochs are not trained again
+    assert f"] epoch 3/3 " in resumed.stderr
+    for name in ("summary.json", "metrics.jsonl"):
+        assert (workdir / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_a_workdir_of_another_config_is_refused_and_overwrite_replaces_its_run(tmp_path, kill_test_setup):
+    overrides, whole = kill_test_setup
+    workdir = tmp_path / "run"
+    shutil.copytree(whole, workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    other = [*overrides, "--config.train.checkpoints_to_keep=1"]  # a different config, the same programs
+
+    refused = launch("bp_adv", workdir, *other)
+    assert refused.returncode == 2 and refused.stderr.count("error:") == 1
+    assert "config.train.checkpoints_to_keep: 2 there, 1 now" in refused.stderr and "--overwrite" in refused.stderr
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+    replaced = launch("bp_adv", workdir, *other, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert "resumed" not in replaced.stderr and "] epoch 1/3 " in replaced.stderr
+    assert checkpointed_epochs(workdir) == [3]
+    assert (workdir / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["config"]["train"]["checkpoints_to_keep"] == 1
+    assert summary["accuracy"] == json.loads((whole / "summary.json").read_text())["accuracy"]

@@ -207,6 +207,28 @@ def test_ordinary_objective_on_cnn_trains_with_dropout_from_the_rng():
 def test_unknown_training_mode_raises_value_error(bp_batch):
     model = bp_batch[0]
     config = default.experiment("bp", "ordinary").train
-    config.mode = "pgd"
-    with pytest.raises(ValueError, match="pgd"):
+    config.mode = "madry"
+    with pytest.raises(ValueError, match="madry"):
         train.make_objective(model.apply, config)
+
+
+def test_kl_divergence_matches_its_definition_and_is_zero_only_for_equal_predictions():
+    p_logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    q_logits = jnp.array([[0.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
+    p, q = jax.nn.softmax(p_logits), jax.nn.softmax(q_logits)
+    expected = jnp.sum(p * jnp.log(p / q), axis=-1)
+    np.testing.assert_allclose(objectives.kl_divergence(p_logits, q_logits), expected, rtol=1e-6)
+    assert float(objectives.kl_divergence(p_logits, q_logits)[0]) > 0.1
+    assert float(objectives.kl_divergence(p_logits, q_logits)[1]) == pytest.approx(0.0, abs=1e-7)
+    # Logits that differ by a constant give the same prediction.
+    np.testing.assert_allclose(objectives.kl_divergence(p_logits, p_logits + 3.0), 0.0, atol=1e-6)
+
+
+def test_trades_loss_weights_the_kl_by_beta():
+    clean = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    adversarial = jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    labels = jnp.array([0, 1])
+    ce = jnp.mean(objectives.cross_entropy(clean, labels))
+    kl = jnp.mean(objectives.kl_divergence(clean, adversarial))
+    np.testing.assert_allclose(objectives.trades_loss(clean, adversarial, labels, 0.0), ce, rtol=1e-6)
+    np.testing.assert_allclose(objectives.trades_loss(clean, adversarial, labels, 6.0), ce + 6.0 * kl, rtol=1e-6)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from advjax import models, train
+from advjax import attacks, models, objectives, train
 from tests.conftest import tiny_config
 
 MODES = train.TRAINING_MODES
@@ -211,7 +211,7 @@ def test_train_state_optimizer_follows_the_schedule(schedule, moves_at_the_end):
 
 
 def test_unknown_mode_raises():
-    cfg = config(mode="pgd")
+    cfg = config(mode="madry")
     with pytest.raises(ValueError, match="mode"):
         train.make_objective(models.build_model(cfg.model).apply, cfg.train)
 
@@ -335,8 +335,27 @@ def test_epoch_rejects_a_batch_larger_than_the_data(num_examples, batch_size):
 
 def test_epoch_totals_start_at_zero():
     totals = train.EpochTotals.zeros()
-    chex.assert_trees_all_equal(totals, train.EpochTotals(np.float32(0), np.int32(0), np.int32(0)))
-    assert [t.dtype for t in totals] == [jnp.float32, jnp.int32, jnp.int32]
+    no_step = np.int32(train.EpochTotals.NO_STEP)
+    chex.assert_trees_all_equal(totals, train.EpochTotals(np.float32(0), np.int32(0), np.int32(0), no_step))
+    assert [t.dtype for t in totals] == [jnp.float32, jnp.int32, jnp.int32, jnp.int32]
+
+
+@pytest.mark.parametrize("num_seeds", [1, 2])
+def test_epoch_records_the_first_step_whose_loss_is_not_finite(num_seeds):
+    # A learning rate of 1e30 blows the params up at the first update: the loss
+    # of the second step (global step INITIAL_STEP + 2) is the first non-finite one.
+    setup = Setup()
+    setup.config.train.learning_rate = 1e30
+    images, labels = synthetic_data(NUM_EXAMPLES, seed=4)
+    epoch = train.make_epoch_fn(setup.objective, NUM_EXAMPLES, BATCH_SIZE, form="chunked", num_seeds=num_seeds)
+    state = train.create_train_state(jax.random.key(0), setup.model, setup.config.train, 4).replace(step=INITIAL_STEP)
+    permutation = train.epoch_permutation(jax.random.key(5), 0, NUM_EXAMPLES)
+    rng = jax.random.key(6)
+    if num_seeds > 1:
+        stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * num_seeds), tree)
+        state, permutation, rng = stack(state), stack(permutation), jax.random.split(rng, num_seeds)
+    _, totals = epoch(state, train.EpochTotals.zeros(num_seeds), jnp.asarray(images), jnp.asarray(labels), permutation, rng)
+    np.testing.assert_array_equal(totals.first_nonfinite_step, np.full((num_seeds,) if num_seeds > 1 else (), INITIAL_STEP + 2))
 
 
 # A later epoch's starting step: the keys must come from the optimizer step
@@ -377,7 +396,7 @@ def test_epoch_equals_a_python_loop_of_train_steps(mode):
 
     chex.assert_trees_all_equal(state.params, expected_state.params)
     chex.assert_trees_all_equal(state.step, expected_state.step)
-    chex.assert_trees_all_equal(totals, train.EpochTotals(loss, correct, examples))
+    chex.assert_trees_all_equal(totals, train.EpochTotals(loss, correct, examples, np.int32(train.EpochTotals.NO_STEP)))
     assert int(totals.examples) == NUM_STEPS * BATCH_SIZE == 24
 
 
@@ -462,3 +481,115 @@ def test_epoch_forms_agree_for_a_tiny_cnn():
         (scan_totals.correct, scan_totals.examples, scan_state.step),
     )
     assert int(chunked_totals.examples) == 8
+
+
+# ----------------------------------------------------------------------------
+# The defenses: PGD, fast (FGSM with a random start) and TRADES training.
+
+
+def _defense_setup(mode: str, **train_fields):
+    setup = Setup(mode=mode)
+    for field, value in train_fields.items():
+        setup.config.train[field] = value
+    setup.objective = train.make_objective(setup.model.apply, setup.config.train)
+    images, labels = synthetic_data(8, seed=11)
+    return setup, jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(4)
+
+
+def _mean_ce(setup, params, images, labels, dropout_rng):
+    logits = setup.model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+@pytest.mark.parametrize("unroll", ["loop", "unrolled"])
+def test_pgd_objective_is_the_loss_at_the_frozen_pgd_image(unroll):
+    setup, x, y, key = _defense_setup("pgd", eps=0.2, attack_steps=4, attack_step_size=0.07, attack_unroll=unroll)
+    params = setup.state().params
+    attack_rng, dropout_rng = jax.random.split(key)
+    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
+    adversarial = attacks.pgd(eval_logits, x, y, 0.2, attack_rng, num_steps=4, step_size=0.07)
+
+    loss, logits = setup.objective(params, x, y, key)
+    np.testing.assert_allclose(loss, _mean_ce(setup, params, adversarial, y, dropout_rng), rtol=1e-6)
+    # The parameter gradient is that of the loss at the fixed adversarial image.
+    grads = jax.grad(lambda p: setup.objective(p, x, y, key)[0])(params)
+    expected = jax.grad(lambda p: _mean_ce(setup, p, adversarial, y, dropout_rng))(params)
+    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_objective_is_the_loss_at_a_random_start_fgsm_image():
+    setup, x, y, key = _defense_setup("fast", eps=0.3, fast_step_size=1.25)
+    params = setup.state().params
+    attack_rng, dropout_rng = jax.random.split(key)
+    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
+    adversarial = attacks.fgsm_random_start(eval_logits, x, y, 0.3, attack_rng, 0.375)
+    assert float(jnp.max(jnp.abs(adversarial - x))) <= 0.3 + 1e-6
+
+    loss, _ = setup.objective(params, x, y, key)
+    np.testing.assert_allclose(loss, _mean_ce(setup, params, adversarial, y, dropout_rng), rtol=1e-6)
+    # A new key draws a new start, hence a different loss.
+    assert float(setup.objective(params, x, y, jax.random.key(5))[0]) != pytest.approx(float(loss), rel=1e-7)
+
+
+def test_trades_adversary_stays_in_the_ball_and_raises_the_kl():
+    setup, x, y, key = _defense_setup("trades")
+    params = setup.state().params
+    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
+    kl = lambda z: float(jnp.mean(objectives.kl_divergence(eval_logits(x), eval_logits(z))))
+    near = train.trades_adversary(eval_logits, x, key, 0.3, 0.05, 0)  # no steps: the tiny random start
+    far = train.trades_adversary(eval_logits, x, key, 0.3, 0.05, 10)
+    assert float(jnp.max(jnp.abs(far - x))) <= 0.3 + 1e-6
+    assert 0.0 <= float(jnp.min(far)) and float(jnp.max(far)) <= 1.0
+    assert kl(far) > 100 * max(kl(near), 1e-9)
+
+
+def test_trades_objective_is_clean_ce_plus_beta_kl():
+    setup, x, y, key = _defense_setup("trades", eps=0.3, attack_steps=3, attack_step_size=0.1, trades_beta=4.0)
+    params = setup.state().params
+    attack_rng, dropout_rng = jax.random.split(key)
+    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
+    adversarial = train.trades_adversary(eval_logits, x, attack_rng, 0.3, 0.1, 3)
+    clean = setup.model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
+    adv = setup.model.apply({"params": params}, adversarial, train=True, rngs={"dropout": dropout_rng})
+    expected = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(clean, y) + 4.0 * objectives.kl_divergence(clean, adv))
+
+    loss, logits = setup.objective(params, x, y, key)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(logits, clean, rtol=1e-6)
+
+
+def test_attack_unroll_setting():
+    assert train.attack_unroll("auto", "cpu") is True
+    assert train.attack_unroll("auto", "gpu") is False
+    assert train.attack_unroll("loop", "cpu") is False
+    assert train.attack_unroll("unrolled", "tpu") is True
+    with pytest.raises(ValueError, match="attack_unroll"):
+        train.attack_unroll("sometimes")
+
+
+@pytest.mark.parametrize("model_name", ["bp", "cnn"])
+def test_shared_pass_fgsm_gradient_equals_the_objective_gradient(model_name):
+    cfg = config(model_name, "fgsm")
+    cfg.model.dropout = 0.0
+    cfg.train.alpha, cfg.train.eps = 0.3, 0.1  # alpha != 0.5, so a swapped weight shows
+    assert models.is_deterministic(cfg.model)
+    model = models.build_model(cfg.model)
+    shared = train.make_objective(model.apply, cfg.train, deterministic=True)
+    assert hasattr(shared, "value_and_grad")
+    params = train.init_params(jax.random.key(0), model)
+    images, labels = synthetic_data(8, seed=12)
+    x, y, key = jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(1)
+
+    (loss, logits), grads = jax.jit(shared.value_and_grad)(params, x, y, key)
+    (expected_loss, expected_logits), expected = jax.jit(jax.value_and_grad(shared, has_aux=True))(params, x, y, key)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-6)
+    chex.assert_trees_all_close(grads, expected, rtol=2e-5, atol=1e-7)
+
+
+def test_models_with_dropout_keep_the_general_fgsm_gradient():
+    cfg = config("cnn", "fgsm")
+    assert cfg.model.dropout > 0 and not models.is_deterministic(cfg.model)
+    assert models.is_deterministic(config("bp", "fgsm").model)
+    objective = train.make_objective(models.build_model(cfg.model).apply, cfg.train)
+    assert not hasattr(objective, "value_and_grad")

@@ -15,7 +15,7 @@ BAD_VALUES = [
     ("model.hidden", ()),
     ("model.hidden", (256, -1)),
     ("model.dropout", 1.0),
-    ("train.mode", "pgd"),
+    ("train.mode", "sgd"),  # not a training mode (pgd became one)
     ("train.epochs", 0),
     ("train.epochs", 2.5),
     ("train.batch_size", 0),
@@ -39,6 +39,13 @@ BAD_VALUES = [
     ("eval.num_validation", 10_001),
     ("eval.num_test", 10_001),
     ("eval.batch_size", 0),
+    # Wrong types that used to crash deep inside instead: a bare number where a list belongs, a path that is not text.
+    ("model.hidden", 256),
+    ("eval.sigma_grid", 0.5),
+    ("eval.eps_grid", "0.1,0.2"),
+    ("eval.table_eps", 0.1),
+    ("data.dir", None),
+    ("train.checkpoints_to_keep", 0),
 ]
 
 

@@ -1,0 +1,85 @@
+"""Process-wide JAX settings, applied by entry points (launch.py, bench/), never by the library.
+
+- The persistent compilation cache: the second run of a config loads its
+  executables from disk instead of compiling them again.
+- A compile-time meter built on `jax.monitoring`, so a run can report how long
+  it spent compiling and how much the cache saved.
+"""
+
+import dataclasses
+import os
+
+import jax
+from jax import monitoring
+
+CACHE_ENV = "ADVJAX_COMPILATION_CACHE"
+DISABLED = ("", "none", "off")
+
+# Events JAX records for every compilation (jax/_src/dispatch.py, compiler.py).
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+CACHE_MISS_EVENT = "/jax/compilation_cache/cache_misses"
+
+
+def default_compilation_cache_dir() -> str:
+    """$ADVJAX_COMPILATION_CACHE, else JAX's own $JAX_COMPILATION_CACHE_DIR,
+    else $XDG_CACHE_HOME/advjax/jax, else ~/.cache/advjax/jax."""
+    for variable in (CACHE_ENV, "JAX_COMPILATION_CACHE_DIR"):
+        if variable in os.environ:
+            return os.environ[variable]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "advjax", "jax")
+
+
+def enable_compilation_cache(cache_dir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache in `cache_dir` ('', 'none' or 'off': leave it off).
+
+    Must run before the first compilation. Every executable is cached, however
+    small or quick to compile: this project's CPU loops are many small jits
+    whose compile times add up, while each stays under JAX's default 1 s floor.
+    Returns the directory in use, or None.
+    """
+    if cache_dir.strip().lower() in DISABLED:
+        return None
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return cache_dir
+
+
+@dataclasses.dataclass
+class CompileMeter:
+    """Sums, from the moment it is installed, the time JAX spends turning functions into executables.
+
+    `backend_seconds` is XLA compilation, or loading from the persistent cache
+    on a hit; `trace_seconds` is tracing and lowering, which no cache skips.
+    """
+
+    trace_seconds: float = 0.0
+    backend_seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def install(self) -> "CompileMeter":
+        monitoring.register_event_duration_secs_listener(self._on_duration)
+        monitoring.register_event_listener(self._on_event)
+        return self
+
+    def _on_duration(self, event: str, seconds: float, **_) -> None:
+        if event in (TRACE_EVENT, LOWER_EVENT):
+            self.trace_seconds += seconds
+        elif event == BACKEND_COMPILE_EVENT:
+            self.backend_seconds += seconds
+
+    def _on_event(self, event: str, **_) -> None:
+        if event == CACHE_HIT_EVENT:
+            self.cache_hits += 1
+        elif event == CACHE_MISS_EVENT:
+            self.cache_misses += 1
+
+    def summary(self) -> dict:
+        return dataclasses.asdict(self)

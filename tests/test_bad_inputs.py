@@ -1,0 +1,254 @@
+"""Bad input of every kind: one clear message, a user error (launch.py: one `error:` line, exit 2), nothing corrupted.
+
+Each case runs `train_and_evaluate` in-process (a subprocess would cost seconds
+of imports each; tests/test_launch.py checks the exit status and the one line
+for a few). Where a workdir matters, it starts as a copy of a finished run, and
+must be byte-for-byte the same afterwards.
+
+Counted across the test files, the distinct bad inputs tried:
+- configs: here 6 (a value out of range, a wrong type, an unknown name, a grid
+  that is not a list, a batch larger than the data, a missing field);
+  tests/test_validation.py each field's bounds; tests/test_launch.py 4 on the
+  command line and an unknown field;
+- data: here 4 (a missing directory, a truncated file, a corrupt gzip stream,
+  image and label counts that differ); tests/test_data.py more, at the loader;
+  tests/test_launch.py a missing directory and a truncated file;
+- workdirs: here 8 (its parent is a file, it is a file, read-only (immutable
+  for root), written by another config, outputs without a config, a damaged
+  config.json, a checkpoint of another config, every checkpoint damaged);
+  tests/test_launch.py a parent that is a file, another config;
+  tests/test_checkpoint.py a damaged latest checkpoint (an older one is used);
+- training: here a NaN from an absurd learning rate, with 1 and 2 seeds.
+"""
+
+import contextlib
+import gzip
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import pytest
+
+import launch
+from advjax import checkpoint, experiment, models, train
+from tests.conftest import synthetic_config
+
+# Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
+# complain ("Event loop is closed") whenever they run, often in a later test.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def snapshot(directory: pathlib.Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes ({} when it does not exist)."""
+    if not directory.is_dir():
+        return {}
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def refused(config, workdir: pathlib.Path, *fragments: str, new_files: tuple[str, ...] = ()) -> str:
+    """Runs `config` in `workdir`; checks it stops with a user error naming `fragments`.
+
+    Nothing in the workdir may change, and nothing may appear but `new_files`.
+    """
+    before = snapshot(workdir)
+    with pytest.raises(launch.USER_ERRORS) as info:
+        experiment.train_and_evaluate(config, str(workdir), log=lambda message: None)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "\n" not in message  # launch.py prints it as one `error:` line
+    after = snapshot(workdir)
+    assert {name: after[name] for name in after if name not in new_files} == before
+    return message
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_mnist_dir, tmp_path_factory) -> tuple:
+    """A finished one-epoch run: (its config, its workdir). Copy it before changing it."""
+    config = synthetic_config(synthetic_mnist_dir)
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    experiment.train_and_evaluate(config, str(workdir), log=lambda message: None)
+    return config, workdir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> tuple:
+    config, workdir = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return synthetic_config(pathlib.Path(config.data.dir)), copy
+
+
+# Configs: refused before the workdir or the data are touched ----------------------
+
+
+MISSING = object()
+
+
+def edited(config, path: str, value):
+    """`config` with the field at `path` set to `value` (of any type) or, for MISSING, deleted."""
+    section, _, field = path.rpartition(".")
+    node = config[section] if section else config
+    with node.ignore_type():
+        if value is MISSING:
+            del node[field]
+        else:
+            node[field] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "path,value,fragment",
+    [
+        ("train.eps", 1.5, "config.train.eps=1.5 is invalid: expected a number in [0.0, 1.0]"),
+        ("train.epochs", "3", "config.train.epochs='3' is invalid: expected a positive integer"),
+        ("data.source", "imagenet", "config.data.source='imagenet' is invalid: expected one of"),
+        ("eval.sigma_grid", 0.5, "config.eval.sigma_grid=0.5 is invalid: expected a list of numbers"),
+        ("train.batch_size", 60_000, "config.train.batch_size=60000 exceeds"),
+        ("eval.eps", MISSING, "config.eval.eps is missing"),
+    ],
+    ids=["out_of_range", "wrong_type", "unknown_name", "grid_not_a_list", "batch_larger_than_data", "missing_field"],
+)
+def test_a_bad_config_is_refused_naming_the_field(run_copy, path, value, fragment):
+    config, workdir = run_copy
+    refused(edited(config, path, value), workdir, fragment)
+
+
+# Data: refused before anything is written -------------------------------------
+
+
+def damaged_data(source: pathlib.Path, target: pathlib.Path, damage) -> pathlib.Path:
+    shutil.copytree(source, target)
+    damage(target)
+    return target
+
+
+def truncate_train_images(directory: pathlib.Path) -> None:
+    packed = directory / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(packed.read_bytes())
+    packed.unlink()
+    (directory / "train-images-idx3-ubyte").write_bytes(raw[: len(raw) // 2])
+
+
+def corrupt_test_labels_gzip(directory: pathlib.Path) -> None:
+    path = directory / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:20] + b"\x00" * 40)
+
+
+def drop_test_labels(directory: pathlib.Path) -> None:
+    path = directory / "t10k-labels-idx1-ubyte.gz"
+    raw = gzip.decompress(path.read_bytes())
+    count = int.from_bytes(raw[4:8], "big") - 10
+    path.write_bytes(gzip.compress(raw[:4] + count.to_bytes(4, "big") + raw[8 : 8 + count]))
+
+
+@pytest.mark.parametrize(
+    "damage,fragments",
+    [
+        (lambda d: shutil.rmtree(d), ("MNIST directory does not exist",)),
+        (truncate_train_images, ("train-images-idx3-ubyte", "truncated")),
+        (corrupt_test_labels_gzip, ("t10k-labels-idx1-ubyte.gz", "corrupt gzip stream")),
+        (drop_test_labels, ("image/label count mismatch", "t10k-labels-idx1-ubyte.gz")),
+    ],
+    ids=["missing_directory", "truncated_file", "corrupt_gzip", "count_mismatch"],
+)
+def test_bad_data_is_refused_naming_the_file_and_nothing_is_written(synthetic_mnist_dir, tmp_path, damage, fragments):
+    config = synthetic_config(damaged_data(synthetic_mnist_dir, tmp_path / "mnist", damage))
+    refused(config, tmp_path / "run", *fragments)
+    assert snapshot(tmp_path / "run") == {}
+
+
+# Workdirs ------------------------------------------------------------------------
+
+
+def test_a_workdir_under_a_file_is_refused(synthetic_mnist_dir, tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    refused(synthetic_config(synthetic_mnist_dir), tmp_path / "a_file" / "run", "is not writable")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_a_workdir_that_is_a_file_is_refused(synthetic_mnist_dir, tmp_path):
+    (tmp_path / "run").write_text("keep me")
+    refused(synthetic_config(synthetic_mnist_dir), tmp_path / "run", "is not writable")
+    assert (tmp_path / "run").read_text() == "keep me"
+
+
+@contextlib.contextmanager
+def unwritable(directory: pathlib.Path):
+    """Makes `directory` unwritable: by its mode, or for root (whom modes do not stop) as immutable."""
+    as_root = os.geteuid() == 0
+    if as_root:
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+            pytest.skip("running as root, and this file system cannot make a directory immutable")
+    else:
+        directory.chmod(0o555)
+    try:
+        yield
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        else:
+            directory.chmod(0o755)
+
+
+def test_a_read_only_workdir_is_refused(run_copy):
+    config, workdir = run_copy
+    with unwritable(workdir):
+        refused(config, workdir, "is not writable")
+
+
+def test_a_workdir_of_another_config_is_refused_naming_the_field(run_copy):
+    config, workdir = run_copy
+    config.train.learning_rate = 1e-3
+    refused(config, workdir, "holds a run of a different config", "config.train.learning_rate: 0.002 there, 0.001 now", "--overwrite")
+
+
+def test_outputs_without_a_config_are_refused(run_copy):
+    config, workdir = run_copy
+    (workdir / "config.json").unlink()
+    refused(config, workdir, "but no config.json", "--overwrite")
+
+
+def test_a_damaged_config_json_is_refused(run_copy):
+    config, workdir = run_copy
+    text = (workdir / "config.json").read_text()
+    (workdir / "config.json").write_text(text[: len(text) // 2])
+    refused(config, workdir, "config.json cannot be read", "--overwrite")
+
+
+def test_a_checkpoint_of_another_config_is_refused(run_copy):
+    # config.json matches, but the checkpoints were copied in from another run.
+    config, workdir = run_copy
+    other = synthetic_config(pathlib.Path(config.data.dir))
+    other.model.hidden = (32,)
+    shutil.rmtree(workdir / "checkpoints")
+    state = train.create_train_state(jax.random.key(0), models.build_model(other.model), other.train, 7)
+    with checkpoint.open_manager(str(workdir), keep=2) as manager:
+        checkpoint.save_epoch(manager, 1, state, other, [{"epoch": 1}])
+    refused(config, workdir, "was written by a different config", "config.model.hidden: [32] there, [256, 256] now")
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_refused(run_copy):
+    config, workdir = run_copy
+    for path in (workdir / "checkpoints" / "1" / checkpoint.STATE_ITEM).rglob("*"):
+        if path.is_file() and path.stat().st_size:
+            path.write_bytes(b"\x00" * 8)
+    refused(config, workdir, "no checkpoint under", "can be restored", "--overwrite")
+
+
+# Training ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_seeds", [1, 2])
+def test_a_nan_from_an_absurd_learning_rate_names_the_epoch_and_step(synthetic_mnist_dir, tmp_path, num_seeds):
+    config = synthetic_config(synthetic_mnist_dir)
+    config.num_seeds = num_seeds
+    config.train.learning_rate, config.train.schedule = 1e30, "constant"
+    config.model.hidden, config.train.chunk_size = (32,), 2  # quicker to compile; diverges all the same
+    # The first update sends the params to ~1e30: the second step's loss is the first non-finite one.
+    message = refused(
+        config, tmp_path / "run", "became non-finite in epoch 1 at step 2", "train.learning_rate", new_files=("config.json",)
+    )
+    assert ("of seed 0" in message) == (num_seeds > 1)

@@ -1,0 +1,387 @@
+"""Tests for advjax.robustness: the tick fold against direct attacks, grids, worst cases, the report.
+
+Everything runs on a tiny tanh MLP over 6x6 images (numpy weights), so compiling
+the folds, not running them, is what costs time; the module turns most XLA
+optimizations off for that reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from advjax import attacks, evaluate, robustness
+from advjax.train import to_float_images
+from configs import default
+
+SIDE, HIDDEN, CLASSES = 6, 16, 4
+# 21 examples in batches of 8: 3 batches, the last with 3 padded slots.
+NUM_EXAMPLES, BATCH_SIZE, NUM_BATCHES = 21, 8, 3
+GRID = (0.1, 0.3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compiles():
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def mlp_apply(variables, images, train=False):
+    """A smooth (tanh) MLP with Linen's calling convention: no input gradient is exactly zero."""
+    del train
+    p = variables["params"]
+    hidden = jnp.tanh(images.reshape((images.shape[0], -1)) @ p["w1"] + p["b1"])
+    return hidden @ p["w2"] + p["b2"]
+
+
+def logits_fn_for(params):
+    return lambda z: mlp_apply({"params": params}, z)
+
+
+@functools.cache
+def random_params(seed: int = 0) -> dict:
+    """Random weights, shifted so the all-zero padding image is confidently class 0, the padding label."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "w1": rng.normal(0, 1.0, (SIDE * SIDE, HIDDEN)).astype(np.float32),
+        "b1": rng.normal(0, 0.5, HIDDEN).astype(np.float32),
+        "w2": rng.normal(0, 1.0, (HIDDEN, CLASSES)).astype(np.float32),
+        "b2": np.zeros(CLASSES, np.float32),
+    }
+    zero_logits = np.asarray(mlp_apply({"params": params}, jnp.zeros((1, SIDE, SIDE, 1))))[0]
+    params["b2"] = (-zero_logits + 3.0 * np.eye(CLASSES)[0]).astype(np.float32)
+    return jax.tree.map(jnp.asarray, params)
+
+
+@functools.cache
+def dataset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels the model gets right on even indices and wrong (its runner-up) on odd ones.
+
+    The odd examples make FGSM on predicted labels differ from FGSM on true labels.
+    """
+    images = np.random.default_rng(seed).integers(0, 256, (NUM_EXAMPLES + 5, SIDE, SIDE, 1), dtype=np.uint8)
+    order = np.argsort(np.asarray(logits_fn_for(random_params())(to_float_images(images))), axis=-1)
+    labels = np.where(np.arange(len(images)) % 2 == 0, order[:, -1], order[:, -2]).astype(np.int32)
+    return images, labels
+
+
+def eval_set(labels=None) -> evaluate.EvalSet:
+    images, default_labels = dataset()
+    return evaluate.make_eval_set(images, default_labels if labels is None else labels, NUM_EXAMPLES, BATCH_SIZE)
+
+
+def direct_correct(params, es: evaluate.EvalSet, key, grid, attack) -> np.ndarray:
+    """[G, N]: `attack(logits_fn, x, y, eps, batch_key)` per batch and eps, unbatched and unfolded."""
+
+    @jax.jit  # one compile serves every batch and eps
+    def correct(params, x, y, eps, batch_key):
+        logits_fn = logits_fn_for(params)
+        return jnp.argmax(logits_fn(attack(logits_fn, x, y, eps, batch_key)), -1) == y
+
+    rows = []
+    for eps in grid:
+        row = []
+        for b in range(es.labels.shape[0]):
+            x, y = to_float_images(es.images[b]), es.labels[b]
+            row.append(np.asarray(correct(params, x, y, jnp.float32(eps), jax.random.fold_in(key, b))))
+        rows.append(np.concatenate(row)[: es.num_examples])
+    return np.stack(rows)
+
+
+PGD = robustness.AttackSpec("pgd", num_steps=4, num_restarts=3, step_size=0.04)
+
+
+@functools.cache
+def pgd_result(form: str) -> robustness.RobustResult:
+    # 3 batches x 3 restarts x 4 steps = 36 ticks: chunks of 5 leave a remainder of 1.
+    sweep = robustness.make_robust_sweep(mlp_apply, PGD, form=form, chunk_size=5)
+    return sweep(random_params(), eval_set(), jax.random.key(3), GRID)
+
+
+# ----------------------------------------------------------------------------
+# The tick fold computes exactly the attacks it replaces.
+
+
+@pytest.mark.parametrize("form", ["scan", "chunked"])
+def test_tick_fold_pgd_equals_attacks_pgd_per_batch_with_the_same_keys(form):
+    pgd = lambda f, x, y, eps, k: attacks.pgd(f, x, y, eps, k, num_steps=4, num_restarts=3, step_size=0.04)
+    expected = direct_correct(random_params(), eval_set(), jax.random.key(3), GRID, pgd)
+    result = pgd_result(form)
+    assert result.correct.shape == (len(GRID), NUM_EXAMPLES) and result.correct.dtype == bool
+    np.testing.assert_array_equal(result.correct, expected)
+    np.testing.assert_allclose(result.accuracy, expected.mean(-1))
+    # Preconditions that make the comparison informative: the attack bites, yet not everywhere.
+    assert 0 < expected.sum() and expected[-1].sum() < expected[0].sum()
+
+
+def test_restarts_keep_the_worst_case_per_example():
+    # Fewer restarts (a subset of the same draws) can only leave more examples correct.
+    one = robustness.make_robust_sweep(mlp_apply, PGD._replace(num_restarts=1), form="scan")
+    single = one(random_params(), eval_set(), jax.random.key(3), GRID)
+    assert np.all(pgd_result("scan").correct <= single.correct)
+
+
+def test_l2_pgd_on_predicted_labels_and_one_step_attacks_equal_direct_calls():
+    params, es, key = random_params(), eval_set(), jax.random.key(4)
+    spec = robustness.AttackSpec("pgd_l2", num_steps=3, num_restarts=2, relative_step_size=0.5, use_predicted_labels=True)
+    swept = robustness.make_robust_sweep(mlp_apply, spec, form="scan")(params, es, key, (0.5, 1.5))
+
+    def pgd_l2(f, x, y, eps, k):
+        predicted = attacks.predicted_labels(f, x)
+        return attacks.pgd(f, x, predicted, eps, k, norm="l2", num_steps=3, num_restarts=2, step_size=0.5 * eps)
+
+    np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, (0.5, 1.5), pgd_l2))
+
+    for name in ("fgsm", "fgsm_random_start", "bim", "deepfool"):
+        swept = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec(name, num_steps=None), form="chunked", chunk_size=3)
+        grid = (0.5, 2.0) if name == "deepfool" else GRID
+        expected = direct_correct(params, es, key, grid, attacks.make_attack(name))
+        np.testing.assert_array_equal(swept(params, es, key, grid).correct, expected, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["pgd", "bim", "fgsm_random_start", "fgsm"])
+def test_a_tick_holds_no_while_loop(name):
+    # On XLA:CPU the CNN's input-gradient convolutions take a ~4x slower path
+    # inside any while loop; the chunked form exists to keep them out of one.
+    spec = robustness.AttackSpec(name, num_steps=None if name in ("fgsm_random_start", "fgsm") else 3)
+    sweep = robustness.make_robust_sweep(mlp_apply, spec, form="chunked")
+    es, grid = eval_set(), jnp.asarray(GRID)
+    args = (sweep.initial_carry(len(GRID), es), 0, random_params(), es.images, es.labels, jax.random.key(0), grid)
+    # Checked in the jaxpr: there a loop is a scan or while primitive, while the
+    # PRNG's own (harmless, convolution-free) round loop is still one random_bits.
+    # A one-step fori_loop, even with unroll=True, is a scan that lowers to a while loop.
+    jaxpr = str(jax.make_jaxpr(sweep.body)(*args))
+    assert not re.search(r"\b(scan|while)\[", jaxpr)
+    assert ("cond[" in jaxpr) == (name in ("pgd", "bim"))  # starts and scoring only on the ticks that need them
+    deepfool = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("deepfool"), form="chunked")
+    args = (deepfool.initial_carry(len(GRID), es), *args[1:])
+    assert re.search(r"\bwhile\[", str(jax.make_jaxpr(deepfool.body)(*args)))  # the check can fail: DeepFool loops
+
+
+def test_vmapped_grid_equals_one_call_per_eps():
+    sweep = robustness.make_robust_sweep(mlp_apply, PGD, form="scan")
+    params, es, key = random_params(), eval_set(), jax.random.key(3)
+    grid = (0.05, 0.1, 0.3)
+    together = sweep(params, es, key, grid)
+    one_by_one = [sweep(params, es, key, (eps,)) for eps in grid]
+    np.testing.assert_array_equal(together.correct, np.concatenate([r.correct for r in one_by_one]))
+    np.testing.assert_allclose(together.accuracy, np.concatenate([r.accuracy for r in one_by_one]))
+
+
+def test_new_grid_key_or_params_of_the_same_shapes_do_not_recompile():
+    traces = []
+
+    def counting_apply(*args, **kwargs):
+        traces.append(None)  # runs only while tracing
+        return mlp_apply(*args, **kwargs)
+
+    sweep = robustness.make_robust_sweep(counting_apply, PGD._replace(num_restarts=1), form="scan")
+    first = sweep(random_params(), eval_set(), jax.random.key(0), (0.1, 0.2))
+    traced = len(traces)
+    assert traced > 0
+    second = sweep(random_params(1), eval_set(), jax.random.key(1), (0.3, 0.4))
+    assert len(traces) == traced
+    assert not np.array_equal(first.correct, second.correct)  # new values were used
+    sweep(random_params(), eval_set(), jax.random.key(0), (0.1, 0.2, 0.3))  # another length: a new program
+    assert len(traces) > traced
+
+
+def test_padding_never_counts():
+    # Every real example gets a label the model never predicts on it, while the
+    # zero padding image is predicted as its label 0: counting padding would show.
+    images, labels = dataset()
+    top = np.argmax(np.asarray(logits_fn_for(random_params())(to_float_images(images))), -1)
+    wrong = ((top + 1) % CLASSES).astype(np.int32)
+    es = eval_set(wrong)
+    assert int(np.argmax(np.asarray(logits_fn_for(random_params())(jnp.zeros((1, SIDE, SIDE, 1)))))) == 0
+    for spec in (robustness.AttackSpec("clean"), PGD._replace(num_restarts=1)):
+        result = robustness.make_robust_sweep(mlp_apply, spec, form="chunked")(random_params(), es, jax.random.key(0), GRID)
+        assert result.correct.shape == (len(GRID), NUM_EXAMPLES)
+        np.testing.assert_array_equal(result.accuracy, np.zeros(len(GRID)))
+
+
+def test_several_seeds_equal_each_seed_alone():
+    params = jax.tree.map(lambda a, b: jnp.stack([a, b]), random_params(0), random_params(1))
+    keys = jnp.stack([jax.random.key(5), jax.random.key(6)])
+    spec = PGD._replace(num_restarts=2)
+    both = robustness.make_robust_sweep(mlp_apply, spec, form="chunked", chunk_size=3, num_seeds=2)(params, eval_set(), keys, GRID)
+    assert both.correct.shape == (2, len(GRID), NUM_EXAMPLES) and both.accuracy.shape == (2, len(GRID))
+    single = robustness.make_robust_sweep(mlp_apply, spec, form="chunked", chunk_size=3)
+    for s, seed_params in enumerate((random_params(0), random_params(1))):
+        np.testing.assert_array_equal(both.correct[s], single(seed_params, eval_set(), keys[s], GRID).correct)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (robustness.AttackSpec("cw"), "unknown attack"),
+        (robustness.AttackSpec("fgsm", num_restarts=2), "restarts need a random start"),
+        (robustness.AttackSpec("pgd", num_restarts=3, random_start=False), "restarts need a random start"),
+        (robustness.AttackSpec("fgsm", step_size=0.1), "takes no step size"),
+        (robustness.AttackSpec("pgd", step_size=0.1, relative_step_size=0.1), "not both"),
+        (robustness.AttackSpec("fgm_l2", num_steps=5), "one-step attack"),
+    ],
+)
+def test_specs_that_would_compute_something_else_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        robustness.make_robust_sweep(mlp_apply, spec)
+
+
+# ----------------------------------------------------------------------------
+# Worst cases.
+
+
+def test_worst_case_is_the_per_example_and():
+    correct = {
+        "a": np.array([True, True, False, True]),
+        "b": np.array([True, False, True, True]),
+        "c": np.array([True, True, True, False]),
+    }
+    assert robustness.worst_case(correct) == 0.25  # only example 0 survives all three
+    assert robustness.worst_case({"a": correct["a"]}) == 0.75
+    # Leading axes ([G, N]) are kept; a [1, N] array broadcasts over the grid.
+    grid = robustness.worst_case({"x": np.array([[True, True], [False, True]]), "clean": np.array([[True, False]])})
+    np.testing.assert_array_equal(grid, [0.5, 0.0])
+    with pytest.raises(ValueError):
+        robustness.worst_case({})
+
+
+def test_worst_case_of_real_attacks_is_below_each_and_equals_the_and():
+    params, es, key = random_params(), eval_set(), jax.random.key(3)
+    fgsm = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("fgsm"), form="chunked")(params, es, key, GRID)
+    pgd = pgd_result("chunked")
+    worst = robustness.worst_case({"fgsm": fgsm.correct, "pgd": pgd.correct})
+    assert np.all(worst <= fgsm.accuracy) and np.all(worst <= pgd.accuracy)
+    np.testing.assert_allclose(worst, (fgsm.correct & pgd.correct).mean(-1))
+
+
+# ----------------------------------------------------------------------------
+# On a trained model, and the configured report.
+
+
+@functools.cache
+def trained() -> tuple[dict, evaluate.EvalSet]:
+    """The MLP trained for a few hundred full-batch Adam steps on separable blocks (class c lights block c)."""
+    rng = np.random.default_rng(0)
+    n = 256
+    labels = rng.integers(0, CLASSES, n).astype(np.int32)
+    images = rng.integers(0, 80, (n, SIDE, SIDE, 1)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        row, col = divmod(int(c), 2)
+        images[i, 3 * row : 3 * row + 3, 3 * col : 3 * col + 3] = 200
+    x, y = to_float_images(jnp.asarray(images)), jnp.asarray(labels)
+    optimizer = optax.adam(0.03)
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(mlp_apply({"params": p}, x), y).mean()
+
+    @jax.jit
+    def fit(params):
+        def step(carry, _):
+            p, state = carry
+            updates, state = optimizer.update(jax.grad(loss)(p), state)
+            return (optax.apply_updates(p, updates), state), None
+
+        return jax.lax.scan(step, (params, optimizer.init(params)), length=200)[0][0]
+
+    start = jax.tree.map(lambda a: 0.3 * a, random_params(2))
+    return fit(start), evaluate.make_eval_set(images, labels, 200, 100)
+
+
+def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model():
+    params, es = trained()
+    grid, key = (0.1, 0.2, 0.3), jax.random.key(0)
+    clean = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("clean"), form="scan")(params, es, key, (0.0,))
+    fgsm = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("fgsm"), form="scan")(params, es, key, grid)
+    pgd = robustness.make_robust_sweep(
+        mlp_apply, robustness.AttackSpec("pgd", num_steps=10, num_restarts=2), form="scan"
+    )(params, es, key, grid)
+    assert clean.accuracy[0] > 0.95  # the model learned the task
+    assert fgsm.accuracy[-1] < clean.accuracy[0]  # FGSM bites, so the comparison is informative
+    assert np.all(pgd.accuracy <= fgsm.accuracy), (pgd.accuracy, fgsm.accuracy)
+    assert np.any(pgd.accuracy < fgsm.accuracy), (pgd.accuracy, fgsm.accuracy)
+
+
+def small_section():
+    section = default.get_config().robust
+    section.eps_grid = GRID
+    section.l2_eps_grid = (1.0,)
+    section.attacks = ("fgsm", "pgd", "fgm_l2")
+    section.pgd_steps = 3
+    section.pgd_restarts = 2
+    section.chunk_size = 3
+    return section
+
+
+def test_config_section_defaults_are_valid():
+    section = default.get_config().robust
+    robustness.check_section(section)
+    assert section.enabled is False and section.split in ("train", "validation", "test")
+    assert set(robustness.attack_specs(section)) == set(section.attacks)
+
+
+def test_report_states_each_attack_and_the_label_leaking_check():
+    params, es = random_params(), eval_set()
+    report = robustness.robustness_report(mlp_apply, params, es, jax.random.key(0), small_section(), "chunked")
+    assert set(report["attacks"]) == {"fgsm", "pgd", "fgm_l2"}
+    pgd = report["attacks"]["pgd"]
+    assert (pgd["num_steps"], pgd["num_restarts"], pgd["step_size"], pgd["num_examples"]) == (3, 2, 0.01, NUM_EXAMPLES)
+    assert pgd["norm"] == "linf" and pgd["eps"] == list(GRID) and pgd["random_start"] and pgd["labels"] == "true"
+    assert report["attacks"]["fgm_l2"]["eps"] == [1.0]
+
+    # Label leaking: both numbers at every eps, and they differ because the model errs on the odd examples.
+    leak = report["label_leaking"]
+    assert leak["eps"] == list(GRID)
+    assert len(leak["true_labels"]["accuracy"]) == len(leak["predicted_labels"]["accuracy"]) == len(GRID)
+    assert leak["true_labels"]["accuracy"] != leak["predicted_labels"]["accuracy"]
+    assert leak["true_labels"]["accuracy"] == report["attacks"]["fgsm"]["accuracy"]
+
+    # Worst cases: per norm, over clean and every attack of that norm, below each of them.
+    linf = report["worst_case"]["linf"]
+    assert set(linf["over"]) == {"clean", "fgsm", "pgd", "fgsm_predicted_labels"}
+    for curve in (pgd, report["attacks"]["fgsm"], leak["predicted_labels"]):
+        assert all(w <= a for w, a in zip(linf["accuracy"], curve["accuracy"]))
+    assert all(w <= report["clean_accuracy"] for w in linf["accuracy"])
+    assert report["worst_case"]["l2"]["over"] == ["clean", "fgm_l2"]
+    assert set(report["seconds"]) >= {"clean", "fgsm", "pgd", "fgm_l2", "fgsm_predicted_labels"}
+
+
+def test_report_rejects_bad_sections():
+    section = small_section()
+    section.attacks = ("pgd", "cw")
+    with pytest.raises(ValueError, match="config.robust.attacks"):
+        robustness.check_section(section)
+    section = small_section()
+    section.l2_eps_grid = ()
+    with pytest.raises(ValueError, match="l2_eps_grid"):
+        robustness.check_section(section)
+
+
+# ----------------------------------------------------------------------------
+# Catastrophic-overfitting check.
+
+
+def test_catastrophic_overfitting_epoch_finds_the_first_collapse():
+    assert robustness.catastrophic_overfitting_epoch([]) is None
+    assert robustness.catastrophic_overfitting_epoch([0.5]) is None
+    assert robustness.catastrophic_overfitting_epoch([0.5, 0.6, 0.55, 0.7]) is None  # small wiggles are not a collapse
+    assert robustness.catastrophic_overfitting_epoch([0.5, 0.8, 0.7, 0.1, 0.0]) == 4
+    assert robustness.catastrophic_overfitting_epoch([0.5, 0.29]) == 2
+    # Per seed: one seed collapsing is enough.
+    assert robustness.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.3]]) == 2
+    assert robustness.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.5]]) is None
+
+
+def test_overfitting_check_is_fgsm_and_single_start_pgd_at_eps():
+    params, es, key = random_params(), eval_set(), jax.random.key(5)
+    check = robustness.make_overfitting_check(mlp_apply, 0.3, 3, form="chunked")(params, es, key)
+    fgsm = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("fgsm"), form="scan")(params, es, key, (0.3,))
+    pgd = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("pgd", num_steps=3), form="scan")(params, es, key, (0.3,))
+    assert check == {"fgsm": pytest.approx(float(fgsm.accuracy[0])), "pgd": pytest.approx(float(pgd.accuracy[0]))}
+    assert check["pgd"] <= check["fgsm"]
