@@ -335,22 +335,32 @@ def make_overfitting_check(config: ml_collections.ConfigDict, model, mnist: data
 
 
 def warn_if_overfitting(records: list[dict], log: Callable[[str], None]) -> None:
-    epoch = robustness.catastrophic_overfitting_epoch([r["robust_check"]["pgd"] for r in records])
-    if epoch == len(records):
-        check = records[-1]["robust_check"]
-        log(
-            f"WARNING: catastrophic overfitting in epoch {epoch}: PGD accuracy fell to {np.mean(check['pgd']):.3f} "
-            f"(FGSM {np.mean(check['fgsm']):.3f}) on held-out images; FGSM accuracy is no longer a measure of robustness"
-        )
+    """Logs, in the epoch it happens, a collapse of PGD accuracy or a gap that says the gradient is masked."""
+    fgsm = [r["robust_check"]["fgsm"] for r in records]
+    pgd = [r["robust_check"]["pgd"] for r in records]
+    epoch, now = len(records), f"PGD accuracy {np.mean(pgd[-1]):.3f}, FGSM {np.mean(fgsm[-1]):.3f} on held-out images"
+    if robustness.catastrophic_overfitting_epoch(pgd) == epoch:
+        log(f"WARNING: catastrophic overfitting in epoch {epoch}: {now}; FGSM accuracy no longer measures robustness")
+    elif robustness.gradient_masking_epoch(fgsm, pgd) == epoch:
+        log(f"WARNING: gradient masking from epoch {epoch}: {now}; FGSM accuracy does not measure robustness")
 
 
 def overfitting_summary(records: list[dict]) -> dict | None:
+    """The per-epoch robustness checks and the first epoch each warning sign appeared (None: never)."""
     if not records or "robust_check" not in records[0]:
         return None
+    fgsm = [r["robust_check"]["fgsm"] for r in records]
     pgd = [r["robust_check"]["pgd"] for r in records]
-    return {"epoch": robustness.catastrophic_overfitting_epoch(pgd), "pgd_accuracy_by_epoch": pgd,
-            "fgsm_accuracy_by_epoch": [r["robust_check"]["fgsm"] for r in records],
-            "rule": f"PGD accuracy more than {robustness.OVERFITTING_DROP} below its best in an earlier epoch"}
+    return {
+        "epoch": robustness.catastrophic_overfitting_epoch(pgd),
+        "gradient_masking_epoch": robustness.gradient_masking_epoch(fgsm, pgd),
+        "pgd_accuracy_by_epoch": pgd,
+        "fgsm_accuracy_by_epoch": fgsm,
+        "rule": (
+            f"catastrophic overfitting: PGD accuracy more than {robustness.OVERFITTING_DROP} below its best in an "
+            f"earlier epoch; gradient masking: FGSM accuracy more than {robustness.MASKING_GAP} above PGD accuracy"
+        ),
+    }
 
 
 def resume_message(epoch: int, epochs: int, directory: str | os.PathLike) -> str:

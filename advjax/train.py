@@ -156,11 +156,13 @@ def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, 
         # parameter gradient must not flow through the construction of x_adv.
         eval_logits = lambda x: apply_fn({"params": params}, x, train=False)
         adversarial = jax.lax.stop_gradient(attacks.fgsm(eval_logits, images, labels, train_config.eps))
-        # One forward pass over [x; x_adv] rather than two: the same losses from
-        # one larger batch, which every backend runs more efficiently.
-        clean_logits, adversarial_logits = jnp.split(
-            train_logits(params, jnp.concatenate([images, adversarial]), rng), 2
-        )
+        # Two passes, not one over [x; x_adv]: the clean pass repeats the attack's
+        # forward pass up to the dropout layer, and XLA merges the repeated part
+        # (CSE). Measured for the CNN on CPU: 170 against 195 MFLOP per example,
+        # 536 against 476 examples/s. (Without dropout, `shared_pass_fgsm` shares more.)
+        clean_rng, adversarial_rng = jax.random.split(rng)  # independent dropout masks, as in one pass over both
+        clean_logits = train_logits(params, images, clean_rng)
+        adversarial_logits = train_logits(params, adversarial, adversarial_rng)
         loss = objectives.combined_adversarial_loss(
             jnp.mean(objectives.cross_entropy(clean_logits, labels)),
             jnp.mean(objectives.cross_entropy(adversarial_logits, labels)),
@@ -193,7 +195,10 @@ def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, 
             eval_logits_fn(params), images, attack_rng, train_config.eps, train_config.attack_step_size,
             train_config.attack_steps, unroll,
         ))
-        clean_logits, adversarial_logits = jnp.split(train_logits(params, jnp.concatenate([images, adversarial]), dropout_rng), 2)
+        # Separate passes, as in fgsm: the clean one shares the adversary's reference pass (CSE).
+        clean_rng, adversarial_rng = jax.random.split(dropout_rng)
+        clean_logits = train_logits(params, images, clean_rng)
+        adversarial_logits = train_logits(params, adversarial, adversarial_rng)
         return objectives.trades_loss(clean_logits, adversarial_logits, labels, train_config.trades_beta), clean_logits
 
     def eval_logits_fn(params):

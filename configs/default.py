@@ -105,6 +105,9 @@ def defense(model: str, mode: str, arg: str | None = None) -> ml_collections.Con
     config.model.dropout = 0.0
     config.train.eps = 0.3
     config.eval.eps = 0.3
+    # FGSM numbers alone would flatter a defense: report PGD with restarts, the
+    # worst case and the label-leaking check too (see config.robust above).
+    config.robust.enabled = True
     return config
 
 

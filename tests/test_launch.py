@@ -248,3 +248,43 @@ def test_a_workdir_of_another_config_is_refused_and_overwrite_replaces_its_run(t
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["config"]["train"]["checkpoints_to_keep"] == 1
     assert summary["accuracy"] == json.loads((whole / "summary.json").read_text())["accuracy"]
+
+
+def test_launch_on_four_simulated_devices_equals_one_device(tmp_path, synthetic_mnist_dir):
+    # The wiring end to end: launch.py builds a 4-device data mesh from
+    # config.num_devices=0 and trains, evaluates and sweeps on it; the results
+    # must be those of one device (the library-level checks are in test_sharding.py).
+    overrides = synthetic_overrides(
+        synthetic_mnist_dir, "--config.train.epochs=2", "--config.train.max_examples=512", "--config.train.batch_size=64",
+        "--config.eval.sigma_grid=(0.0,0.5)",
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    runs = {}
+    for devices in (1, 4):
+        workdir = tmp_path / f"devices{devices}"
+        command = launch_command("bp", workdir, *overrides, f"--config.num_devices={devices}")
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[devices] = json.loads((workdir / "summary.json").read_text())
+    assert runs[1]["data_shards"] == 1 and runs[4]["data_shards"] == 4
+    # The 4-device model differs from the 1-device one by float rounding (its
+    # gradients are summed in another order), and on these synthetic digits a
+    # rounding-level change flips the sign of near-zero input gradients: a
+    # noisy or FGSM image's prediction may flip for a few of the 200-300 examples.
+    for split, accuracy in runs[1]["accuracy"].items():
+        assert runs[4]["accuracy"][split] == pytest.approx(accuracy, abs=0.02), split
+        assert runs[4]["accuracy"][split]["clean"] == accuracy["clean"], split
+    assert runs[4]["sweeps"]["gaussian"]["accuracy"] == pytest.approx(runs[1]["sweeps"]["gaussian"]["accuracy"], abs=0.02)
+    for sharded, single in zip(runs[4]["epochs"], runs[1]["epochs"], strict=True):
+        assert sharded["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)  # sums in another order
+        assert sharded["validation_accuracy"] == single["validation_accuracy"]
+        assert sharded["train_accuracy"] == pytest.approx(single["train_accuracy"], abs=0.01)
+
+
+def test_a_batch_the_devices_cannot_split_is_refused(tmp_path, synthetic_mnist_dir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    command = launch_command("bp", tmp_path / "run", *synthetic_overrides(synthetic_mnist_dir, "--config.train.batch_size=30"))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "train.batch_size=30 is not divisible by the 4 devices" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -385,3 +385,11 @@ def test_overfitting_check_is_fgsm_and_single_start_pgd_at_eps():
     pgd = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("pgd", num_steps=3), form="scan")(params, es, key, (0.3,))
     assert check == {"fgsm": pytest.approx(float(fgsm.accuracy[0])), "pgd": pytest.approx(float(pgd.accuracy[0]))}
     assert check["pgd"] <= check["fgsm"]
+
+
+def test_gradient_masking_epoch_is_a_wide_fgsm_pgd_gap():
+    assert robustness.gradient_masking_epoch([0.6, 0.9], [0.5, 0.5]) is None
+    # Fast training of BP at eps 0.3 (measured): FGSM high, PGD near zero from the first epoch.
+    assert robustness.gradient_masking_epoch([0.62, 0.76], [0.02, 0.006]) == 1
+    assert robustness.gradient_masking_epoch([0.5, 0.9], [0.45, 0.3]) == 2
+    assert robustness.gradient_masking_epoch([[0.5, 0.5], [0.5, 0.95]], [[0.4, 0.4], [0.4, 0.4]]) == 2

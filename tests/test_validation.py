@@ -1,5 +1,7 @@
 """Config validation: every out-of-range field is refused, naming the field."""
 
+import pathlib
+
 import pytest
 
 from advjax import validation
@@ -58,10 +60,25 @@ def _with(path, value):
     return config
 
 
-@pytest.mark.parametrize("name", ["bp", "bp_adv", "bp_gauss", "cnn", "cnn_adv", "cnn_gauss"])
+SHIPPED = sorted(p.stem for p in pathlib.Path(__file__).resolve().parents[1].joinpath("configs").glob("*.py")
+                 if p.stem not in ("__init__", "default", "paper"))
+
+
+def test_every_experiment_config_is_checked():
+    assert {"bp", "cnn_adv", "cnn_pgd", "cnn_fast", "cnn_trades", "bp_trades"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_are_valid(name):
     module = __import__(f"configs.{name}", fromlist=["get_config"])
     validation.validate(module.get_config())
+
+
+@pytest.mark.parametrize("name", ["cnn_pgd", "cnn_fast", "cnn_trades"])
+def test_defense_configs_are_madrys_network_at_eps_03_with_the_robustness_report(name):
+    config = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
+    assert (config.model.name, config.model.dropout, config.train.eps, config.eval.eps) == ("cnn", 0.0, 0.3, 0.3)
+    assert config.train.mode == name.split("_")[1] and config.robust.enabled
 
 
 @pytest.mark.parametrize("path,value", BAD_VALUES, ids=[f"{p}={v!r}" for p, v in BAD_VALUES])
