@@ -341,8 +341,8 @@ def warn_if_overfitting(records: list[dict], log: Callable[[str], None]) -> None
     epoch, now = len(records), f"PGD accuracy {np.mean(pgd[-1]):.3f}, FGSM {np.mean(fgsm[-1]):.3f} on held-out images"
     if robustness.catastrophic_overfitting_epoch(pgd) == epoch:
         log(f"WARNING: catastrophic overfitting in epoch {epoch}: {now}; FGSM accuracy no longer measures robustness")
-    elif robustness.gradient_masking_epoch(fgsm, pgd) == epoch:
-        log(f"WARNING: gradient masking from epoch {epoch}: {now}; FGSM accuracy does not measure robustness")
+    elif epoch in robustness.gradient_masking_epochs(fgsm, pgd):
+        log(f"WARNING: signs of gradient masking in epoch {epoch}: {now}; FGSM accuracy does not measure robustness")
 
 
 def overfitting_summary(records: list[dict]) -> dict | None:
@@ -353,7 +353,7 @@ def overfitting_summary(records: list[dict]) -> dict | None:
     pgd = [r["robust_check"]["pgd"] for r in records]
     return {
         "epoch": robustness.catastrophic_overfitting_epoch(pgd),
-        "gradient_masking_epoch": robustness.gradient_masking_epoch(fgsm, pgd),
+        "gradient_masking_epochs": robustness.gradient_masking_epochs(fgsm, pgd),
         "pgd_accuracy_by_epoch": pgd,
         "fgsm_accuracy_by_epoch": fgsm,
         "rule": (
