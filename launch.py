@@ -83,9 +83,11 @@ def main(argv: list[str]) -> None:
     except USER_ERRORS as e:
         _refuse(str(e))
     compiled = compile_meter.summary()
+    cache_use = (
+        f"{compiled['cache_hits']} executables from the cache, {compiled['cache_misses']} compiled" if cache else "cache off"
+    )
     logging.info(
-        "compilation: %.1fs tracing and lowering, %.1fs in XLA (%d executables from the cache, %d compiled)",
-        compiled["trace_seconds"], compiled["backend_seconds"], compiled["cache_hits"], compiled["cache_misses"],
+        "compilation: %.1fs tracing and lowering, %.1fs in XLA (%s)", compiled["trace_seconds"], compiled["backend_seconds"], cache_use
     )
     if not paper.is_paper_config(config):
         experiment.add_timing(workdir, "compilation", compiled)
