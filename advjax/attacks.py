@@ -247,6 +247,36 @@ def default_step_size(eps: jax.Array | float, num_steps: int) -> jax.Array | flo
     return 2.5 * eps / num_steps
 
 
+def ascent_step(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    labels: jax.Array,
+    adversarial: jax.Array,
+    eps: jax.Array | float,
+    step_size: jax.Array | float,
+    norm: Norm = "linf",
+    targeted: bool = False,
+) -> jax.Array:
+    """One projected steepest-ascent step from `adversarial`, back into the eps ball around `images` and [0, 1]."""
+    gradient = ascent_gradient(logits_fn, adversarial, labels, targeted)
+    return project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
+
+
+def repeat(step: Callable[[int, jax.Array], jax.Array], num_steps: int, start: jax.Array, unroll: bool = False) -> jax.Array:
+    """`step` applied `num_steps` times: written out when `unroll` (or for one step), else a fori_loop.
+
+    Written out, because XLA:CPU runs the CNN's input-gradient convolutions
+    about 3x slower inside a loop (measured; DESIGN.md pitfall 9), and
+    lax.fori_loop keeps even a one-trip or `unroll=True` loop as a while loop.
+    The price is a compile that grows with the steps.
+    """
+    if unroll or num_steps == 1:
+        for index in range(num_steps):
+            start = step(index, start)
+        return start
+    return lax.fori_loop(0, num_steps, step, start)
+
+
 def iterate(
     logits_fn: LogitsFn,
     images: jax.Array,
@@ -259,25 +289,10 @@ def iterate(
     targeted: bool = False,
     unroll: bool = False,
 ) -> jax.Array:
-    """`num_steps` projected steepest-ascent steps from `start`: the core of BIM and PGD.
-
-    `unroll=True` unrolls the steps into straight-line code: XLA:CPU runs the
-    CNN's input-gradient convolutions about 3x slower inside a loop (measured;
-    DESIGN.md pitfall 9), at the price of a compile that grows with the steps.
-    """
+    """`num_steps` projected steepest-ascent steps from `start`: the core of BIM and PGD (see `repeat` for `unroll`)."""
     _check_norm(norm)
-
-    def step(_, adversarial):
-        gradient = ascent_gradient(logits_fn, adversarial, labels, targeted)
-        return project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
-
-    if unroll or num_steps == 1:
-        # Written out: lax.fori_loop keeps even a one-trip loop as a while loop,
-        # which XLA:CPU runs slowly for convolution gradients.
-        for index in range(num_steps):
-            start = step(index, start)
-        return start
-    return lax.fori_loop(0, num_steps, step, start)
+    step = lambda _, adversarial: ascent_step(logits_fn, images, labels, adversarial, eps, step_size, norm, targeted)
+    return repeat(step, num_steps, start, unroll)
 
 
 def fgsm_random_start(

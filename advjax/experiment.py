@@ -195,13 +195,8 @@ def sweep_results(model, config, params, eval_set: evaluate.EvalSet, key: jax.Ar
     out = {}
     for name, grid in grids.items():
         if grid:
-            accuracy = np.atleast_2d(_make_sweep(model, config, name, mesh)(params, eval_set, key, grid))  # [seeds, grid]
-            out[name] = {
-                "grid": list(grid),
-                "accuracy": accuracy.mean(axis=0).tolist(),
-                "accuracy_std": accuracy.std(axis=0).tolist(),
-                "accuracy_per_seed": accuracy.tolist(),
-            }
+            accuracy = _make_sweep(model, config, name, mesh)(params, eval_set, key, grid)  # [seeds?, grid]
+            out[name] = {"grid": list(grid), **robustness.seed_summary(accuracy, config.num_seeds)}
     return out
 
 

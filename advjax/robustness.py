@@ -140,38 +140,14 @@ def describe_step_size(spec: AttackSpec) -> float | str | None:
     return "2.5 * eps / num_steps" if spec.name in ITERATIVE else "1.25 * eps"
 
 
-def projected_step(
-    logits_fn: attacks.LogitsFn,
-    images: jax.Array,
-    labels: jax.Array,
-    adversarial: jax.Array,
-    eps: jax.Array | float,
-    step_size: jax.Array | float,
-    norm: attacks.Norm,
-) -> jax.Array:
-    """One step of `attacks.iterate`, written out rather than called with num_steps=1.
-
-    `lax.fori_loop` over one step still emits a while loop, even with
-    unroll=True (seen in the compiled HLO, jax 0.10.2), and on XLA:CPU the
-    CNN's input-gradient convolutions in a while loop take the slow path:
-    8 CNN PGD steps on 128 images took 3.2 s as 8 one-step `iterate` calls
-    against 0.9 s written out (measured on a shared 2-core CPU).
-    """
-    gradient = attacks.ascent_gradient(logits_fn, adversarial, labels)
-    return attacks.project(adversarial + step_size * attacks.steepest_ascent(gradient, norm), images, eps, norm)
-
-
 def _one_tick_attack(spec: AttackSpec) -> attacks.Attack:
     """`attack(logits_fn, images, labels, eps, key)` for an attack that needs one tick per batch."""
     if spec.name == "clean":
         return lambda logits_fn, images, labels, eps, key: images
     if spec.name == "fgsm_random_start":
-        # attacks.fgsm_random_start's computation (same key use), with its one
-        # step written out: it calls iterate(num_steps=1), a while loop (see projected_step).
         def fgsm_random_start(logits_fn, images, labels, eps, key):
-            start = attacks.uniform_in_ball(key, images, eps, "linf")
-            step_size = 1.25 * eps if spec.step_size is None and spec.relative_step_size is None else _step_size(spec, eps)
-            return projected_step(logits_fn, images, labels, start, eps, step_size, "linf")
+            step_size = None if spec.step_size is None and spec.relative_step_size is None else _step_size(spec, eps)
+            return attacks.fgsm_random_start(logits_fn, images, labels, eps, key, step_size)
 
         return fgsm_random_start
     # fgsm, fgm_l2 and deepfool (deepfool_within eps) from the registry; they take no step size.
@@ -246,7 +222,7 @@ def make_robust_sweep(
 
         carry = _when(True if steps == 1 else step == 0, start, carry)
 
-        take_step = lambda a, eps: projected_step(logits_fn, x, carry.attack_labels, a, eps, _step_size(spec, eps), norm)
+        take_step = lambda a, eps: attacks.ascent_step(logits_fn, x, carry.attack_labels, a, eps, _step_size(spec, eps), norm)
         carry = carry._replace(adversarial=jax.vmap(take_step)(carry.adversarial, grid))
 
         def score(c: _Carry) -> _Carry:
@@ -365,8 +341,8 @@ def robust_eval_set(images, labels, section) -> EvalSet:
     return make_eval_set(images, labels, min(section.num_examples, len(labels)), section.batch_size)
 
 
-def _curve(accuracy: np.ndarray, num_seeds: int) -> dict:
-    """[K?, G] accuracies -> the summary's mean / std / per-seed lists (as experiment.sweep_results)."""
+def seed_summary(accuracy: np.ndarray, num_seeds: int) -> dict:
+    """[K?, G] accuracies -> the summary's mean / std / per-seed lists (every curve of summary.json)."""
     per_seed = np.asarray(accuracy).reshape(num_seeds, -1)
     return {
         "accuracy": per_seed.mean(0).tolist(),
@@ -418,8 +394,8 @@ def robustness_report(
         "worst_case": {},
         "label_leaking": {
             "eps": list(grids["linf"]),
-            "true_labels": _curve(results["fgsm"].accuracy, num_seeds),
-            "predicted_labels": _curve(results["fgsm_predicted_labels"].accuracy, num_seeds),
+            "true_labels": seed_summary(results["fgsm"].accuracy, num_seeds),
+            "predicted_labels": seed_summary(results["fgsm_predicted_labels"].accuracy, num_seeds),
         },
         "seconds": seconds,
     }
@@ -427,7 +403,7 @@ def robustness_report(
         report["attacks"][name] = {
             "norm": ATTACK_NORMS[name],
             "eps": list(grids[ATTACK_NORMS[name]]),
-            **_curve(results[name].accuracy, num_seeds),
+            **seed_summary(results[name].accuracy, num_seeds),
             "num_steps": num_steps(spec),
             "num_restarts": spec.num_restarts,
             "step_size": describe_step_size(spec),
@@ -443,7 +419,7 @@ def robustness_report(
         correct = worst_case_correct({"clean": clean.correct, **{n: results[n].correct for n in members}})
         report["worst_case"][norm] = {
             "eps": list(grids[norm]),
-            **_curve(correct.mean(-1), num_seeds),
+            **seed_summary(correct.mean(-1), num_seeds),
             "over": ["clean"] + members,
         }
     return report

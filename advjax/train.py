@@ -122,11 +122,7 @@ def trades_adversary(
         return attacks.project_linf(adversarial + step_size * jnp.sign(gradient), images, eps)
 
     start = attacks.project_linf(images + 0.001 * jax.random.normal(key, images.shape, images.dtype), images, eps)
-    if unroll:
-        for index in range(num_steps):  # written out, as in attacks.iterate
-            start = step(index, start)
-        return start
-    return jax.lax.fori_loop(0, num_steps, step, start)
+    return attacks.repeat(step, num_steps, start, unroll)
 
 
 def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, *, deterministic: bool = False) -> Objective:
