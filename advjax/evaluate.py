@@ -128,7 +128,7 @@ def make_evaluator(
         return sharding.constrain_replicated({"correct": correct, "stats": stats}, mesh)
 
     body = loops.map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None, None, None, 0, None, None))
-    fold = loops.make_fold(body, form=form, chunk_size=chunk_size)
+    fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds)
 
     def evaluate(params, eval_set: EvalSet, key, eps=0.0, sigma=0.0) -> dict:
         sharding.check_batch_size(eval_set.labels.shape[1], mesh, "eval.batch_size")
@@ -231,7 +231,7 @@ def make_sweep(
         return sharding.constrain_replicated(correct + counts, mesh)
 
     body = loops.map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None, None, None, 0, None))
-    fold = loops.make_fold(body, form=form, chunk_size=chunk_size)
+    fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds)
 
     def sweep(params, eval_set: EvalSet, key, grid) -> np.ndarray:
         grid = jnp.asarray(grid, jnp.float32)

@@ -67,11 +67,32 @@ class CNN(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(x)
 
 
-MODELS = ("bp", "cnn")
+class SmallCNN(nn.Module):
+    """Wong et al.'s (2020) MNIST network for fast adversarial training, not the paper's:
+    conv4x4x16/2-conv4x4x32/2-dense100-dense10, ReLU, about 20x cheaper than the CNN.
+
+    Strided convolutions (PyTorch's padding 1) instead of pooling; it is the
+    network their 88.8% PGD accuracy at eps = 0.3 was measured on.
+    """
+
+    num_classes: int = 10
+    kernel_init: Initializer = nn.initializers.glorot_uniform()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # no stochastic layers
+        for features in (16, 32):
+            x = nn.relu(nn.Conv(features, (4, 4), strides=2, padding=((1, 1), (1, 1)), kernel_init=self.kernel_init)(x))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(100, kernel_init=self.kernel_init)(x))
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(x)
+
+
+MODELS = ("bp", "cnn", "small_cnn")
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-    """Builds the model named by `model_config.name` ('bp' or 'cnn')."""
+    """Builds the model named by `model_config.name` (one of MODELS)."""
     if model_config.init not in KERNEL_INITS:
         raise ValueError(f"model.init={model_config.init!r} is not one of {tuple(KERNEL_INITS)}")
     kernel_init = KERNEL_INITS[model_config.init]
@@ -79,9 +100,11 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         return BP(hidden=tuple(model_config.hidden), kernel_init=kernel_init)
     if model_config.name == "cnn":
         return CNN(dropout_rate=model_config.dropout, kernel_init=kernel_init)
+    if model_config.name == "small_cnn":
+        return SmallCNN(kernel_init=kernel_init)
     raise ValueError(f"model.name={model_config.name!r} is not one of {MODELS}")
 
 
 def is_deterministic(model_config: ml_collections.ConfigDict) -> bool:
-    """Whether train mode equals eval mode: no dropout (BP always; the CNN with dropout 0)."""
-    return model_config.name == "bp" or float(model_config.dropout) == 0.0
+    """Whether train mode equals eval mode: no dropout (BP and the small CNN always; the CNN with dropout 0)."""
+    return model_config.name != "cnn" or float(model_config.dropout) == 0.0

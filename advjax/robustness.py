@@ -242,7 +242,7 @@ def make_robust_sweep(
         return _when(True if steps == 1 else step == steps - 1, score, carry)
 
     body = loops.map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None, None, 0, None))
-    fold = loops.make_fold(body, form=form, chunk_size=chunk_size)
+    fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds)
 
     def initial_carry(grid_size: int, eval_set: EvalSet) -> _Carry:
         lead = () if num_seeds == 1 else (num_seeds,)

@@ -86,9 +86,13 @@ def create_train_state(
 def create_states(
     init_rng: jax.Array, model: nn.Module, train_config: ml_collections.ConfigDict, steps_per_epoch: int, num_seeds: int
 ) -> TrainState:
-    """One train state, or `num_seeds` stacked along a leading axis (one per init key)."""
+    """One train state, or `num_seeds` stacked along a leading axis (one per init key).
+
+    Jitted as a whole: run eagerly, every initializer and optimizer buffer is its
+    own small compilation (BP: 3 s for one seed, 6 s for four on the 2-core CPU).
+    """
     create = lambda rng: create_train_state(rng, model, train_config, steps_per_epoch)
-    return loops.map_over_seeds(create, num_seeds)(init_rng)
+    return jax.jit(loops.map_over_seeds(create, num_seeds))(init_rng)
 
 
 ATTACK_UNROLL = ("auto", "loop", "unrolled")
@@ -181,7 +185,7 @@ def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, 
         attack_rng, dropout_rng = jax.random.split(rng)
         adversarial = jax.lax.stop_gradient(attacks.fgsm_random_start(
             eval_logits_fn(params), images, labels, train_config.eps, attack_rng,
-            train_config.fast_step_size * train_config.eps,
+            train_config.fast_step_size * train_config.eps, clip_start=train_config.get("fast_clip_start", False),
         ))
         return adversarial_only(params, images, adversarial, labels, dropout_rng)
 
@@ -311,7 +315,7 @@ def make_epoch_fn(
         return sharding.constrain_replicated((state, totals), mesh)
 
     body = loops.map_over_seeds(body, num_seeds, in_axes=(0, None, None, None, 0, 0))
-    fold = loops.make_fold(body, form=form, chunk_size=chunk_size)
+    fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds)
 
     def epoch(state, totals, images, labels, permutation, rng):
         return fold(num_steps, (state, totals), images, labels, permutation, rng)

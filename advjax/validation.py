@@ -79,6 +79,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.attack_steps": positive_int(),
     "train.attack_step_size": number_in(0.0, 1.0),
     "train.fast_step_size": number_in(0.0, 10.0),
+    "train.fast_clip_start": ((lambda v: isinstance(v, bool)), "true or false"),
     "train.trades_beta": number_in(0.0, 1000.0),
     "train.attack_unroll": one_of(train.ATTACK_UNROLL),
     "train.overfitting_check_examples": non_negative_int(),

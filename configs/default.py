@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.attack_steps = 40  # Madry et al.'s MNIST PGD-40
     config.train.attack_step_size = 0.01  # per step, in pixels
     config.train.fast_step_size = 1.25  # fast mode's step, as a multiple of eps (Wong et al.)
+    # Fast mode: clip the random start to [0, 1] before its gradient is taken. Wong et
+    # al.'s MNIST code does not, and clipped starts overfit catastrophically on MNIST.
+    config.train.fast_clip_start = False
     config.train.trades_beta = 1.0  # weight of TRADES's KL term
     config.train.attack_unroll = "auto"  # auto | loop | unrolled: attack steps unrolled on CPU, a loop elsewhere
     # Adversarial modes: FGSM and PGD accuracy at train.eps on this many held-out
@@ -72,7 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Extra FGSM strengths evaluated on the train and validation subsets (the paper never states its eps).
     config.eval.table_eps = ()
     config.eval.batch_size = 500
-    config.eval.chunk_size = 4
+    # Batches per compiled chunk on CPU. An eval batch is big enough that one per
+    # dispatch costs nothing measurable, and a chunk of 1 compiles 4x less than 4:
+    # a whole configs/bp.py run spends 3.4 s in evaluation instead of 6.6 s.
+    config.eval.chunk_size = 1
 
     # Robustness evaluation (advjax/robustness.py): accuracy against eps for each
     # attack, the per-example worst case over them, and the label-leaking check.
@@ -112,9 +118,9 @@ def defense(model: str, mode: str, arg: str | None = None) -> ml_collections.Con
 
 
 def experiment(model: str, mode: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The defaults for one of the paper's six (model, training mode) pairs."""
+    """The defaults for one of the paper's six (model, training mode) pairs, or another model's."""
     config = get_config(arg)
     config.model.name = model
     config.train.mode = mode
-    config.eval.sigma = PAPER_EVAL_SIGMA[model]
+    config.eval.sigma = PAPER_EVAL_SIGMA.get(model, config.eval.sigma)  # the paper has no other models
     return config

@@ -22,7 +22,7 @@ NUM_PIXELS = 28 * 28
 # keys stay traced arguments; the logits function is static.
 fgsm = jax.jit(attacks.fgsm, static_argnums=0, static_argnames="targeted")
 fgm_l2 = jax.jit(attacks.fgm_l2, static_argnums=0, static_argnames="targeted")
-fgsm_random_start = jax.jit(attacks.fgsm_random_start, static_argnums=0, static_argnames="targeted")
+fgsm_random_start = jax.jit(attacks.fgsm_random_start, static_argnums=0, static_argnames=("targeted", "clip_start"))
 bim = jax.jit(attacks.bim, static_argnums=0, static_argnames=("num_steps", "targeted"))
 pgd = jax.jit(
     attacks.pgd, static_argnums=0, static_argnames=("norm", "num_steps", "num_restarts", "random_start", "targeted")
@@ -502,6 +502,31 @@ def test_fgsm_random_start_closed_form_on_a_binary_linear_model():
     # A step of 2 eps reaches the ball's face from anywhere: every live pixel moves by exactly eps.
     np.testing.assert_allclose(np.abs(delta[:, ~dead]), eps, rtol=1e-5)
     np.testing.assert_array_equal(np.sign(delta[:, ~dead]), sign[:, ~dead])
+
+
+@pytest.mark.usefixtures("quick_compile")
+def test_fgsm_random_start_unclipped_takes_the_gradient_outside_the_pixel_range():
+    # Black images and a linear model whose gradient sign is +1 everywhere: from a
+    # clipped start (in [0, eps]) a 1.25 eps step always lands on eps, like plain
+    # FGSM; from an unclipped start (in [-eps, eps]) it lands on
+    # clip(u + 1.25 eps, -eps, eps), below eps wherever u < -0.25 eps.
+    weights = np.zeros((NUM_PIXELS, 2))
+    weights[:, 1] = 0.01  # class 1 gains from every pixel; attacking label 0 pushes every pixel up
+    logits_fn = linear_logits_fn(weights, np.zeros(2))
+    images = jnp.zeros((4, *IMAGE_SHAPE), jnp.float32)
+    labels = jnp.zeros(4, jnp.int32)
+    eps, key = 0.3, jax.random.key(36)
+    clipped = per_image(fgsm_random_start(logits_fn, images, labels, eps, key))
+    unclipped = per_image(fgsm_random_start(logits_fn, images, labels, eps, key, clip_start=False))
+
+    np.testing.assert_allclose(clipped, eps, rtol=1e-6)
+    u = eps * per_image(jax.random.uniform(key, images.shape, jnp.float32, -1.0, 1.0))
+    np.testing.assert_allclose(unclipped, np.clip(u + 1.25 * eps, -eps, eps), atol=1e-6)
+    # About a third of the pixels (u < -0.25 eps: 37.5%) end strictly inside the ball.
+    inside = np.mean(unclipped < eps - 1e-6)
+    assert 0.3 < inside < 0.45, inside
+    # The result is a valid image in the ball either way.
+    assert unclipped.min() >= 0.0 and unclipped.max() <= eps + 1e-6
 
 
 def test_fgm_l2_moves_exactly_eps_along_the_gradient():

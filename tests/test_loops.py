@@ -201,3 +201,18 @@ def test_chunked_fold_traces_a_new_remainder_length():
     fold(7, fresh_carry(len(xs)), xs, ys)
     fold(8, fresh_carry(len(xs)), xs, ys)
     assert len(calls) == 3 + 1 + 2
+
+
+@pytest.mark.parametrize("chunk_size,num_seeds,expected", [(8, 1, 8), (8, 4, 2), (8, 3, 2), (4, 8, 1), (1, 4, 1)])
+def test_steps_per_chunk_divides_the_chunk_among_seeds(chunk_size, num_seeds, expected):
+    assert loops.steps_per_chunk(chunk_size, num_seeds) == expected
+
+
+def test_a_fold_over_four_seeds_compiles_chunks_a_quarter_as_long():
+    # chunk_size 8 over 4 vmapped seeds: chunks of 2 steps, so one trace calls the body twice.
+    calls = []
+    fold = loops.make_fold(counting(order_sensitive_body, calls), form="chunked", chunk_size=8, num_seeds=4)
+    xs, ys = operands(0)
+    result = fold(8, fresh_carry(len(xs)), xs, ys)
+    chex.assert_trees_all_equal(result, python_fold(8, np.asarray(xs), np.asarray(ys)))
+    assert len(calls) == 2

@@ -82,7 +82,7 @@ def cnn_and_params():
 # Shapes and parameter counts.
 
 
-@pytest.mark.parametrize("name, batch", [("bp", 3), ("cnn", 2)])
+@pytest.mark.parametrize("name, batch", [("bp", 3), ("cnn", 2), ("small_cnn", 2)])
 def test_logits_have_shape_batch_by_ten(name, batch):
     logits = build(name).apply({"params": init_params(name)}, images(batch), train=False)
     chex.assert_shape(logits, (batch, NUM_CLASSES))
@@ -115,6 +115,40 @@ def test_cnn_parameter_count_and_layer_shapes():
         "Dense_0": {"kernel": (flat, 1024), "bias": (1024,)},
         "Dense_1": {"kernel": (1024, NUM_CLASSES), "bias": (NUM_CLASSES,)},
     }
+
+
+def test_small_cnn_is_wong_et_al_s_network():
+    shapes = param_shapes(build("small_cnn"))
+    # 4x4 kernels, stride 2, one pixel of padding: 28 -> 14 -> 7, as in PyTorch.
+    flat = 7 * 7 * 32
+    expected_count = conv_count(4, 1, 16) + conv_count(4, 16, 32) + dense_count(flat, 100) + dense_count(100, 10)
+    assert expected_count == 166_406
+    assert count(shapes) == expected_count
+    assert shapes == {
+        "Conv_0": {"kernel": (4, 4, 1, 16), "bias": (16,)},
+        "Conv_1": {"kernel": (4, 4, 16, 32), "bias": (32,)},
+        "Dense_0": {"kernel": (flat, 100), "bias": (100,)},
+        "Dense_1": {"kernel": (100, NUM_CLASSES), "bias": (NUM_CLASSES,)},
+    }
+
+
+def test_small_cnn_equals_a_hand_written_forward_pass_with_pytorch_padding():
+    # Wong et al.'s PyTorch net pads one pixel on every side; 'SAME' would pad
+    # (1, 2) for a 4x4 kernel at stride 2 and give different logits.
+    params = init_params("small_cnn")
+    x = images(2)
+
+    def conv(h, layer):
+        out = jax.lax.conv_general_dilated(
+            h, params[layer]["kernel"], (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.nn.relu(out + params[layer]["bias"])
+
+    h = conv(conv(x, "Conv_0"), "Conv_1").reshape(2, -1)
+    h = jax.nn.relu(h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+    expected = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+    logits = build("small_cnn").apply({"params": params}, x)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bp_hidden_widths_come_from_the_config():

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from advjax import attacks, models, objectives, train
+from configs import default
 from tests.conftest import tiny_config
 
 MODES = train.TRAINING_MODES
@@ -487,6 +488,10 @@ def test_epoch_forms_agree_for_a_tiny_cnn():
 # The defenses: PGD, fast (FGSM with a random start) and TRADES training.
 
 
+def test_fast_training_takes_wong_et_al_s_unclipped_start_by_default():
+    assert default.get_config().train.fast_clip_start is False
+
+
 def _defense_setup(mode: str, **train_fields):
     setup = Setup(mode=mode)
     for field, value in train_fields.items():
@@ -517,12 +522,15 @@ def test_pgd_objective_is_the_loss_at_the_frozen_pgd_image(unroll):
     chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_fast_objective_is_the_loss_at_a_random_start_fgsm_image():
-    setup, x, y, key = _defense_setup("fast", eps=0.3, fast_step_size=1.25)
+@pytest.mark.parametrize("clip_start", [False, True])
+def test_fast_objective_is_the_loss_at_a_random_start_fgsm_image(clip_start):
+    setup, x, y, key = _defense_setup("fast", eps=0.3, fast_step_size=1.25, fast_clip_start=clip_start)
     params = setup.state().params
     attack_rng, dropout_rng = jax.random.split(key)
     eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    adversarial = attacks.fgsm_random_start(eval_logits, x, y, 0.3, attack_rng, 0.375)
+    adversarial = attacks.fgsm_random_start(eval_logits, x, y, 0.3, attack_rng, 0.375, clip_start=clip_start)
+    other = attacks.fgsm_random_start(eval_logits, x, y, 0.3, attack_rng, 0.375, clip_start=not clip_start)
+    assert float(jnp.max(jnp.abs(adversarial - other))) > 0.01  # the setting matters on these images
     assert float(jnp.max(jnp.abs(adversarial - x))) <= 0.3 + 1e-6
 
     loss, _ = setup.objective(params, x, y, key)

@@ -18,6 +18,7 @@ BAD_VALUES = [
     ("model.hidden", (256, -1)),
     ("model.dropout", 1.0),
     ("train.mode", "sgd"),  # not a training mode (pgd became one)
+    ("train.fast_clip_start", "no"),
     ("train.epochs", 0),
     ("train.epochs", 2.5),
     ("train.batch_size", 0),
@@ -72,6 +73,13 @@ def test_every_experiment_config_is_checked():
 def test_shipped_configs_are_valid(name):
     module = __import__(f"configs.{name}", fromlist=["get_config"])
     validation.validate(module.get_config())
+
+
+def test_small_cnn_fast_is_wong_et_al_s_published_recipe():
+    config = __import__("configs.small_cnn_fast", fromlist=["get_config"]).get_config()
+    assert (config.model.name, config.train.mode, config.train.eps, config.train.fast_step_size) == ("small_cnn", "fast", 0.3, 1.25)
+    assert (config.train.epochs, config.train.batch_size, config.train.learning_rate, config.train.schedule) == (10, 100, 5e-3, "cyclic")
+    assert config.train.fast_clip_start is False and config.robust.enabled
 
 
 @pytest.mark.parametrize("name", ["cnn_pgd", "cnn_fast", "cnn_trades"])
