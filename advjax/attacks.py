@@ -315,8 +315,9 @@ def fgsm_random_start(
     al.'s MNIST code. On MNIST's black background that matters: clipped, half
     the starts of a 0 pixel sit at 0, so a step of 1.25 eps always ends on the
     ball's corner, as plain FGSM's does; unclipped, it ends anywhere in
-    [0.25 eps, eps]. Trained with clipped starts, both MNIST CNNs here overfit
-    catastrophically (PGD accuracy 0) at eps = 0.3.
+    [0.25 eps, eps]. At eps = 0.3, Wong et al.'s network trained with clipped
+    starts overfits catastrophically (PGD accuracy 0); the paper's larger CNN
+    fared better with clipped starts (README, "Robustness beyond the paper").
     """
     step_size = 1.25 * eps if step_size is None else step_size
     if clip_start:

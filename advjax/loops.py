@@ -78,8 +78,8 @@ def steps_per_chunk(chunk_size: int, num_seeds: int = 1) -> int:
 
     A chunk exists to spread the per-dispatch cost over enough work. With K
     seeds a step is K times the work, so K times fewer steps do the same, and
-    the chunk compiles about K times faster (K=4 BP: 4 s less compilation, same
-    steady-state speed, measured on the 2-core CPU).
+    the chunk compiles about K times faster (K=4 BP on the 2-core CPU: first
+    epoch 9.1 s against 14.5 s, later epochs no slower).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

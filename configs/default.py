@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.attack_step_size = 0.01  # per step, in pixels
     config.train.fast_step_size = 1.25  # fast mode's step, as a multiple of eps (Wong et al.)
     # Fast mode: clip the random start to [0, 1] before its gradient is taken. Wong et
-    # al.'s MNIST code does not, and clipped starts overfit catastrophically on MNIST.
+    # al.'s MNIST code does not; their network overfits catastrophically if it does.
     config.train.fast_clip_start = False
     config.train.trades_beta = 1.0  # weight of TRADES's KL term
     config.train.attack_unroll = "auto"  # auto | loop | unrolled: attack steps unrolled on CPU, a loop elsewhere
