@@ -204,20 +204,24 @@ def project(adversarial: jax.Array, images: jax.Array, eps: jax.Array | float, n
     return (project_linf if norm == "linf" else project_l2)(adversarial, images, eps)
 
 
-def uniform_in_ball(key: jax.Array, images: jax.Array, eps: jax.Array | float, norm: Norm) -> jax.Array:
-    """A uniform draw from the eps ball around each image, clipped to [0, 1].
+def uniform_in_ball(
+    key: jax.Array, images: jax.Array, eps: jax.Array | float, norm: Norm, *, clip: bool = True
+) -> jax.Array:
+    """A uniform draw from the eps ball around each image, clipped to [0, 1] unless `clip=False`.
 
     For L2 the radius is eps * u^(1/d), which makes the draw uniform in the
     ball's volume rather than bunched at its centre.
     """
     _check_norm(norm)
     if norm == "linf":
-        return clip_to_pixels(images + eps * jax.random.uniform(key, images.shape, images.dtype, -1.0, 1.0))
-    direction_key, radius_key = jax.random.split(key)
-    direction = l2_unit(jax.random.normal(direction_key, images.shape, images.dtype))
-    dimension = images[0].size
-    radius = eps * jax.random.uniform(radius_key, images.shape[:1], images.dtype) ** (1.0 / dimension)
-    return clip_to_pixels(images + direction * _per_example(radius, images))
+        draw = images + eps * jax.random.uniform(key, images.shape, images.dtype, -1.0, 1.0)
+    else:
+        direction_key, radius_key = jax.random.split(key)
+        direction = l2_unit(jax.random.normal(direction_key, images.shape, images.dtype))
+        dimension = images[0].size
+        radius = eps * jax.random.uniform(radius_key, images.shape[:1], images.dtype) ** (1.0 / dimension)
+        draw = images + direction * _per_example(radius, images)
+    return clip_to_pixels(draw) if clip else draw
 
 
 # ----------------------------------------------------------------------------
@@ -320,10 +324,7 @@ def fgsm_random_start(
     fared better with clipped starts (README, "Robustness beyond the paper").
     """
     step_size = 1.25 * eps if step_size is None else step_size
-    if clip_start:
-        start = uniform_in_ball(key, images, eps, "linf")
-    else:
-        start = images + eps * jax.random.uniform(key, images.shape, images.dtype, -1.0, 1.0)
+    start = uniform_in_ball(key, images, eps, "linf", clip=clip_start)
     return iterate(logits_fn, images, labels, start, eps, step_size, 1, "linf", targeted)
 
 
