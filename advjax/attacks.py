@@ -328,6 +328,33 @@ def fgsm_random_start(
     return iterate(logits_fn, images, labels, start, eps, step_size, 1, "linf", targeted)
 
 
+def noisy_fgsm(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    labels: jax.Array,
+    eps: jax.Array | float,
+    key: jax.Array,
+    noise: float = 2.0,
+    step_size: jax.Array | float | None = None,
+    *,
+    targeted: bool = False,
+) -> jax.Array:
+    """N-FGSM (de Jorge et al. 2022), a training attack: uniform noise of `noise` eps,
+    clipped to [0, 1], then one sign step of `step_size` (eps by default), clipped
+    to [0, 1] but *not* projected back into the eps ball.
+
+    Its perturbation reaches (noise * eps + step_size) in L-inf, 3 eps by default:
+    more than the budget, on purpose. The larger noise is what keeps single-step
+    training from catastrophic overfitting where Wong et al.'s start does not,
+    and skipping the projection keeps the step's full size. Not an evaluation
+    attack: it leaves the threat model (hence not in ATTACKS).
+    """
+    step_size = eps if step_size is None else step_size
+    start = clip_to_pixels(images + noise * eps * jax.random.uniform(key, images.shape, images.dtype, -1.0, 1.0))
+    gradient = ascent_gradient(logits_fn, start, labels, targeted)
+    return clip_to_pixels(start + step_size * jnp.sign(gradient))
+
+
 def bim(
     logits_fn: LogitsFn,
     images: jax.Array,

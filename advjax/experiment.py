@@ -30,7 +30,7 @@ METRICS_FILE = "metrics.jsonl"
 TIMINGS_FILE = "timings.json"
 SUMMARY_FILE = "summary.json"
 # Modes that train on attacked images, whose robustness is checked each epoch.
-ADVERSARIAL_MODES = ("fgsm", "pgd", "fast", "trades")
+ADVERSARIAL_MODES = ("fgsm", "pgd", "fast", "trades", "nfgsm")
 # Everything a run writes besides config.json. The summary comes first: it is
 # the one file trusted on sight (paper.py reuses a run by it), so clearing a
 # run removes it before anything it summarizes.
@@ -255,7 +255,10 @@ def fit(
     images, labels = place((mnist.train.images[:num_train], mnist.train.labels[:num_train]))
     if mesh is None:
         images, labels = jax.device_put((images, labels))
-    objective = train.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
+    objective = train.make_objective(
+        model.apply, config.train, deterministic=models.is_deterministic(config.model),
+        steps_per_epoch=num_train // config.train.batch_size,
+    )
     run_epoch = train.make_epoch_fn(
         objective, num_train, config.train.batch_size,
         form=config.train.loop, chunk_size=config.train.chunk_size, num_seeds=k, mesh=mesh,

@@ -9,17 +9,37 @@ from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 Initializer = Callable[..., jax.Array]
 
+# fan_in -> the bias initializer of a layer with that many inputs per output.
+BiasInit = Callable[[int], Initializer]
+
 # The paper's code was TensorFlow, whose layers default to Glorot-uniform
-# kernels; Flax defaults to LeCun-normal. Noise-robustness curves depend on it,
-# so it is a config choice rather than a hidden default.
+# kernels; Flax defaults to LeCun-normal; Wong et al.'s fast-training code was
+# PyTorch, whose layers draw kernels and biases from U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+# Robustness results depend on it, so it is a config choice rather than a hidden default.
 KERNEL_INITS: dict[str, Initializer] = {
     "glorot_uniform": nn.initializers.glorot_uniform(),
     "lecun_normal": nn.initializers.lecun_normal(),
+    # U(-b, b) has variance b^2 / 3: scale 1/3 over fan_in gives b = 1/sqrt(fan_in).
+    "torch_default": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
 }
+
+
+def zero_bias(fan_in: int) -> Initializer:
+    del fan_in
+    return nn.initializers.zeros
+
+
+def torch_default_bias(fan_in: int) -> Initializer:
+    bound = 1.0 / fan_in**0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+BIAS_INITS: dict[str, BiasInit] = {"glorot_uniform": zero_bias, "lecun_normal": zero_bias, "torch_default": torch_default_bias}
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -33,20 +53,30 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def dense(features: int, x: jax.Array, kernel_init: Initializer, bias_init: BiasInit) -> jax.Array:
+    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init(x.shape[-1]))(x)
+
+
+def conv(features: int, window: tuple[int, int], strides: int, padding, x: jax.Array, kernel_init: Initializer, bias_init: BiasInit) -> jax.Array:
+    fan_in = window[0] * window[1] * x.shape[-1]
+    return nn.Conv(features, window, strides=strides, padding=padding, kernel_init=kernel_init, bias_init=bias_init(fan_in))(x)
+
+
 class BP(nn.Module):
     """The paper's back-propagation net: 784-256-256-10, ReLU."""
 
     hidden: Sequence[int] = (256, 256)
     num_classes: int = 10
     kernel_init: Initializer = nn.initializers.glorot_uniform()
+    bias_init: BiasInit = zero_bias
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # no stochastic layers; the argument keeps one signature for both models
         x = x.reshape((x.shape[0], -1))
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width, kernel_init=self.kernel_init)(x))
-        return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(x)
+            x = nn.relu(dense(width, x, self.kernel_init, self.bias_init))
+        return dense(self.num_classes, x, self.kernel_init, self.bias_init)
 
 
 class CNN(nn.Module):
@@ -55,16 +85,17 @@ class CNN(nn.Module):
     num_classes: int = 10
     dropout_rate: float = 0.4
     kernel_init: Initializer = nn.initializers.glorot_uniform()
+    bias_init: BiasInit = zero_bias
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         for features in (32, 64):
-            x = nn.Conv(features, (5, 5), padding="SAME", kernel_init=self.kernel_init)(x)
+            x = conv(features, (5, 5), 1, "SAME", x, self.kernel_init, self.bias_init)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(1024, kernel_init=self.kernel_init)(x))
+        x = nn.relu(dense(1024, x, self.kernel_init, self.bias_init))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(x)
+        return dense(self.num_classes, x, self.kernel_init, self.bias_init)
 
 
 class SmallCNN(nn.Module):
@@ -77,15 +108,16 @@ class SmallCNN(nn.Module):
 
     num_classes: int = 10
     kernel_init: Initializer = nn.initializers.glorot_uniform()
+    bias_init: BiasInit = zero_bias
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # no stochastic layers
         for features in (16, 32):
-            x = nn.relu(nn.Conv(features, (4, 4), strides=2, padding=((1, 1), (1, 1)), kernel_init=self.kernel_init)(x))
+            x = nn.relu(conv(features, (4, 4), 2, ((1, 1), (1, 1)), x, self.kernel_init, self.bias_init))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(100, kernel_init=self.kernel_init)(x))
-        return nn.Dense(self.num_classes, kernel_init=self.kernel_init)(x)
+        x = nn.relu(dense(100, x, self.kernel_init, self.bias_init))
+        return dense(self.num_classes, x, self.kernel_init, self.bias_init)
 
 
 MODELS = ("bp", "cnn", "small_cnn")
@@ -95,13 +127,13 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """Builds the model named by `model_config.name` (one of MODELS)."""
     if model_config.init not in KERNEL_INITS:
         raise ValueError(f"model.init={model_config.init!r} is not one of {tuple(KERNEL_INITS)}")
-    kernel_init = KERNEL_INITS[model_config.init]
+    inits = {"kernel_init": KERNEL_INITS[model_config.init], "bias_init": BIAS_INITS[model_config.init]}
     if model_config.name == "bp":
-        return BP(hidden=tuple(model_config.hidden), kernel_init=kernel_init)
+        return BP(hidden=tuple(model_config.hidden), **inits)
     if model_config.name == "cnn":
-        return CNN(dropout_rate=model_config.dropout, kernel_init=kernel_init)
+        return CNN(dropout_rate=model_config.dropout, **inits)
     if model_config.name == "small_cnn":
-        return SmallCNN(kernel_init=kernel_init)
+        return SmallCNN(**inits)
     raise ValueError(f"model.name={model_config.name!r} is not one of {MODELS}")
 
 

@@ -390,6 +390,7 @@ def robustness_report(
         "num_examples": eval_set.num_examples,
         "attack_labels": "true (label_leaking also runs FGSM on the model's predicted labels)",
         "clean_accuracy": float(np.mean(clean.accuracy)),
+        "clean_accuracy_per_seed": np.asarray(clean.accuracy).reshape(num_seeds).tolist(),
         "attacks": {},
         "worst_case": {},
         "label_leaking": {

@@ -12,13 +12,15 @@ from jax.sharding import Mesh
 
 from advjax import attacks, loops, objectives, sharding
 
-# ordinary, the paper's two (FGSM-adversarial, Gaussian noise) and three defenses
+# ordinary, the paper's two (FGSM-adversarial, Gaussian noise) and four defenses
 # from later work: PGD (Madry et al. 2018), fast FGSM with a random start
-# (Wong et al. 2020) and TRADES (Zhang et al. 2019).
-TRAINING_MODES = ("ordinary", "fgsm", "gaussian", "pgd", "fast", "trades")
+# (Wong et al. 2020), TRADES (Zhang et al. 2019) and N-FGSM (de Jorge et al. 2022).
+TRAINING_MODES = ("ordinary", "fgsm", "gaussian", "pgd", "fast", "trades", "nfgsm")
 
-# (params, images, labels, rng) -> (scalar loss, logits reported for accuracy)
-Objective = Callable[[dict, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (params, images, labels, rng[, step]) -> (scalar loss, logits reported for accuracy).
+# `step` is the optimizer step the loss is taken at; it sets the attack's eps
+# during train.eps_warmup_epochs (None: the full eps).
+Objective = Callable[..., tuple[jax.Array, jax.Array]]
 TrainState = train_state.TrainState
 
 
@@ -130,7 +132,25 @@ def trades_adversary(
     return attacks.repeat(step, num_steps, start, unroll)
 
 
-def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, *, deterministic: bool = False) -> Objective:
+def attack_eps_schedule(train_config: ml_collections.ConfigDict, steps_per_epoch: int | None) -> Callable:
+    """step (or None) -> the training attack's eps: train.eps, reached linearly from 0
+    over the first train.eps_warmup_epochs (0: from the first step).
+
+    A ramp is common on MNIST at eps = 0.3: a network that meets the full eps
+    at its first step learns to mask its gradient before it learns the digits.
+    """
+    eps, warmup = train_config.eps, train_config.get("eps_warmup_epochs", 0)
+    if not warmup:
+        return lambda step: eps
+    if steps_per_epoch is None:
+        raise ValueError("train.eps_warmup_epochs > 0 needs the number of steps per epoch")
+    ramp = optax.linear_schedule(0.0, eps, int(round(warmup * steps_per_epoch)))
+    return lambda step: eps if step is None else ramp(step)
+
+
+def make_objective(
+    apply_fn: Callable, train_config: ml_collections.ConfigDict, *, deterministic: bool = False, steps_per_epoch: int | None = None
+) -> Objective:
     """The training loss for `train_config.mode` (one of TRAINING_MODES).
 
     Every attack is crafted from the current params in eval mode (dropout off,
@@ -138,25 +158,27 @@ def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, 
     `deterministic=True` promises that the model's train mode equals its eval
     mode (no dropout: BP, or the CNN with dropout 0); FGSM training then gets a
     faster gradient (`objective.value_and_grad`, see `shared_pass_fgsm`).
+    `steps_per_epoch` is needed only for an eps warmup (attack_eps_schedule).
     """
+    eps_at = attack_eps_schedule(train_config, steps_per_epoch)
 
     def train_logits(params, images, dropout_rng):
         return apply_fn({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
 
-    def ordinary(params, images, labels, rng):
+    def ordinary(params, images, labels, rng, step=None):
         logits = train_logits(params, images, rng)
         return jnp.mean(objectives.cross_entropy(logits, labels)), logits
 
-    def gaussian(params, images, labels, rng):
+    def gaussian(params, images, labels, rng, step=None):
         noise_rng, dropout_rng = jax.random.split(rng)
         logits = train_logits(params, attacks.gaussian(noise_rng, images, train_config.sigma), dropout_rng)
         return jnp.mean(objectives.cross_entropy(logits, labels)), logits
 
-    def fgsm(params, images, labels, rng):
+    def fgsm(params, images, labels, rng, step=None):
         # Crafted from the current params in eval mode, then frozen: the
         # parameter gradient must not flow through the construction of x_adv.
         eval_logits = lambda x: apply_fn({"params": params}, x, train=False)
-        adversarial = jax.lax.stop_gradient(attacks.fgsm(eval_logits, images, labels, train_config.eps))
+        adversarial = jax.lax.stop_gradient(attacks.fgsm(eval_logits, images, labels, eps_at(step)))
         # Two passes, not one over [x; x_adv]: the clean pass repeats the attack's
         # forward pass up to the dropout layer, and XLA merges the repeated part
         # (CSE). Measured for the CNN on CPU: 170 against 195 MFLOP per example,
@@ -171,29 +193,39 @@ def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, 
         )
         return loss, clean_logits
 
-    def pgd(params, images, labels, rng):
+    def pgd(params, images, labels, rng, step=None):
         # Madry et al.: the loss at the worst point PGD finds in the eps ball, nothing else.
         attack_rng, dropout_rng = jax.random.split(rng)
         adversarial = jax.lax.stop_gradient(attacks.pgd(
-            eval_logits_fn(params), images, labels, train_config.eps, attack_rng,
+            eval_logits_fn(params), images, labels, eps_at(step), attack_rng,
             num_steps=train_config.attack_steps, step_size=train_config.attack_step_size, unroll=unroll,
         ))
         return adversarial_only(params, images, adversarial, labels, dropout_rng)
 
-    def fast(params, images, labels, rng):
+    def fast(params, images, labels, rng, step=None):
         # Wong et al.: one FGSM step from a uniform random start; the start is what
         # keeps it from the catastrophic overfitting of plain FGSM training.
         attack_rng, dropout_rng = jax.random.split(rng)
         adversarial = jax.lax.stop_gradient(attacks.fgsm_random_start(
-            eval_logits_fn(params), images, labels, train_config.eps, attack_rng,
-            train_config.fast_step_size * train_config.eps, clip_start=train_config.get("fast_clip_start", False),
+            eval_logits_fn(params), images, labels, eps_at(step), attack_rng,
+            train_config.fast_step_size * eps_at(step), clip_start=train_config.get("fast_clip_start", False),
         ))
         return adversarial_only(params, images, adversarial, labels, dropout_rng)
 
-    def trades(params, images, labels, rng):
+    def nfgsm(params, images, labels, rng, step=None):
+        # de Jorge et al.: single-step like fast, with twice the noise and no projection
+        # (attacks.noisy_fgsm); it trains on perturbations larger than eps.
+        attack_rng, dropout_rng = jax.random.split(rng)
+        adversarial = jax.lax.stop_gradient(attacks.noisy_fgsm(
+            eval_logits_fn(params), images, labels, eps_at(step), attack_rng,
+            train_config.nfgsm_noise, train_config.nfgsm_step_size * eps_at(step),
+        ))
+        return adversarial_only(params, images, adversarial, labels, dropout_rng)
+
+    def trades(params, images, labels, rng, step=None):
         attack_rng, dropout_rng = jax.random.split(rng)
         adversarial = jax.lax.stop_gradient(trades_adversary(
-            eval_logits_fn(params), images, attack_rng, train_config.eps, train_config.attack_step_size,
+            eval_logits_fn(params), images, attack_rng, eps_at(step), train_config.attack_step_size,
             train_config.attack_steps, unroll,
         ))
         # Separate passes, as in fgsm: the clean one shares the adversary's reference pass (CSE).
@@ -213,16 +245,16 @@ def make_objective(apply_fn: Callable, train_config: ml_collections.ConfigDict, 
         return jnp.mean(objectives.cross_entropy(logits, labels)), logits
 
     unroll = attack_unroll(train_config.get("attack_unroll", "auto"))
-    by_mode = {"ordinary": ordinary, "fgsm": fgsm, "gaussian": gaussian, "pgd": pgd, "fast": fast, "trades": trades}
+    by_mode = {"ordinary": ordinary, "fgsm": fgsm, "gaussian": gaussian, "pgd": pgd, "fast": fast, "trades": trades, "nfgsm": nfgsm}
     if train_config.mode not in by_mode:
         raise ValueError(f"train.mode={train_config.mode!r} is not one of {TRAINING_MODES}")
     objective = by_mode[train_config.mode]
     if deterministic and train_config.mode == "fgsm":
-        objective.value_and_grad = shared_pass_fgsm(apply_fn, train_config.eps, train_config.alpha)
+        objective.value_and_grad = shared_pass_fgsm(apply_fn, eps_at, train_config.alpha)
     return objective
 
 
-def shared_pass_fgsm(apply_fn: Callable, eps: float, alpha: float) -> Callable:
+def shared_pass_fgsm(apply_fn: Callable, eps: float | Callable, alpha: float) -> Callable:
     """FGSM training's (loss, logits) and parameter gradient, for a model without dropout.
 
     The attack needs d J(x) / d x and the clean loss needs d J(x) / d params:
@@ -231,9 +263,11 @@ def shared_pass_fgsm(apply_fn: Callable, eps: float, alpha: float) -> Callable:
     That is about 20% fewer FLOPs than crafting x_adv in a separate pass
     (BP: 2.8 against 3.5 MFLOP per example), and measured faster on CPU.
     The result equals `jax.value_and_grad` of the FGSM objective up to rounding.
+    `eps` is a number or a function of the step (attack_eps_schedule).
     """
+    eps_at = eps if callable(eps) else (lambda step: eps)
 
-    def value_and_grad(params, images, labels, rng):
+    def value_and_grad(params, images, labels, rng, step=None):
         del rng  # nothing is random: no dropout, and FGSM is deterministic
 
         def per_example_loss(p, x):
@@ -241,16 +275,17 @@ def shared_pass_fgsm(apply_fn: Callable, eps: float, alpha: float) -> Callable:
             return objectives.cross_entropy(logits, labels), logits
 
         clean_loss, backward, logits = jax.vjp(per_example_loss, params, images, has_aux=True)
-        # Seeded with alpha / B, the backward gives the clean term's parameter
-        # gradient directly; the input gradient's sign is all FGSM uses.
-        clean_grads, input_grads = backward(jnp.full_like(clean_loss, alpha / clean_loss.shape[0]))
-        adversarial = jax.lax.stop_gradient(attacks.clip_to_pixels(images + eps * jnp.sign(input_grads)))
+        # Seeded with 1 / B, the backward gives the mean clean loss's parameter
+        # gradient; alpha weighs it below. (Seeded with alpha / B, alpha = 0 would
+        # zero the input gradient too, and with it the attack.)
+        clean_grads, input_grads = backward(jnp.full_like(clean_loss, 1.0 / clean_loss.shape[0]))
+        adversarial = jax.lax.stop_gradient(attacks.clip_to_pixels(images + eps_at(step) * jnp.sign(input_grads)))
 
         def adversarial_loss(p):
             return jnp.mean(objectives.cross_entropy(apply_fn({"params": p}, adversarial, train=True), labels))
 
         adv_loss, adv_grads = jax.value_and_grad(adversarial_loss)(params)
-        grads = jax.tree.map(lambda c, a: c + (1.0 - alpha) * a, clean_grads, adv_grads)
+        grads = jax.tree.map(lambda c, a: alpha * c + (1.0 - alpha) * a, clean_grads, adv_grads)
         loss = objectives.combined_adversarial_loss(jnp.mean(clean_loss), adv_loss, alpha)
         return (loss, logits), grads
 
@@ -262,7 +297,7 @@ def train_step(
 ) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
     """One Adam step on float images; returns (new state, (loss, number correct))."""
     value_and_grad = getattr(objective, "value_and_grad", None) or jax.value_and_grad(objective, has_aux=True)
-    (loss, logits), grads = value_and_grad(state.params, images, labels, rng)
+    (loss, logits), grads = value_and_grad(state.params, images, labels, rng, state.step)
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return state.apply_gradients(grads=grads), (loss, correct)
 

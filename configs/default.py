@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dropout = 0.4  # CNN only; active in training alone
 
     config.train = ml_collections.ConfigDict()
-    config.train.mode = "ordinary"  # ordinary | fgsm | gaussian | pgd | fast | trades
+    config.train.mode = "ordinary"  # ordinary | fgsm | gaussian | pgd | fast | trades | nfgsm
     config.train.epochs = 5
     config.train.batch_size = 128
     config.train.max_examples = 0  # 0: all 50k training images; fewer for quick runs
@@ -47,6 +47,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fast mode: clip the random start to [0, 1] before its gradient is taken. Wong et
     # al.'s MNIST code does not; their network overfits catastrophically if it does.
     config.train.fast_clip_start = False
+    # N-FGSM (mode nfgsm): noise U(-n eps, n eps) and one step of s eps, not projected (de Jorge et al.'s n = 2, s = 1).
+    config.train.nfgsm_noise = 2.0
+    config.train.nfgsm_step_size = 1.0
+    # Adversarial modes: the attack's eps grows linearly from 0 to train.eps over this
+    # many epochs (fractions allowed), then stays; 0: the full eps from the first step.
+    config.train.eps_warmup_epochs = 0.0
     config.train.trades_beta = 1.0  # weight of TRADES's KL term
     config.train.attack_unroll = "auto"  # auto | loop | unrolled: attack steps unrolled on CPU, a loop elsewhere
     # Adversarial modes: FGSM and PGD accuracy at train.eps on this many held-out

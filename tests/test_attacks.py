@@ -529,6 +529,32 @@ def test_fgsm_random_start_unclipped_takes_the_gradient_outside_the_pixel_range(
     assert unclipped.min() >= 0.0 and unclipped.max() <= eps + 1e-6
 
 
+@pytest.mark.usefixtures("quick_compile")
+def test_noisy_fgsm_closed_form_leaves_the_eps_ball_and_stays_in_pixels():
+    # Binary linear model: the gradient's sign is s = sign(w_other - w_y) everywhere, so
+    # N-FGSM is clip(clip(x + u) + step * s) with u ~ U(-2 eps, 2 eps), unprojected.
+    rng = np.random.default_rng(37)
+    weights = 0.01 * rng.standard_normal((NUM_PIXELS, 2))
+    labels = np.array([0, 1, 0, 1])
+    images = jnp.asarray(uniform_images(4, seed=38))
+    eps, key = 0.1, jax.random.key(39)
+    logits_fn = linear_logits_fn(weights, np.zeros(2))
+    sign = per_image(np.sign(weights[:, 1 - labels] - weights[:, labels]).T)
+    x = per_image(images)
+    u = per_image(jax.random.uniform(key, images.shape, jnp.float32, -1.0, 1.0))
+
+    noisy_fgsm = jax.jit(attacks.noisy_fgsm, static_argnums=0)
+    for noise, step_size in ((2.0, None), (1.0, 0.5 * eps)):
+        adversarial = per_image(noisy_fgsm(logits_fn, images, jnp.asarray(labels), eps, key, noise, step_size))
+        start = np.clip(x + noise * eps * u, 0, 1)
+        expected = np.clip(start + (eps if step_size is None else step_size) * sign, 0, 1)
+        np.testing.assert_allclose(adversarial, expected, atol=1e-6)
+        assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
+    # Default (noise 2 eps, step eps): beyond the eps ball, as the method intends, within 3 eps.
+    delta = np.abs(per_image(noisy_fgsm(logits_fn, images, jnp.asarray(labels), eps, key)) - x)
+    assert delta.max() > 1.5 * eps and delta.max() <= 3 * eps + 1e-6, delta.max()
+
+
 def test_fgm_l2_moves_exactly_eps_along_the_gradient():
     weights, bias, logits_fn = random_linear_model(36, bias_scale=0.5)
     # At 0.5 an L2 step of 0.5 moves pixels by ~0.02: nothing is clipped.

@@ -269,6 +269,23 @@ def test_lecun_normal_kernels_have_variance_one_over_fan_in():
         np.testing.assert_allclose(kernel.mean(), 0.0, atol=4.0 / math.sqrt(fan_in * kernel.size))
 
 
+@pytest.mark.parametrize("name", ["bp", "small_cnn"])
+def test_torch_default_init_draws_kernels_and_biases_from_pytorch_s_bound(name):
+    # PyTorch's Linear and Conv2d: weights and biases ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    # which Wong et al.'s fast-training results were measured with.
+    params = init_params(name, "torch_default")
+    for layer, leaves in params.items():
+        kernel, bias = np.asarray(leaves["kernel"]), np.asarray(leaves["bias"])
+        fan_in, _ = kernel_fans(kernel)
+        bound = 1.0 / math.sqrt(fan_in)
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound, layer
+        # Every kernel has >= 256 entries: a uniform sample comes within 2% of its bound.
+        assert np.abs(kernel).max() >= 0.98 * bound, layer
+        np.testing.assert_allclose(kernel.std(), bound / math.sqrt(3.0), rtol=0.1, err_msg=layer)
+        # Biases are drawn too (Glorot and LeCun leave them at zero), and differ from one another.
+        assert np.unique(bias).size == bias.size, layer
+
+
 def test_unknown_init_name_is_rejected():
     with pytest.raises(ValueError, match="model.init=.he_normal"):
         build("bp", init="he_normal")

@@ -348,6 +348,7 @@ def test_report_states_each_attack_and_the_label_leaking_check():
     for curve in (pgd, report["attacks"]["fgsm"], leak["predicted_labels"]):
         assert all(w <= a for w, a in zip(linf["accuracy"], curve["accuracy"]))
     assert all(w <= report["clean_accuracy"] for w in linf["accuracy"])
+    assert report["clean_accuracy_per_seed"] == [report["clean_accuracy"]]
     assert report["worst_case"]["l2"]["over"] == ["clean", "fgm_l2"]
     assert set(report["seconds"]) >= {"clean", "fgsm", "pgd", "fgm_l2", "fgsm_predicted_labels"}
 

@@ -539,6 +539,58 @@ def test_fast_objective_is_the_loss_at_a_random_start_fgsm_image(clip_start):
     assert float(setup.objective(params, x, y, jax.random.key(5))[0]) != pytest.approx(float(loss), rel=1e-7)
 
 
+def test_nfgsm_objective_is_the_loss_at_the_frozen_noisy_fgsm_image():
+    setup, x, y, key = _defense_setup("nfgsm", eps=0.3, nfgsm_noise=2.0, nfgsm_step_size=1.0)
+    params = setup.state().params
+    attack_rng, dropout_rng = jax.random.split(key)
+    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
+    adversarial = attacks.noisy_fgsm(eval_logits, x, y, 0.3, attack_rng, 2.0, 0.3)
+    # Trained on perturbations beyond eps, as de Jorge et al. intend.
+    assert float(jnp.max(jnp.abs(adversarial - x))) > 0.3 + 0.05
+
+    loss, _ = setup.objective(params, x, y, key)
+    np.testing.assert_allclose(loss, _mean_ce(setup, params, adversarial, y, dropout_rng), rtol=1e-6)
+    grads = jax.grad(lambda p: setup.objective(p, x, y, key)[0])(params)
+    expected = jax.grad(lambda p: _mean_ce(setup, p, adversarial, y, dropout_rng))(params)
+    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_eps_warmup_ramps_linearly_to_eps_then_stays():
+    config = default.get_config().train
+    config.eps, config.eps_warmup_epochs = 0.3, 2.5
+    eps_at = train.attack_eps_schedule(config, steps_per_epoch=40)  # ramp over 100 steps
+    np.testing.assert_allclose([eps_at(s) for s in (0, 25, 50, 100, 1000)], [0.0, 0.075, 0.15, 0.3, 0.3], rtol=1e-6)
+    assert eps_at(None) == 0.3  # no step given: the full eps
+    config.eps_warmup_epochs = 0.0
+    assert train.attack_eps_schedule(config, None)(0) == 0.3
+    config.eps_warmup_epochs = 1.0
+    with pytest.raises(ValueError, match="steps per epoch"):
+        train.attack_eps_schedule(config, None)
+
+
+@pytest.mark.parametrize("mode", ["fast", "fgsm"])
+def test_objective_during_eps_warmup_attacks_with_the_ramped_eps(mode):
+    setup, x, y, key = _defense_setup(mode, eps=0.3, alpha=0.0)
+    setup.config.train.eps_warmup_epochs = 1.0
+    setup.objective = train.make_objective(
+        setup.model.apply, setup.config.train, deterministic=True, steps_per_epoch=10
+    )
+    params = setup.state().params
+    value_and_grad = getattr(setup.objective, "value_and_grad", None) or jax.value_and_grad(setup.objective, has_aux=True)
+    loss_at = lambda step: float(value_and_grad(params, x, y, key, step)[0][0])
+    clean = float(_mean_ce(setup, params, x, y, key))
+    # Step 0 of the ramp: eps 0, so the attack leaves the images as they are.
+    np.testing.assert_allclose(loss_at(jnp.asarray(0)), clean, rtol=1e-5)
+    # Halfway: the loss at eps 0.15, which is that of a no-warmup objective at 0.15.
+    half = _defense_setup(mode, eps=0.15, alpha=0.0)[0]
+    half.objective = train.make_objective(setup.model.apply, half.config.train, deterministic=True)
+    half_value_and_grad = getattr(half.objective, "value_and_grad", None) or jax.value_and_grad(half.objective, has_aux=True)
+    np.testing.assert_allclose(loss_at(jnp.asarray(5)), float(half_value_and_grad(params, x, y, key)[0][0]), rtol=1e-5)
+    assert loss_at(jnp.asarray(5)) > clean + 1e-3
+    # From the end of the ramp on, and with no step, the full eps.
+    np.testing.assert_allclose(loss_at(jnp.asarray(10)), loss_at(None), rtol=1e-6)
+
+
 def test_trades_adversary_stays_in_the_ball_and_raises_the_kl():
     setup, x, y, key = _defense_setup("trades")
     params = setup.state().params
@@ -575,11 +627,15 @@ def test_attack_unroll_setting():
         train.attack_unroll("sometimes")
 
 
-@pytest.mark.parametrize("model_name", ["bp", "cnn"])
-def test_shared_pass_fgsm_gradient_equals_the_objective_gradient(model_name):
+@pytest.mark.parametrize(
+    "model_name, alpha",
+    # alpha != 0.5, so a swapped weight shows; alpha = 0 (adversarial loss only) must still attack.
+    [("bp", 0.3), ("cnn", 0.3), ("bp", 0.0)],
+)
+def test_shared_pass_fgsm_gradient_equals_the_objective_gradient(model_name, alpha):
     cfg = config(model_name, "fgsm")
     cfg.model.dropout = 0.0
-    cfg.train.alpha, cfg.train.eps = 0.3, 0.1  # alpha != 0.5, so a swapped weight shows
+    cfg.train.alpha, cfg.train.eps = alpha, 0.1
     assert models.is_deterministic(cfg.model)
     model = models.build_model(cfg.model)
     shared = train.make_objective(model.apply, cfg.train, deterministic=True)

@@ -19,6 +19,8 @@ BAD_VALUES = [
     ("model.dropout", 1.0),
     ("train.mode", "sgd"),  # not a training mode (pgd became one)
     ("train.fast_clip_start", "no"),
+    ("train.nfgsm_noise", -1.0),
+    ("train.nfgsm_step_size", "eps"),
     ("train.epochs", 0),
     ("train.epochs", 2.5),
     ("train.batch_size", 0),
@@ -80,6 +82,7 @@ def test_small_cnn_fast_is_wong_et_al_s_published_recipe():
     assert (config.model.name, config.train.mode, config.train.eps, config.train.fast_step_size) == ("small_cnn", "fast", 0.3, 1.25)
     assert (config.train.epochs, config.train.batch_size, config.train.learning_rate, config.train.schedule) == (10, 100, 5e-3, "cyclic")
     assert config.train.fast_clip_start is False and config.robust.enabled
+    assert config.model.init == "torch_default"  # PyTorch's layer init, as in their code
 
 
 @pytest.mark.parametrize("name", ["cnn_pgd", "cnn_fast", "cnn_trades"])
