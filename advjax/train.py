@@ -275,17 +275,22 @@ def shared_pass_fgsm(apply_fn: Callable, eps: float | Callable, alpha: float) ->
             return objectives.cross_entropy(logits, labels), logits
 
         clean_loss, backward, logits = jax.vjp(per_example_loss, params, images, has_aux=True)
-        # Seeded with 1 / B, the backward gives the mean clean loss's parameter
-        # gradient; alpha weighs it below. (Seeded with alpha / B, alpha = 0 would
-        # zero the input gradient too, and with it the attack.)
-        clean_grads, input_grads = backward(jnp.full_like(clean_loss, 1.0 / clean_loss.shape[0]))
+        # Seeded with alpha / B, the backward gives the clean term's parameter
+        # gradient directly; the input gradient's sign is all FGSM uses. With
+        # alpha = 0 that seed would zero the input gradient, and with it the
+        # attack: then it is seeded with 1 / B and the clean gradient dropped.
+        seed = alpha if alpha > 0 else 1.0
+        clean_grads, input_grads = backward(jnp.full_like(clean_loss, seed / clean_loss.shape[0]))
         adversarial = jax.lax.stop_gradient(attacks.clip_to_pixels(images + eps_at(step) * jnp.sign(input_grads)))
 
         def adversarial_loss(p):
             return jnp.mean(objectives.cross_entropy(apply_fn({"params": p}, adversarial, train=True), labels))
 
         adv_loss, adv_grads = jax.value_and_grad(adversarial_loss)(params)
-        grads = jax.tree.map(lambda c, a: alpha * c + (1.0 - alpha) * a, clean_grads, adv_grads)
+        if alpha > 0:
+            grads = jax.tree.map(lambda c, a: c + (1.0 - alpha) * a, clean_grads, adv_grads)
+        else:
+            grads = adv_grads
         loss = objectives.combined_adversarial_loss(jnp.mean(clean_loss), adv_loss, alpha)
         return (loss, logits), grads
 
