@@ -350,7 +350,7 @@ def noisy_fgsm(
     attack: it leaves the threat model (hence not in ATTACKS).
     """
     step_size = eps if step_size is None else step_size
-    start = clip_to_pixels(images + noise * eps * jax.random.uniform(key, images.shape, images.dtype, -1.0, 1.0))
+    start = uniform_in_ball(key, images, noise * eps, "linf")
     gradient = ascent_gradient(logits_fn, start, labels, targeted)
     return clip_to_pixels(start + step_size * jnp.sign(gradient))
 
