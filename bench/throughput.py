@@ -40,6 +40,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _SWEEP_IMAGES = flags.DEFINE_integer("sweep_images", 5000, "Images in the sigma sweep.")
 _SWEEP_POINTS = flags.DEFINE_integer("sweep_points", 21, "Grid points in the sigma sweep.")
 _PROFILE = flags.DEFINE_list("profile", ["cnn_fgsm"], "Workloads (model_mode) whose training step is profiled op by op.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here, rewritten after every workload, so a run cut short keeps what it measured.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one measurement (a JSON spec) and print its JSON.")
 
 
@@ -242,8 +243,10 @@ def profile_worker(spec: dict) -> dict:
     origin = {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = .*?op_name=\"([^\"]+)\"", hlo)}
     totals = collections.Counter()
     for event in events:
-        if event.get("ph") == "X" and event["name"] in origin:
-            totals[event["name"]] += event.get("dur", 0) / 1e6 / steps
+        # On GPU a library kernel (cuDNN, cuBLAS) is named by the kernel; its HLO op is in the args.
+        name = (event.get("args") or {}).get("hlo_op", event.get("name"))
+        if event.get("ph") == "X" and name in origin:
+            totals[name] += event.get("dur", 0) / 1e6 / steps
     accounted = sum(totals.values())
     return {
         "step_s": seconds,
@@ -283,6 +286,12 @@ def machine() -> dict:
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def save_partial(results: dict) -> None:
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def main(argv):
@@ -326,6 +335,7 @@ def main(argv):
                 },
             }
             r = results["training"][f"{name}_{mode}"]
+            save_partial(results)
             log(
                 f"{name} {mode}: ours {best_ours:.0f} ex/s, baseline {best_base:.0f} ex/s "
                 f"({r['speedup']:.2f}x); compile cold {r['compile_seconds']['cold']:.1f}s, warm {r['compile_seconds']['warm']:.1f}s"
@@ -335,6 +345,7 @@ def main(argv):
         base = run_worker({**sweep_spec, "impl": "baseline"})
         results["sweep"][name] = {"grid_points": _SWEEP_POINTS.value, "images": _SWEEP_IMAGES.value, "ours": ours, "baseline": base,
                                   "speedup": base["steady_s"] / ours["steady_s"]}
+        save_partial(results)
         log(f"{name} sweep: ours {ours['steady_s']:.2f}s, baseline {base['steady_s']:.2f}s")
     results["profile"] = {}
     for workload in _PROFILE.value:
@@ -342,7 +353,10 @@ def main(argv):
         results["profile"][workload] = profile = run_worker(
             {"kind": "profile", "model": name, "mode": mode, "batch_size": _BATCH.value, "steps": 5, "top": 12}
         )
-        log(f"{workload} step {profile['step_s'] * 1e3:.0f} ms; top op {profile['top_ops'][0]['from']}")
+        save_partial(results)
+        top = profile["top_ops"][0]["from"] if profile["top_ops"] else "none matched the trace"
+        log(f"{workload} step {profile['step_s'] * 1e3:.0f} ms; top op {top}")
+    save_partial(results)
     print(json.dumps(results, indent=2))
 
 

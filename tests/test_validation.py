@@ -85,6 +85,13 @@ def test_small_cnn_fast_is_wong_et_al_s_published_recipe():
     assert config.model.init == "torch_default"  # PyTorch's layer init, as in their code
 
 
+def test_cnn_pgd_is_madrys_attack_on_the_schedule_measured_on_the_gpu():
+    config = __import__("configs.cnn_pgd", fromlist=["get_config"]).get_config()
+    assert (config.train.attack_steps, config.train.attack_step_size) == (40, 0.01)  # Madry et al.'s PGD-40
+    assert (config.train.epochs, config.train.batch_size, config.train.learning_rate) == (15, 128, 1e-3)
+    assert (config.train.schedule, config.train.eps_warmup_epochs) == ("cosine", 1.0)
+
+
 @pytest.mark.parametrize("name", ["cnn_pgd", "cnn_fast", "cnn_trades"])
 def test_defense_configs_are_madrys_network_at_eps_03_with_the_robustness_report(name):
     config = __import__(f"configs.{name}", fromlist=["get_config"]).get_config()
