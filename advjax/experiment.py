@@ -184,7 +184,7 @@ def check_finite(totals: train.EpochTotals, epoch: int, num_steps: int, config: 
 
 def _make_sweep(model, config: ml_collections.ConfigDict, perturbation: str, mesh=None) -> Callable:
     return evaluate.make_sweep(
-        model.apply, perturbation, use_predicted_labels=config.eval.use_predicted_labels, form=config.train.loop,
+        model.apply, perturbation, use_predicted_labels=config.eval.use_predicted_labels, form=config.eval.loop,
         chunk_size=config.eval.chunk_size, num_seeds=config.num_seeds, grid_chunk=config.eval.grid_chunk, mesh=mesh,
     )
 
@@ -269,7 +269,7 @@ def fit(
         mnist.validation.images, mnist.validation.labels, len(mnist.validation.labels), config.eval.batch_size
     ), mesh)
     clean_accuracy = evaluate.make_evaluator(
-        model.apply, ("clean",), form=config.train.loop, chunk_size=config.eval.chunk_size, num_seeds=k, mesh=mesh
+        model.apply, ("clean",), form=config.eval.loop, chunk_size=config.eval.chunk_size, num_seeds=k, mesh=mesh
     )
     overfitting_check = make_overfitting_check(config, model, mnist)
     records, timings = [], []
@@ -327,7 +327,7 @@ def make_overfitting_check(config: ml_collections.ConfigDict, model, mnist: data
     # The last n validation images: the paper's tables use the first 5000.
     held_out = evaluate.make_eval_set(mnist.validation.images[-n:], mnist.validation.labels[-n:], n, min(n, config.eval.batch_size))
     check = robustness.make_overfitting_check(
-        model.apply, config.train.eps, config.train.overfitting_check_steps, form=config.train.loop, num_seeds=config.num_seeds,
+        model.apply, config.train.eps, config.train.overfitting_check_steps, form=config.eval.loop, num_seeds=config.num_seeds,
     )
     return lambda params, key: check(params, held_out, key)
 
@@ -375,7 +375,7 @@ def evaluate_trained(config: ml_collections.ConfigDict, model, params, mnist: da
     eval_rng = seed_keys(config.seed, k)[3]
     sets = {split: place_eval_set(s, mesh) for split, s in eval_sets(mnist, config.eval).items()}
     full = evaluate.make_evaluator(
-        model.apply, use_predicted_labels=config.eval.use_predicted_labels, form=config.train.loop,
+        model.apply, use_predicted_labels=config.eval.use_predicted_labels, form=config.eval.loop,
         chunk_size=config.eval.chunk_size, num_seeds=k, mesh=mesh,
     )
     keys = {split: place(loops.map_over_seeds(lambda key: jax.random.fold_in(key, i), k)(eval_rng)) for i, split in enumerate(sets)}
@@ -393,7 +393,7 @@ def evaluate_trained(config: ml_collections.ConfigDict, model, params, mnist: da
         robust_key = loops.map_over_seeds(lambda key: jax.random.fold_in(key, len(sets)), k)(eval_rng)
         out["robustness"] = robustness.robustness_report(
             model.apply, jax.device_get(params) if mesh is not None else params, robust_set, robust_key,
-            config.robust, config.train.loop, num_seeds=k,
+            config.robust, config.eval.loop, num_seeds=k,
         )
     return out
 

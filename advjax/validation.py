@@ -100,6 +100,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.grid_chunk": non_negative_int(),
     "eval.batch_size": positive_int(),
     "eval.chunk_size": positive_int(),
+    "eval.loop": one_of(loops.LOOP_FORMS),
 }
 
 MNIST_TRAIN_SIZE, MNIST_TEST_SIZE = 60_000, 10_000

@@ -159,7 +159,7 @@ def sweep_worker(spec: dict) -> dict:
     b = config.eval.batch_size
     if spec["impl"] == "ours":
         eval_set = evaluate.make_eval_set(images, labels, len(labels), b)
-        sweep = evaluate.make_sweep(model.apply, "gaussian", form=config.train.loop, chunk_size=config.eval.chunk_size)
+        sweep = evaluate.make_sweep(model.apply, "gaussian", form=config.eval.loop, chunk_size=config.eval.chunk_size)
         run = lambda key, g: sweep(params, eval_set, jax.random.key(key), g)
     else:
         # A Python loop over sigmas, each a jitted accuracy call over host batches.

@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # validation images after every epoch, to catch catastrophic overfitting (0: off).
     config.train.overfitting_check_examples = 500
     config.train.overfitting_check_steps = 10
-    config.train.loop = "auto"  # auto | scan | chunked (advjax/loops.py); auto: chunked on CPU
+    config.train.loop = "auto"  # the training epoch's fold: auto | scan | chunked (advjax/loops.py); auto: chunked on CPU
     config.train.chunk_size = 8  # steps per compiled chunk in the chunked form
     # A checkpoint is written after every epoch; a relaunch on the same workdir
     # resumes from the newest. Older ones are kept in case the newest is damaged.
@@ -85,6 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # dispatch costs nothing measurable, and a chunk of 1 compiles 4x less than 4:
     # a whole configs/bp.py run spends 3.4 s in evaluation instead of 6.6 s.
     config.eval.chunk_size = 1
+    # The form of every evaluation fold (sweeps, attacks, the per-epoch checks); as train.loop.
+    config.eval.loop = "auto"
 
     # Robustness evaluation (advjax/robustness.py): accuracy against eps for each
     # attack, the per-example worst case over them, and the label-leaking check.
@@ -129,4 +131,10 @@ def experiment(model: str, mode: str, arg: str | None = None) -> ml_collections.
     config.model.name = model
     config.train.mode = mode
     config.eval.sigma = PAPER_EVAL_SIGMA.get(model, config.eval.sigma)  # the paper has no other models
+    if model == "bp":
+        # XLA:CPU's slow path inside loops is the convolutions' (advjax/loops.py);
+        # an MLP's step runs as fast inside a fori_loop as outside, and chunks of
+        # unrolled steps get slower the longer they are (BP FGSM, examples/s:
+        # about 45-52k as one loop, 39-47k in chunks of 8, 25-27k in chunks of 32).
+        config.train.loop = "scan"
     return config

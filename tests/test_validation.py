@@ -35,6 +35,7 @@ BAD_VALUES = [
     ("train.alpha", 1.1),
     ("train.sigma", -0.3),
     ("train.loop", "pmap"),
+    ("eval.loop", "while"),
     ("train.chunk_size", 0),
     ("eval.eps", -0.1),
     ("eval.sigma", -1.0),
