@@ -131,10 +131,4 @@ def experiment(model: str, mode: str, arg: str | None = None) -> ml_collections.
     config.model.name = model
     config.train.mode = mode
     config.eval.sigma = PAPER_EVAL_SIGMA.get(model, config.eval.sigma)  # the paper has no other models
-    if model == "bp":
-        # XLA:CPU's slow path inside loops is the convolutions' (advjax/loops.py);
-        # an MLP's step runs as fast inside a fori_loop as outside, and chunks of
-        # unrolled steps get slower the longer they are (BP FGSM, examples/s:
-        # about 45-52k as one loop, 39-47k in chunks of 8, 25-27k in chunks of 32).
-        config.train.loop = "scan"
     return config
