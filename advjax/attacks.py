@@ -260,10 +260,19 @@ def ascent_step(
     step_size: jax.Array | float,
     norm: Norm = "linf",
     targeted: bool = False,
+    stop_on_success: bool = False,
 ) -> jax.Array:
-    """One projected steepest-ascent step from `adversarial`, back into the eps ball around `images` and [0, 1]."""
+    """One projected steepest-ascent step from `adversarial`, back into the eps ball around `images` and [0, 1].
+
+    With `stop_on_success` (untargeted), examples no longer classified as `labels`
+    stay where they are, as in Wong et al.'s (2020) evaluation.
+    """
     gradient = ascent_gradient(logits_fn, adversarial, labels, targeted)
-    return project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
+    stepped = project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
+    if not stop_on_success:
+        return stepped
+    still_correct = jnp.argmax(logits_fn(adversarial), axis=-1) == labels
+    return jnp.where(_per_example(still_correct, adversarial), stepped, adversarial)
 
 
 def repeat(step: Callable[[int, jax.Array], jax.Array], num_steps: int, start: jax.Array, unroll: bool = False) -> jax.Array:
@@ -292,10 +301,11 @@ def iterate(
     norm: Norm = "linf",
     targeted: bool = False,
     unroll: bool = False,
+    stop_on_success: bool = False,
 ) -> jax.Array:
     """`num_steps` projected steepest-ascent steps from `start`: the core of BIM and PGD (see `repeat` for `unroll`)."""
     _check_norm(norm)
-    step = lambda _, adversarial: ascent_step(logits_fn, images, labels, adversarial, eps, step_size, norm, targeted)
+    step = lambda _, adversarial: ascent_step(logits_fn, images, labels, adversarial, eps, step_size, norm, targeted, stop_on_success)
     return repeat(step, num_steps, start, unroll)
 
 
@@ -391,6 +401,12 @@ def attack_outcome(
     return AttackOutcome(predicted != labels, loss)
 
 
+def _keep_where(better: jax.Array, best: tuple, candidate: tuple) -> tuple:
+    """Per example, the candidate's (images, outcome) where `better`, else the best's."""
+    choose = lambda new, old: jnp.where(_per_example(better, new), new, old)
+    return jax.tree.map(choose, candidate, best)
+
+
 def keep_worst(
     best: tuple[jax.Array, AttackOutcome], candidate: tuple[jax.Array, AttackOutcome]
 ) -> tuple[jax.Array, AttackOutcome]:
@@ -399,12 +415,25 @@ def keep_worst(
     Success ranks first because a restart that fools the model matters more to
     a robust accuracy than one with a higher loss that does not.
     """
-    (best_images, best_outcome), (images, outcome) = best, candidate
+    (_, best_outcome), (_, outcome) = best, candidate
     better = (outcome.success & ~best_outcome.success) | (
         (outcome.success == best_outcome.success) & (outcome.objective > best_outcome.objective)
     )
-    choose = lambda new, old: jnp.where(_per_example(better, new), new, old)
-    return jax.tree.map(choose, (images, outcome), (best_images, best_outcome))
+    return _keep_where(better, best, candidate)
+
+
+def keep_highest_loss(
+    best: tuple[jax.Array, AttackOutcome], candidate: tuple[jax.Array, AttackOutcome]
+) -> tuple[jax.Array, AttackOutcome]:
+    """Per example, the candidate if its objective is at least the best's: Wong et al.'s (2020)
+    restart selection, which ignores success. A restart that fooled the model can
+    lose to a later one with a higher loss that did not, so it is weaker than
+    `keep_worst`; it exists to reproduce their published evaluation.
+    """
+    return _keep_where(candidate[1].objective >= best[1].objective, best, candidate)
+
+
+RESTART_SELECTIONS = {"success_first": keep_worst, "highest_loss": keep_highest_loss}
 
 
 def pgd(
@@ -421,6 +450,8 @@ def pgd(
     random_start: bool = True,
     targeted: bool = False,
     unroll: bool = False,
+    restart_selection: str = "success_first",
+    stop_on_success: bool = False,
 ) -> jax.Array:
     """Projected gradient descent (Madry et al.) in L-inf or L2, with restarts.
 
@@ -429,20 +460,27 @@ def pgd(
     steps of `step_size` (2.5 eps / num_steps by default). Per example, the
     restart that fools the model, or failing that has the highest loss, is
     kept, so more restarts never make the attack weaker.
+    `restart_selection="highest_loss", stop_on_success=True` is Wong et al.'s
+    (2020) weaker evaluation instead (untargeted only), for comparing with their figures.
     """
     _check_norm(norm)
     if random_start and key is None:
         raise ValueError("pgd with random_start needs a PRNG key")
     if num_restarts < 1:
         raise ValueError(f"num_restarts must be at least 1, got {num_restarts}")
+    if restart_selection not in RESTART_SELECTIONS:
+        raise ValueError(f"restart_selection must be one of {tuple(RESTART_SELECTIONS)}, got {restart_selection!r}")
+    if stop_on_success and targeted:
+        raise ValueError("stop_on_success is for untargeted attacks")
     step_size = default_step_size(eps, num_steps) if step_size is None else step_size
+    keep = RESTART_SELECTIONS[restart_selection]
 
     def run(restart):
         start = uniform_in_ball(jax.random.fold_in(key, restart), images, eps, norm) if random_start else images
-        adversarial = iterate(logits_fn, images, labels, start, eps, step_size, num_steps, norm, targeted, unroll)
+        adversarial = iterate(logits_fn, images, labels, start, eps, step_size, num_steps, norm, targeted, unroll, stop_on_success)
         return adversarial, attack_outcome(logits_fn, adversarial, labels, targeted)
 
-    best = lax.fori_loop(1, num_restarts, lambda restart, best: keep_worst(best, run(restart)), run(0))
+    best = lax.fori_loop(1, num_restarts, lambda restart, best: keep(best, run(restart)), run(0))
     return best[0]
 
 

@@ -75,6 +75,11 @@ class AttackSpec(NamedTuple):
     relative_step_size: float | None = None  # per step, as a multiple of eps
     random_start: bool = True  # pgd / pgd_l2 only (bim starts at the clean image, fgsm_random_start always draws)
     use_predicted_labels: bool = False  # attack the model's own labels (pitfall 5: label leaking)
+    # pgd / pgd_l2: which restart is kept per example (attacks.RESTART_SELECTIONS), and
+    # whether an example stops once fooled. The defaults are the stronger choices;
+    # 'highest_loss' with stop_on_success=True is Wong et al.'s (2020) evaluation.
+    restart_selection: str = "success_first"
+    stop_on_success: bool = False
 
 
 class RobustResult(NamedTuple):
@@ -115,6 +120,10 @@ def check_spec(spec: AttackSpec) -> None:
         raise ValueError(f"{spec.name} takes no step size")
     if spec.name not in ITERATIVE + ("deepfool",) and steps != 1:
         raise ValueError(f"{spec.name} is a one-step attack; num_steps must be 1 or None, got {steps}")
+    if spec.restart_selection not in attacks.RESTART_SELECTIONS:
+        raise ValueError(f"{spec.name}: restart_selection must be one of {tuple(attacks.RESTART_SELECTIONS)}, got {spec.restart_selection!r}")
+    if spec.name not in ITERATIVE and (spec.stop_on_success or spec.restart_selection != "success_first"):
+        raise ValueError(f"{spec.name} is a one-step attack: stop_on_success and restart_selection apply to bim, pgd and pgd_l2")
     restartable = spec.name in ("pgd", "pgd_l2") and spec.random_start
     if spec.num_restarts > 1 and not restartable:
         # Without a random draw every restart repeats the same deterministic attack.
@@ -222,7 +231,9 @@ def make_robust_sweep(
 
         carry = _when(True if steps == 1 else step == 0, start, carry)
 
-        take_step = lambda a, eps: attacks.ascent_step(logits_fn, x, carry.attack_labels, a, eps, _step_size(spec, eps), norm)
+        take_step = lambda a, eps: attacks.ascent_step(
+            logits_fn, x, carry.attack_labels, a, eps, _step_size(spec, eps), norm, stop_on_success=spec.stop_on_success
+        )
         carry = carry._replace(adversarial=jax.vmap(take_step)(carry.adversarial, grid))
 
         def score(c: _Carry) -> _Carry:
@@ -232,8 +243,8 @@ def make_robust_sweep(
 
             candidate = jax.vmap(outcome)(c.adversarial)
             if restarts > 1:
-                # As attacks.pgd: the first restart is kept as is, later ones through keep_worst.
-                merged = jax.vmap(attacks.keep_worst)((c.kept_correct, c.kept), candidate)
+                # As attacks.pgd: the first restart is kept as is, later ones through the restart selection.
+                merged = jax.vmap(attacks.RESTART_SELECTIONS[spec.restart_selection])((c.kept_correct, c.kept), candidate)
                 candidate = jax.tree.map(lambda new, old: jnp.where(restart == 0, new, old), candidate, merged)
             kept_correct, kept = candidate
             # Written at every restart's end; the last restart's write holds the batch's worst case.
@@ -316,6 +327,17 @@ def check_section(section) -> None:
             raise ValueError(f"config.robust.{field}={section[field]!r}: expected a positive integer")
     if section.pgd_step_size < 0:
         raise ValueError(f"config.robust.pgd_step_size={section.pgd_step_size!r}: expected >= 0 (0: 2.5 eps / steps)")
+    if section.get("pgd_protocol", "strict") not in PGD_PROTOCOLS:
+        raise ValueError(f"config.robust.pgd_protocol={section.pgd_protocol!r}: expected one of {tuple(PGD_PROTOCOLS)}")
+
+
+# How PGD keeps its restarts and whether an example stops once fooled (AttackSpec).
+# 'strict' is the stronger attack; 'wong2020' reproduces Wong et al.'s MNIST
+# evaluation, to compare with their published figures.
+PGD_PROTOCOLS = {
+    "strict": {"restart_selection": "success_first", "stop_on_success": False},
+    "wong2020": {"restart_selection": "highest_loss", "stop_on_success": True},
+}
 
 
 def attack_specs(section) -> dict[str, AttackSpec]:
@@ -328,6 +350,7 @@ def attack_specs(section) -> dict[str, AttackSpec]:
             specs[name] = AttackSpec(
                 name, num_steps=section.pgd_steps, num_restarts=1 if name == "bim" else section.pgd_restarts,
                 step_size=absolute, random_start=name != "bim",
+                **(PGD_PROTOCOLS[section.get("pgd_protocol", "strict")] if name != "bim" else {}),
             )
         elif name == "deepfool":
             specs[name] = AttackSpec(name, num_steps=section.deepfool_max_iter)
@@ -409,6 +432,8 @@ def robustness_report(
             "num_restarts": spec.num_restarts,
             "step_size": describe_step_size(spec),
             "random_start": spec.random_start if name in ("pgd", "pgd_l2") else name == "fgsm_random_start",
+            "restart_selection": spec.restart_selection,
+            "stop_on_success": spec.stop_on_success,
             "labels": "predicted" if spec.use_predicted_labels else "true",
             "num_examples": eval_set.num_examples,
         }

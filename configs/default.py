@@ -103,6 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.robust.pgd_steps = 100  # steps per restart for bim, pgd and pgd_l2 (MNIST challenge: PGD-100)
     config.robust.pgd_restarts = 10  # random restarts for pgd and pgd_l2; the worst per example is kept
     config.robust.pgd_step_size = 0.01  # L-inf step in pixels for bim and pgd; 0: 2.5 eps / steps (pgd_l2 always uses that)
+    # 'strict': per example, a restart that fools the model is kept, and every step is taken.
+    # 'wong2020': the restart with the highest loss is kept and each example stops at its
+    # first success, as in Wong et al.'s evaluation; weaker, for comparing with their figures.
+    config.robust.pgd_protocol = "strict"
     config.robust.deepfool_max_iter = 50
     config.robust.chunk_size = 4  # attack steps per compiled chunk in the chunked (CPU) loop form
     return config

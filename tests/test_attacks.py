@@ -901,3 +901,43 @@ def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model(trained_mlp):
     # The margin is what the multi-step attack adds on a nonlinear model (~0.7 -> ~0.25).
     assert pgd_accuracy <= fgsm_accuracy - 0.2, (pgd_accuracy, fgsm_accuracy)
     assert deepfool_success > 0.95, deepfool_success
+
+
+# ----------------------------------------------------------------------------
+# Wong et al.'s (2020) evaluation protocol: restart by highest loss, stop once fooled.
+
+
+def test_restart_selections_differ_exactly_where_a_success_has_the_lower_loss():
+    images = jnp.zeros((3, *IMAGE_SHAPE))
+    best = (images, attacks.AttackOutcome(jnp.array([True, False, True]), jnp.array([0.5, 1.0, 2.0])))
+    candidate = (images + 1.0, attacks.AttackOutcome(jnp.array([False, True, False]), jnp.array([0.9, 0.2, 1.0])))
+    strict, _ = attacks.keep_worst(best, candidate)
+    highest, outcome = attacks.keep_highest_loss(best, candidate)
+    # Example 0: the kept success (loss 0.5) loses to a failure with loss 0.9 under highest-loss only.
+    np.testing.assert_array_equal(per_image(strict).max(axis=1), [0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(per_image(highest).max(axis=1), [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(outcome.success, [False, False, True])
+
+
+def test_ascent_step_with_stop_on_success_freezes_fooled_examples_and_steps_the_rest():
+    weights, bias, logits_fn = random_linear_model(0, scale=0.2)
+    images = jnp.asarray(uniform_images(16, 0.2, 0.8))
+    predictions = np.argmax(numpy_logits(weights, bias, images), axis=1)
+    labels = predictions.copy()
+    labels[::2] = (predictions[::2] + 1) % 10  # even examples already misclassified
+    labels = jnp.asarray(labels)
+    eps, step_size = 0.1, 0.02
+    frozen = attacks.ascent_step(logits_fn, images, labels, images, eps, step_size, stop_on_success=True)
+    stepped = attacks.ascent_step(logits_fn, images, labels, images, eps, step_size)
+    np.testing.assert_array_equal(np.asarray(frozen)[::2], np.asarray(images)[::2])
+    np.testing.assert_array_equal(np.asarray(frozen)[1::2], np.asarray(stepped)[1::2])
+    assert np.all(np.abs(per_image(stepped - images)[1::2]).max(axis=1) > 0)
+
+
+def test_pgd_refuses_an_unknown_restart_selection_and_a_targeted_stop_on_success():
+    _, _, logits_fn = random_linear_model(0)
+    images, labels = jnp.asarray(uniform_images(2)), jnp.array([0, 1])
+    with pytest.raises(ValueError, match="restart_selection must be one of"):
+        attacks.pgd(logits_fn, images, labels, 0.1, jax.random.key(0), restart_selection="max")
+    with pytest.raises(ValueError, match="untargeted"):
+        attacks.pgd(logits_fn, images, labels, 0.1, jax.random.key(0), targeted=True, stop_on_success=True)

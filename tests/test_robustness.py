@@ -122,6 +122,37 @@ def test_tick_fold_pgd_equals_attacks_pgd_per_batch_with_the_same_keys(form):
     assert 0 < expected.sum() and expected[-1].sum() < expected[0].sum()
 
 
+def test_wong_et_al_protocol_fold_equals_their_loop_written_out():
+    # Their evaluation: each restart stops an example at its first success, and the
+    # restart with the highest loss is kept, fooled or not.
+    steps, restarts, step_size = 10, 5, 0.03
+
+    def wong_pgd(logits_fn, x, y, eps, key):
+        best = None
+        for restart in range(restarts):
+            adversarial = attacks.uniform_in_ball(jax.random.fold_in(key, restart), x, eps, "linf")
+            for _ in range(steps):
+                adversarial = attacks.ascent_step(logits_fn, x, y, adversarial, eps, step_size, stop_on_success=True)
+            candidate = (adversarial, attacks.attack_outcome(logits_fn, adversarial, y))
+            best = candidate if best is None else attacks.keep_highest_loss(best, candidate)
+        return best[0]
+
+    params, es = trained()
+    key, grid = jax.random.key(0), (0.3,)
+    strict_spec = robustness.AttackSpec("pgd", num_steps=steps, num_restarts=restarts, step_size=step_size)
+    wong_spec = strict_spec._replace(restart_selection="highest_loss", stop_on_success=True)
+    swept = robustness.make_robust_sweep(mlp_apply, wong_spec, form="chunked", chunk_size=5)(params, es, key, grid)
+    np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, grid, wong_pgd))
+    library = lambda f, x, y, eps, k: attacks.pgd(
+        f, x, y, eps, k, num_steps=steps, num_restarts=restarts, step_size=step_size,
+        restart_selection="highest_loss", stop_on_success=True,
+    )
+    np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, grid, library))
+    # The strict protocol fools every example this one does, and here a few more.
+    strict = robustness.make_robust_sweep(mlp_apply, strict_spec, form="scan")(params, es, key, grid)
+    assert np.all(strict.correct <= swept.correct) and strict.correct.sum() < swept.correct.sum()
+
+
 def test_restarts_keep_the_worst_case_per_example():
     # Fewer restarts (a subset of the same draws) can only leave more examples correct.
     one = robustness.make_robust_sweep(mlp_apply, PGD._replace(num_restarts=1), form="scan")
@@ -228,6 +259,8 @@ def test_several_seeds_equal_each_seed_alone():
         (robustness.AttackSpec("fgsm", step_size=0.1), "takes no step size"),
         (robustness.AttackSpec("pgd", step_size=0.1, relative_step_size=0.1), "not both"),
         (robustness.AttackSpec("fgm_l2", num_steps=5), "one-step attack"),
+        (robustness.AttackSpec("pgd", restart_selection="max"), "restart_selection must be one of"),
+        (robustness.AttackSpec("fgsm", stop_on_success=True), "one-step attack"),
     ],
 )
 def test_specs_that_would_compute_something_else_are_refused(spec, message):
@@ -351,6 +384,19 @@ def test_report_states_each_attack_and_the_label_leaking_check():
     assert report["clean_accuracy_per_seed"] == [report["clean_accuracy"]]
     assert report["worst_case"]["l2"]["over"] == ["clean", "fgm_l2"]
     assert set(report["seconds"]) >= {"clean", "fgsm", "pgd", "fgm_l2", "fgsm_predicted_labels"}
+
+
+def test_pgd_protocol_selects_wong_et_al_s_evaluation_and_the_report_states_it():
+    section = small_section()
+    assert robustness.attack_specs(section)["pgd"].restart_selection == "success_first"
+    section.pgd_protocol = "wong2020"
+    spec = robustness.attack_specs(section)["pgd"]
+    assert (spec.restart_selection, spec.stop_on_success) == ("highest_loss", True)
+    report = robustness.robustness_report(mlp_apply, random_params(), eval_set(), jax.random.key(0), section, "chunked")
+    assert (report["attacks"]["pgd"]["restart_selection"], report["attacks"]["pgd"]["stop_on_success"]) == ("highest_loss", True)
+    section.pgd_protocol = "madry"
+    with pytest.raises(ValueError, match="config.robust.pgd_protocol='madry'"):
+        robustness.check_section(section)
 
 
 def test_report_rejects_bad_sections():
