@@ -193,36 +193,40 @@ def make_objective(
         )
         return loss, clean_logits
 
-    def pgd(params, images, labels, rng, step=None):
-        # Madry et al.: the loss at the worst point PGD finds in the eps ball, nothing else.
-        attack_rng, dropout_rng = jax.random.split(rng)
-        adversarial = jax.lax.stop_gradient(attacks.pgd(
-            eval_logits_fn(params), images, labels, eps_at(step), attack_rng,
-            num_steps=train_config.attack_steps, step_size=train_config.attack_step_size, unroll=unroll,
-        ))
-        return adversarial_only(params, images, adversarial, labels, dropout_rng)
+    def eval_logits_fn(params):
+        return lambda x: apply_fn({"params": params}, x, train=False)
 
-    def fast(params, images, labels, rng, step=None):
-        # Wong et al.: one FGSM step from a uniform random start; the start is what
-        # keeps it from the catastrophic overfitting of plain FGSM training.
-        attack_rng, dropout_rng = jax.random.split(rng)
-        eps = eps_at(step)
-        adversarial = jax.lax.stop_gradient(attacks.fgsm_random_start(
-            eval_logits_fn(params), images, labels, eps, attack_rng,
-            train_config.fast_step_size * eps, clip_start=train_config.get("fast_clip_start", False),
-        ))
-        return adversarial_only(params, images, adversarial, labels, dropout_rng)
+    def adversarial_only(params, images, adversarial, labels, dropout_rng):
+        # Accuracy is reported on the images trained on, here adversarial ones
+        # (as Madry et al. and Wong et al. report it): a clean pass only for the
+        # metric would add half again to the cost of fast training.
+        logits = train_logits(params, adversarial, dropout_rng)
+        return jnp.mean(objectives.cross_entropy(logits, labels)), logits
 
-    def nfgsm(params, images, labels, rng, step=None):
-        # de Jorge et al.: single-step like fast, with twice the noise and no projection
-        # (attacks.noisy_fgsm); it trains on perturbations larger than eps.
-        attack_rng, dropout_rng = jax.random.split(rng)
-        eps = eps_at(step)
-        adversarial = jax.lax.stop_gradient(attacks.noisy_fgsm(
-            eval_logits_fn(params), images, labels, eps, attack_rng,
-            train_config.nfgsm_noise, train_config.nfgsm_step_size * eps,
-        ))
-        return adversarial_only(params, images, adversarial, labels, dropout_rng)
+    def trained_on(craft):
+        """The loss on `craft(eval_logits, images, labels, eps, key)` alone, frozen before the parameter gradient."""
+
+        def objective(params, images, labels, rng, step=None):
+            attack_rng, dropout_rng = jax.random.split(rng)
+            adversarial = jax.lax.stop_gradient(craft(eval_logits_fn(params), images, labels, eps_at(step), attack_rng))
+            return adversarial_only(params, images, adversarial, labels, dropout_rng)
+
+        return objective
+
+    # Madry et al.: the loss at the worst point PGD finds in the eps ball, nothing else.
+    pgd = trained_on(lambda logits_fn, x, y, eps, key: attacks.pgd(
+        logits_fn, x, y, eps, key, num_steps=train_config.attack_steps, step_size=train_config.attack_step_size, unroll=unroll,
+    ))
+    # Wong et al.: one FGSM step from a uniform random start; the start is what
+    # keeps it from the catastrophic overfitting of plain FGSM training.
+    fast = trained_on(lambda logits_fn, x, y, eps, key: attacks.fgsm_random_start(
+        logits_fn, x, y, eps, key, train_config.fast_step_size * eps, clip_start=train_config.get("fast_clip_start", False),
+    ))
+    # de Jorge et al.: single-step like fast, with twice the noise and no projection
+    # (attacks.noisy_fgsm); it trains on perturbations larger than eps.
+    nfgsm = trained_on(lambda logits_fn, x, y, eps, key: attacks.noisy_fgsm(
+        logits_fn, x, y, eps, key, train_config.nfgsm_noise, train_config.nfgsm_step_size * eps,
+    ))
 
     def trades(params, images, labels, rng, step=None):
         attack_rng, dropout_rng = jax.random.split(rng)
@@ -235,16 +239,6 @@ def make_objective(
         clean_logits = train_logits(params, images, clean_rng)
         adversarial_logits = train_logits(params, adversarial, adversarial_rng)
         return objectives.trades_loss(clean_logits, adversarial_logits, labels, train_config.trades_beta), clean_logits
-
-    def eval_logits_fn(params):
-        return lambda x: apply_fn({"params": params}, x, train=False)
-
-    def adversarial_only(params, images, adversarial, labels, dropout_rng):
-        # Accuracy is reported on the images trained on, here adversarial ones
-        # (as Madry et al. and Wong et al. report it): a clean pass only for the
-        # metric would add half again to the cost of fast training.
-        logits = train_logits(params, adversarial, dropout_rng)
-        return jnp.mean(objectives.cross_entropy(logits, labels)), logits
 
     unroll = attack_unroll(train_config.get("attack_unroll", "auto"))
     by_mode = {"ordinary": ordinary, "fgsm": fgsm, "gaussian": gaussian, "pgd": pgd, "fast": fast, "trades": trades, "nfgsm": nfgsm}
