@@ -115,17 +115,34 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def open_manager(workdir: str, keep: int | None = None) -> ocp.CheckpointManager:
+# The metric `save_epoch` attaches to each checkpoint when the best epochs are kept.
+CHECK_METRIC = "pgd_check"
+
+
+def open_manager(workdir: str, keep: int | None = None, best_of_seeds: int = 0) -> ocp.CheckpointManager:
     """A manager of `workdir/checkpoints` that keeps the latest `keep` epochs (None: read only).
 
+    With `best_of_seeds` = K > 0 it also keeps, for each of K seeds, the epoch
+    whose checkpoint metric CHECK_METRIC is highest for that seed (the latest
+    of ties), so that the best epoch survives however long training runs on.
     Use it as a context manager. Leftover temporary directories of a killed
     save are removed when it opens: they were never committed, so never trusted.
     """
     if keep is None:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     else:
+        policy, best_fn = preservation_policy.LatestN(n=keep), None
+        if best_of_seeds:
+            best = [
+                preservation_policy.BestN(get_metric_fn=lambda metrics, seed=seed: metrics[CHECK_METRIC][seed], n=1)
+                for seed in range(best_of_seeds)
+            ]
+            policy = preservation_policy.AnyPreservationPolicy([policy, *best])
+            # Orbax writes a checkpoint's metrics to disk only when best_fn is set; without
+            # them on disk, a resumed run's manager would keep every earlier epoch.
+            best_fn = lambda metrics: metrics[CHECK_METRIC][0]
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation_policy.LatestN(n=keep), create=True, cleanup_tmp_directories=True
+            preservation_policy=policy, best_fn=best_fn, best_mode="max", create=True, cleanup_tmp_directories=True
         )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
@@ -136,14 +153,24 @@ def saved_epochs(manager: ocp.CheckpointManager) -> list[int]:
 
 
 def save_epoch(
-    manager: ocp.CheckpointManager, epoch: int, state: train.TrainState, config: ml_collections.ConfigDict, records: list[dict]
+    manager: ocp.CheckpointManager,
+    epoch: int,
+    state: train.TrainState,
+    config: ml_collections.ConfigDict,
+    records: list[dict],
+    check: list[float] | None = None,
 ) -> None:
-    """Checkpoints the state after `epoch` with the config and the metrics records so far.
+    """Checkpoints the state after `epoch` with the config and the metrics records so far,
+    and `check` (one value per seed) as its CHECK_METRIC for a manager that keeps best epochs.
 
     Waits until the checkpoint is committed: once this returns, a killed run resumes after `epoch`.
     """
     run = {"epoch": epoch, "config": config_as_json(config), "records": records}
-    manager.save(epoch, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), RUN_ITEM: ocp.args.JsonSave(run)}))
+    metrics = None if check is None else {CHECK_METRIC: [float(v) for v in check]}
+    manager.save(
+        epoch, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), RUN_ITEM: ocp.args.JsonSave(run)}),
+        metrics=metrics,
+    )
     manager.wait_until_finished()
 
 
@@ -235,8 +262,12 @@ class Restored(NamedTuple):
     apply_fn: Callable  # (params, float32 images [B, 28, 28, 1] in [0, 1]) -> logits [B, 10]
 
 
-def restore(workdir: str) -> Restored:
-    """The params of the last epoch checkpointed in `workdir`, with its config and an eval-mode apply function."""
+def restore(workdir: str, epoch: int | None = None) -> Restored:
+    """The params of `epoch` (default: the last checkpointed) in `workdir`, with the config and an eval-mode apply function.
+
+    A train.keep_best run evaluated other epochs than the last: they are in
+    summary.json's "evaluated_epochs", one per seed, and their checkpoints are kept.
+    """
     config = load_config(workdir)
     model = models.build_model(config.model)
     num_seeds = config.get("num_seeds", 1)
@@ -248,6 +279,8 @@ def restore(workdir: str) -> Restored:
         epochs = saved_epochs(manager)
         if not epochs:
             raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}")
+        if epoch is not None and epoch not in epochs:
+            raise FileNotFoundError(f"no checkpoint of epoch {epoch} under {checkpoint_dir(workdir)}; kept: {epochs}")
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
-        state = manager.restore(epochs[-1], args=args)[STATE_ITEM]
+        state = manager.restore(epochs[-1] if epoch is None else epoch, args=args)[STATE_ITEM]
     return Restored(config, state.params, eval_apply_fn(model))

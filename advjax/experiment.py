@@ -29,8 +29,7 @@ from advjax import checkpoint, data, evaluate, loops, models, report, robustness
 METRICS_FILE = "metrics.jsonl"
 TIMINGS_FILE = "timings.json"
 SUMMARY_FILE = "summary.json"
-# Modes that train on attacked images, whose robustness is checked each epoch.
-ADVERSARIAL_MODES = ("fgsm", "pgd", "fast", "trades", "nfgsm")
+ADVERSARIAL_MODES = train.ADVERSARIAL_MODES
 # Everything a run writes besides config.json. The summary comes first: it is
 # the one file trusted on sight (paper.py reuses a run by it), so clearing a
 # run removes it before anything it summarizes.
@@ -273,7 +272,8 @@ def fit(
     )
     overfitting_check = make_overfitting_check(config, model, mnist)
     records, timings = [], []
-    with checkpoint.open_manager(workdir, keep=config.train.checkpoints_to_keep) as manager:
+    keep_best = config.train.get("keep_best", False)
+    with checkpoint.open_manager(workdir, keep=config.train.checkpoints_to_keep, best_of_seeds=k if keep_best else 0) as manager:
         # The fresh state is the template to restore into: structure, optimizer, shapes and placement.
         resumed = checkpoint.restore_latest(manager, state, config, log)
         if resumed is not None:
@@ -298,7 +298,8 @@ def fit(
                 warn_if_overfitting(records, log)
             timings.append(epoch_timing(epoch, totals, seconds))
             # The checkpoint first: a run killed between these writes resumes from it and rewrites the files.
-            checkpoint.save_epoch(manager, epoch, state, config, records)
+            check = pgd_check_per_seed(records[-1], k) if keep_best else None
+            checkpoint.save_epoch(manager, epoch, state, config, records, check)
             report.write_jsonl(os.path.join(workdir, METRICS_FILE), records)
             write_timings(workdir, timings)
             r, t = records[-1], timings[-1]
@@ -307,6 +308,33 @@ def fit(
                 f"train acc {r['train_accuracy']:.4f}  val acc {r['validation_accuracy']:.4f}  ({t['examples_per_second']:.0f} ex/s)"
             )
     return Fitted(state, records, timings)
+
+
+def pgd_check_per_seed(record: dict, num_seeds: int) -> list[float]:
+    pgd = record["robust_check"]["pgd"]
+    return [float(pgd)] if num_seeds == 1 else [float(v) for v in pgd]
+
+
+def best_epochs(records: list[dict], num_seeds: int) -> list[int]:
+    """Per seed, the epoch of highest held-out PGD accuracy, the latest of ties (as the checkpoint manager keeps)."""
+    checks = np.array([pgd_check_per_seed(r, num_seeds) for r in records])
+    return [int(len(records) - np.argmax(checks[::-1, seed])) for seed in range(num_seeds)]
+
+
+def restore_best_params(workdir: str, template: train.TrainState, config: ml_collections.ConfigDict, records: list[dict]):
+    """(params, epochs): each seed's params from its best epoch (best_epochs), stacked as in training.
+
+    Wong et al.'s early stopping: one-step training can lose its robustness
+    within an epoch, and the held-out PGD check sees it.
+    """
+    epochs = best_epochs(records, config.num_seeds)
+    distinct = sorted(set(epochs))
+    with checkpoint.open_manager(workdir) as manager:
+        restored = [checkpoint.restore_epoch(manager, e, template, config).state.params for e in distinct]
+    if config.num_seeds == 1:
+        return restored[0], epochs
+    pick = lambda *per_epoch: jnp.stack([per_epoch[distinct.index(e)][seed] for seed, e in enumerate(epochs)])
+    return jax.tree.map(pick, *restored), epochs
 
 
 def place_eval_set(eval_set: evaluate.EvalSet, mesh) -> evaluate.EvalSet:
@@ -421,11 +449,15 @@ def train_and_evaluate(
     log(f"data: {len(mnist.train.labels)} train / {len(mnist.validation.labels)} validation / {len(mnist.test.labels)} test")
     model = models.build_model(config.model)
     state, records, timings = fit(config, model, mnist, workdir, log)
+    params, selected = state.params, None
+    if config.train.get("keep_best", False):
+        params, selected = restore_best_params(workdir, state, config, records)
+        log(f"evaluating the epoch{'s' if len(selected) > 1 else ''} of best held-out PGD accuracy: {', '.join(map(str, selected))}")
 
     log(f"evaluating: FGSM eps={config.eval.eps}, Gaussian sigma={config.eval.sigma}, matched Gaussian, sweeps")
     start = time.perf_counter()
     mesh = sharding.data_mesh_for(config.num_devices)
-    results = evaluate_trained(config, model, state.params, mnist, mesh)
+    results = evaluate_trained(config, model, params, mnist, mesh)
     evaluation_seconds = time.perf_counter() - start
     # Wall-clock seconds go to timings.json; summary.json stays deterministic.
     robust_seconds = results.get("robustness", {}).pop("seconds", None)
@@ -439,6 +471,8 @@ def train_and_evaluate(
         **sharding.describe(mesh),
         **results,
         "catastrophic_overfitting": overfitting_summary(records),
+        # Per seed, the epoch whose params were evaluated (train.keep_best); None: the last.
+        "evaluated_epochs": selected,
         "epochs": records,
     }
     write_timings(workdir, timings, evaluation_seconds, robust_seconds)

@@ -16,6 +16,8 @@ from advjax import attacks, loops, objectives, sharding
 # from later work: PGD (Madry et al. 2018), fast FGSM with a random start
 # (Wong et al. 2020), TRADES (Zhang et al. 2019) and N-FGSM (de Jorge et al. 2022).
 TRAINING_MODES = ("ordinary", "fgsm", "gaussian", "pgd", "fast", "trades", "nfgsm")
+# Modes that train on attacked images, whose robustness is checked each epoch.
+ADVERSARIAL_MODES = ("fgsm", "pgd", "fast", "trades", "nfgsm")
 
 # (params, images, labels, rng[, step]) -> (scalar loss, logits reported for accuracy).
 # `step` is the optimizer step the loss is taken at; it sets the attack's eps
@@ -245,9 +247,32 @@ def make_objective(
     if train_config.mode not in by_mode:
         raise ValueError(f"train.mode={train_config.mode!r} is not one of {TRAINING_MODES}")
     objective = by_mode[train_config.mode]
+    align_weight = train_config.get("grad_align", 0.0)
+    if align_weight:
+        return with_gradient_alignment(objective, eval_logits_fn, eps_at, align_weight)
     if deterministic and train_config.mode == "fgsm":
         objective.value_and_grad = shared_pass_fgsm(apply_fn, eps_at, train_config.alpha)
     return objective
+
+
+def with_gradient_alignment(objective: Objective, eval_logits_fn: Callable, eps_at: Callable, weight: float) -> Objective:
+    """`objective` plus `weight` x GradAlign's penalty (objectives.gradient_misalignment),
+    between the clean images and a uniform draw from the eps ball around them.
+
+    The draw is not clipped to [0, 1], as in Andriushchenko & Flammarion's code:
+    the penalty asks for a locally linear loss around x, not for an attack.
+    It costs one more forward and backward pass, and a second-order one.
+    """
+
+    def aligned(params, images, labels, rng, step=None):
+        rng, align_rng = jax.random.split(rng)
+        loss, logits = objective(params, images, labels, rng, step)
+        eps = eps_at(step)
+        perturbed = attacks.uniform_in_ball(align_rng, images, eps, "linf", clip=False)
+        penalty = objectives.gradient_misalignment(eval_logits_fn(params), images, perturbed, labels)
+        return loss + weight * penalty, logits
+
+    return aligned
 
 
 def shared_pass_fgsm(apply_fn: Callable, eps_at: Callable, alpha: float) -> Callable:

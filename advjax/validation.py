@@ -84,6 +84,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.nfgsm_step_size": number_in(0.0, 10.0),
     "train.eps_warmup_epochs": number_in(0.0, 1000.0),
     "train.trades_beta": number_in(0.0, 1000.0),
+    "train.grad_align": number_in(0.0, 1000.0),
+    "train.keep_best": ((lambda v: isinstance(v, bool)), "true or false"),
     "train.attack_unroll": one_of(train.ATTACK_UNROLL),
     "train.overfitting_check_examples": non_negative_int(),
     "train.overfitting_check_steps": positive_int(),
@@ -138,10 +140,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{path}={value!r} is invalid: expected {expected}")
     _check_sizes(config)
     _check_devices(config)
+    _check_keep_best(config)
     try:
         robustness.check_section(config.robust)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ConfigError(str(e)) from e
+
+
+def _check_keep_best(config: ml_collections.ConfigDict) -> None:
+    """Keeping the best epoch needs the per-epoch robustness check it is chosen by."""
+    if not config.train.keep_best:
+        return
+    if config.train.mode not in train.ADVERSARIAL_MODES:
+        raise ConfigError(
+            f"config.train.keep_best=True needs an adversarial train.mode (one of {train.ADVERSARIAL_MODES}), "
+            f"whose per-epoch PGD check chooses the epoch; train.mode is {config.train.mode!r}"
+        )
+    if config.train.overfitting_check_examples == 0:
+        raise ConfigError("config.train.keep_best=True needs the per-epoch PGD check: set train.overfitting_check_examples > 0")
 
 
 def _check_devices(config: ml_collections.ConfigDict) -> None:

@@ -54,11 +54,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # many epochs (fractions allowed), then stays; 0: the full eps from the first step.
     config.train.eps_warmup_epochs = 0.0
     config.train.trades_beta = 1.0  # weight of TRADES's KL term
+    # GradAlign (Andriushchenko & Flammarion 2020), any mode: this weight times the mean
+    # 1 - cos between input gradients at x and at a uniform draw from the train.eps ball
+    # (0: off). Against catastrophic overfitting of one-step training; about 2x its cost.
+    config.train.grad_align = 0.0
     config.train.attack_unroll = "auto"  # auto | loop | unrolled: attack steps unrolled on CPU, a loop elsewhere
     # Adversarial modes: FGSM and PGD accuracy at train.eps on this many held-out
     # validation images after every epoch, to catch catastrophic overfitting (0: off).
     config.train.overfitting_check_examples = 500
     config.train.overfitting_check_steps = 10
+    # Adversarial modes: evaluate each seed's epoch of highest held-out PGD accuracy in
+    # that check instead of the last (Wong et al.'s early stopping); its checkpoint is kept.
+    config.train.keep_best = False
     config.train.loop = "auto"  # the training epoch's fold: auto | scan | chunked (advjax/loops.py); auto: chunked on CPU
     config.train.chunk_size = 8  # steps per compiled chunk in the chunked form
     # A checkpoint is written after every epoch; a relaunch on the same workdir

@@ -5,11 +5,17 @@ step 1.25 eps = 0.375, 10 epochs of batch 100, Adam with a cyclic learning rate
 peaking at 5e-3. They report 88.8% against PGD-50 x 10 at eps = 0.3.
 
 Their code was PyTorch, and its layers' default initialization is part of the
-recipe (model.init = "torch_default"): over seeds 0-3, PGD-50 x 10 accuracy at
-eps = 0.3 on 1000 test images was 0.811 / 0.812 / 0.782 / 0.816 with it and
-0.465 / 0.076 / 0.785 / 0.751 with Glorot-uniform kernels and zero biases, the
-project's default (2-core CPU, README "Robustness beyond the paper"). Still
-short of their 88.8%.
+recipe (model.init = "torch_default"). Three changes, each measured on the
+2-core CPU (README, "Robustness beyond the paper"), make it reliable here:
+- 59,000 training images, as near their 60,000 as the 500-image held-out
+  check allows (data.num_validation = 1000), not the paper's 50,000;
+- eps ramped from 0 over the first epoch: at the full eps from the first step,
+  seed 0's network died (constant output) in epoch 1;
+- early stopping on the held-out PGD check (train.keep_best), which Wong et al.
+  advise: each seed is evaluated at its best epoch.
+Seeds 0-3, PGD-50 x 10 at eps = 0.3 on the first 1000 test images:
+0.861 / 0.872 / 0.798 / 0.851, about 3 minutes per seed on one CPU core.
+Without the three changes: 0.126 / 0.727 / 0.860 / 0.787.
 """
 
 from configs import default
@@ -17,10 +23,14 @@ from configs import default
 
 def get_config(arg=None):
     config = default.defense("small_cnn", "fast", arg)
+    config.data.num_validation = 1000
+    config.eval.num_validation = 1000
     config.train.epochs = 10
     config.train.batch_size = 100
     config.train.learning_rate = 5e-3
     config.train.schedule = "cyclic"
     config.train.fast_step_size = 1.25
+    config.train.eps_warmup_epochs = 1.0
+    config.train.keep_best = True
     config.model.init = "torch_default"
     return config

@@ -68,6 +68,10 @@ def test_only_the_latest_epochs_are_kept_and_restore_takes_the_last(tmp_path):
 
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     chex.assert_trees_all_close(checkpoint.restore(str(tmp_path)).params, jax.tree.map(jnp.asarray, later(state, 10).params))
+    # An earlier kept epoch on request; one not kept is refused, naming those kept.
+    chex.assert_trees_all_close(checkpoint.restore(str(tmp_path), epoch=2).params, jax.tree.map(jnp.asarray, later(state, 5).params))
+    with pytest.raises(FileNotFoundError, match=r"epoch 1 .*kept: \[2, 3\]"):
+        checkpoint.restore(str(tmp_path), epoch=1)
 
 
 def test_restore_latest_gives_state_step_optimizer_and_records(tmp_path):

@@ -244,3 +244,65 @@ def test_the_fast_fgsm_gradient_leaves_bp_accuracies_unchanged(tmp_path, mnist_d
         for perturbation in ("clean", "fgsm", "matched_gaussian"):
             fast, general = (summaries[s]["accuracy"][split][perturbation] for s in (True, False))
             assert abs(fast - general) <= 0.002, (split, perturbation, fast, general)
+
+
+class ScriptedCheck:
+    """Stands in for the per-epoch robustness check: epoch e (1-based) reports pgd[e - 1]."""
+
+    def __init__(self, pgd: list, first_epoch: int = 1):
+        self.pgd, self.epoch = pgd, first_epoch
+
+    def __call__(self, config, model, mnist):
+        def check(params, key):
+            value = self.pgd[self.epoch - 1]
+            self.epoch += 1
+            return {"fgsm": value, "pgd": value}
+
+        return check
+
+
+def test_keep_best_evaluates_each_seeds_epoch_of_best_pgd_check_and_keeps_its_checkpoint(tmp_path, synthetic_mnist_dir, monkeypatch):
+    config = synthetic_config(synthetic_mnist_dir, "bp", "fast")
+    config.train.epochs = 4
+    config.num_seeds = 2
+    config.train.keep_best = True
+    config.train.checkpoints_to_keep = 1
+    # Seed 0 is best at epoch 2; seed 1 ties at epochs 3 and 4: the latest is taken.
+    pgd = [[0.5, 0.1], [0.9, 0.2], [0.2, 0.3], [0.1, 0.3]]
+    evaluated = {}
+    original_evaluate = experiment.evaluate_trained
+
+    def capture(config, model, params, mnist, mesh=None):
+        evaluated["params"] = params
+        return original_evaluate(config, model, params, mnist, mesh)
+
+    monkeypatch.setattr(experiment, "make_overfitting_check", ScriptedCheck(pgd))
+    monkeypatch.setattr(experiment, "evaluate_trained", capture)
+    # Interrupted after epoch 3 and resumed: the kept best checkpoints and their metrics survive the reopening.
+    messages = []
+    with pytest.raises(Interrupted):
+        _run(config, tmp_path, log=interrupt_after_epoch(3, messages))
+    monkeypatch.setattr(experiment, "make_overfitting_check", ScriptedCheck(pgd, first_epoch=4))
+    summary = _run(config, tmp_path, log=messages.append)
+
+    assert summary["evaluated_epochs"] == [2, 4]
+    assert any("best held-out PGD accuracy: 2, 4" in m for m in messages), messages
+    with checkpoint.open_manager(str(tmp_path)) as manager:
+        assert checkpoint.saved_epochs(manager) == [2, 4]
+        state = experiment.fit(config, experiment.models.build_model(config.model), experiment.data.load_mnist(config.data), str(tmp_path), lambda m: None).state
+        epoch_params = {e: checkpoint.restore_epoch(manager, e, state, config).state.params for e in (2, 4)}
+    for seed, epoch in enumerate([2, 4]):
+        chex.assert_trees_all_equal(
+            jax.tree.map(lambda leaf: leaf[seed], evaluated["params"]), jax.tree.map(lambda leaf: leaf[seed], epoch_params[epoch])
+        )
+    # Seed 0's params are not the last epoch's.
+    last = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a[0]) - np.asarray(b[0])).max()), evaluated["params"], state.params))
+    assert max(last) > 0.0
+
+
+def test_without_keep_best_the_last_epoch_is_evaluated(tmp_path, synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir, "bp", "fast")
+    config.train.epochs = 1
+    config.train.overfitting_check_examples = 50
+    summary = _run(config, tmp_path)
+    assert summary["evaluated_epochs"] is None

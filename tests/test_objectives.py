@@ -232,3 +232,129 @@ def test_trades_loss_weights_the_kl_by_beta():
     kl = jnp.mean(objectives.kl_divergence(clean, adversarial))
     np.testing.assert_allclose(objectives.trades_loss(clean, adversarial, labels, 0.0), ce, rtol=1e-6)
     np.testing.assert_allclose(objectives.trades_loss(clean, adversarial, labels, 6.0), ce + 6.0 * kl, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# GradAlign's penalty, on a linear model: grad_x CE = W (softmax(x W + b) - onehot(y)).
+
+
+def linear_input_gradients(weights, bias, images, labels) -> np.ndarray:
+    x = np.asarray(images, np.float64).reshape(len(labels), -1)
+    z = x @ weights + bias
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return p @ weights.T
+
+
+def numpy_misalignment(clean_weights, shifted_weights, bias, images, perturbed, labels) -> float:
+    """1 - cos per example, averaged; the clean gradient from `clean_weights` (held fixed), the shifted one from `shifted_weights`."""
+    g1 = linear_input_gradients(clean_weights, bias, images, labels)
+    g2 = linear_input_gradients(shifted_weights, bias, perturbed, labels)
+    cosine = np.sum(g1 * g2, axis=1) / (np.linalg.norm(g1, axis=1) * np.linalg.norm(g2, axis=1))
+    return float(np.mean(1.0 - cosine))
+
+
+@pytest.fixture
+def linear_problem():
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=(12, 5)) * 0.8
+    bias = rng.normal(size=5) * 0.1
+    images = rng.uniform(size=(6, 3, 4, 1))
+    perturbed = images + rng.uniform(-0.3, 0.3, size=images.shape)
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    return weights, bias, images, perturbed, labels
+
+
+def linear_logits(weights, bias):
+    return lambda x: x.reshape(x.shape[0], -1) @ weights + bias
+
+
+def test_gradient_misalignment_is_the_mean_one_minus_cosine_of_input_gradients(linear_problem):
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    penalty = objectives.gradient_misalignment(linear_logits(f32(weights), f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels))
+    expected = numpy_misalignment(weights, weights, bias, images, perturbed, labels)
+    assert expected > 0.01  # the perturbation turns the gradients
+    np.testing.assert_allclose(penalty, expected, rtol=1e-4)
+    same = objectives.gradient_misalignment(linear_logits(f32(weights), f32(bias)), f32(images), f32(images), jnp.asarray(labels))
+    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
+def test_gradient_misalignment_differentiates_only_the_perturbed_gradient(linear_problem):
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    grad = jax.grad(
+        lambda w: objectives.gradient_misalignment(linear_logits(w, f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels))
+    )(f32(weights))
+    # Central differences in float64, moving only the weights behind the perturbed gradient.
+    h, numeric = 1e-6, np.zeros_like(weights)
+    for index in np.ndindex(weights.shape):
+        step = np.zeros_like(weights)
+        step[index] = h
+        numeric[index] = (
+            numpy_misalignment(weights, weights + step, bias, images, perturbed, labels)
+            - numpy_misalignment(weights, weights - step, bias, images, perturbed, labels)
+        ) / (2 * h)
+    assert np.abs(numeric).max() > 1e-3
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-5)
+
+
+def test_gradient_misalignment_leaves_out_examples_without_a_gradient(linear_problem):
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    mask = f32([1, 1, 0, 1, 1, 1])[:, None]  # example 2's logits do not depend on its pixels
+    masked_logits = lambda w: lambda x: (x.reshape(x.shape[0], -1) * mask) @ w + f32(bias)
+    args = (f32(images), f32(perturbed), jnp.asarray(labels))
+    penalty = objectives.gradient_misalignment(masked_logits(f32(weights)), *args)
+    keep = np.array([0, 1, 3, 4, 5])
+    expected = numpy_misalignment(weights, weights, bias, images[keep], perturbed[keep], labels[keep])
+    np.testing.assert_allclose(penalty, expected, rtol=1e-4)
+    grad = jax.grad(lambda w: objectives.gradient_misalignment(masked_logits(w), *args))(f32(weights))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    # No example with a gradient at all: 0, with a finite (zero) parameter gradient.
+    constant = lambda w: lambda x: 0.0 * x.reshape(x.shape[0], -1) @ w + f32(bias)
+    assert float(objectives.gradient_misalignment(constant(f32(weights)), *args)) == 0.0
+    grad = jax.grad(lambda w: objectives.gradient_misalignment(constant(w), *args))(f32(weights))
+    assert bool(jnp.all(grad == 0.0))
+
+
+@pytest.mark.parametrize("mode", ["fast", "ordinary"])
+def test_grad_align_adds_its_weighted_penalty_at_a_uniform_draw_to_the_mode_objective(bp_batch, mode):
+    model, params, images, labels = bp_batch[:4]
+    key = jax.random.key(7)
+    base, _ = make_objective(model, mode, eps=0.3)
+    aligned, _ = make_objective(model, mode, eps=0.3, grad_align=0.5)
+    base_key, align_key = jax.random.split(key)
+    perturbed = attacks.uniform_in_ball(align_key, images, 0.3, "linf", clip=False)
+    assert float(jnp.min(perturbed)) < 0.0  # not clipped to [0, 1]
+    penalty = objectives.gradient_misalignment(functools.partial(logits_of, model, params), images, perturbed, labels)
+    assert float(penalty) > 0.01
+    loss, logits = aligned(params, images, labels, key)
+    base_loss, base_logits = base(params, images, labels, base_key)
+    np.testing.assert_allclose(loss, base_loss + 0.5 * penalty, rtol=1e-5)
+    chex.assert_trees_all_close(logits, base_logits)
+    # The penalty reaches the parameter gradient.
+    grads = jax.grad(lambda p: aligned(p, images, labels, key)[0])(params)
+    base_grads = jax.grad(lambda p: base(p, images, labels, base_key)[0])(params)
+    difference = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads, base_grads)
+    assert max(jax.tree.leaves(difference)) > 1e-5
+    # Weight 0 is the mode's objective itself.
+    unaligned, _ = make_objective(model, mode, eps=0.3, grad_align=0.0)
+    np.testing.assert_allclose(unaligned(params, images, labels, key)[0], base(params, images, labels, key)[0], rtol=1e-6)
+
+
+def test_gradient_misalignment_leaves_out_confident_examples_and_stays_finite(linear_problem):
+    # A margin of 60 makes examples 0-2's loss ~1e-26: their float32 gradient has
+    # no reliable direction and, squared, underflows.
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    margin = 60.0 * jax.nn.one_hot(labels, 5) * f32([1, 1, 1, 0, 0, 0])[:, None]
+    logits = lambda w: lambda x: x.reshape(x.shape[0], -1) @ w + f32(bias) + margin
+    args = (f32(images), f32(perturbed), jnp.asarray(labels))
+    assert float(jnp.max(objectives.cross_entropy(logits(f32(weights))(args[0]), args[2])[:3])) < 1e-20
+    penalty, grad = jax.value_and_grad(lambda w: objectives.gradient_misalignment(logits(w), *args))(f32(weights))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    keep = np.array([3, 4, 5])
+    expected = numpy_misalignment(weights, weights, bias, images[keep], perturbed[keep], labels[keep])
+    np.testing.assert_allclose(penalty, expected, rtol=1e-4)
