@@ -29,7 +29,6 @@ from advjax import checkpoint, data, evaluate, loops, models, report, robustness
 METRICS_FILE = "metrics.jsonl"
 TIMINGS_FILE = "timings.json"
 SUMMARY_FILE = "summary.json"
-ADVERSARIAL_MODES = train.ADVERSARIAL_MODES
 # Everything a run writes besides config.json. The summary comes first: it is
 # the one file trusted on sight (paper.py reuses a run by it), so clearing a
 # run removes it before anything it summarizes.
@@ -321,16 +320,19 @@ def best_epochs(records: list[dict], num_seeds: int) -> list[int]:
     return [int(len(records) - np.argmax(checks[::-1, seed])) for seed in range(num_seeds)]
 
 
-def restore_best_params(workdir: str, template: train.TrainState, config: ml_collections.ConfigDict, records: list[dict]):
+def restore_best_params(workdir: str, last: train.TrainState, config: ml_collections.ConfigDict, records: list[dict]):
     """(params, epochs): each seed's params from its best epoch (best_epochs), stacked as in training.
+    `last` is the final state: its params when every best epoch is the last, else the template to restore into.
 
     Wong et al.'s early stopping: one-step training can lose its robustness
     within an epoch, and the held-out PGD check sees it.
     """
     epochs = best_epochs(records, config.num_seeds)
+    if all(e == len(records) for e in epochs):
+        return last.params, epochs
     distinct = sorted(set(epochs))
     with checkpoint.open_manager(workdir) as manager:
-        restored = [checkpoint.restore_epoch(manager, e, template, config).state.params for e in distinct]
+        restored = [checkpoint.restore_epoch(manager, e, last, config).state.params for e in distinct]
     if config.num_seeds == 1:
         return restored[0], epochs
     pick = lambda *per_epoch: jnp.stack([per_epoch[distinct.index(e)][seed] for seed, e in enumerate(epochs)])
@@ -350,7 +352,7 @@ def make_overfitting_check(config: ml_collections.ConfigDict, model, mnist: data
     attack or the check is off (train.overfitting_check_examples = 0).
     """
     n = min(config.train.overfitting_check_examples, len(mnist.validation.labels))
-    if config.train.mode not in ADVERSARIAL_MODES or n == 0:
+    if config.train.mode not in train.ADVERSARIAL_MODES or n == 0:
         return None
     # The last n validation images: the paper's tables use the first 5000.
     held_out = evaluate.make_eval_set(mnist.validation.images[-n:], mnist.validation.labels[-n:], n, min(n, config.eval.batch_size))

@@ -62,7 +62,7 @@ def gradient_misalignment(
     clean_sq, shifted_sq = jnp.sum(clean**2, axis=1), jnp.sum(shifted**2, axis=1)
     has_direction = (
         (clean_sq > 0) & (shifted_sq > 0)
-        & (clean_losses > ALIGNMENT_LOSS_FLOOR) & (jax.lax.stop_gradient(shifted_losses) > ALIGNMENT_LOSS_FLOOR)
+        & (clean_losses > ALIGNMENT_LOSS_FLOOR) & (shifted_losses > ALIGNMENT_LOSS_FLOOR)
     )
     # Each norm on its own: the product of two small squares underflows. And sqrt's
     # gradient at 0 is infinite: keep left-out rows out of it, not only out of the mean.

@@ -249,6 +249,7 @@ def make_objective(
     objective = by_mode[train_config.mode]
     align_weight = train_config.get("grad_align", 0.0)
     if align_weight:
+        # Through jax.value_and_grad: shared_pass_fgsm's hand-written gradient has no penalty term.
         return with_gradient_alignment(objective, eval_logits_fn, eps_at, align_weight)
     if deterministic and train_config.mode == "fgsm":
         objective.value_and_grad = shared_pass_fgsm(apply_fn, eps_at, train_config.alpha)

@@ -306,3 +306,15 @@ def test_without_keep_best_the_last_epoch_is_evaluated(tmp_path, synthetic_mnist
     config.train.overfitting_check_examples = 50
     summary = _run(config, tmp_path)
     assert summary["evaluated_epochs"] is None
+
+
+def test_best_epochs_take_the_latest_of_ties_and_the_last_epoch_needs_no_restore(tmp_path):
+    records = [{"robust_check": {"pgd": [0.2, 0.5]}}, {"robust_check": {"pgd": [0.7, 0.5]}}, {"robust_check": {"pgd": [0.7, 0.6]}}]
+    assert experiment.best_epochs(records, 2) == [3, 3]
+    assert experiment.best_epochs([{"robust_check": {"pgd": 0.9}}, {"robust_check": {"pgd": 0.4}}], 1) == [1]
+    # Every seed best at the last epoch: the final state's params, with no checkpoint read (there is none here).
+    config = synthetic_config(tmp_path, "bp", "fast")
+    config.num_seeds = 2
+    last = experiment.train.TrainState(step=0, apply_fn=None, params={"w": np.zeros(2)}, tx=None, opt_state=None)
+    params, epochs = experiment.restore_best_params(str(tmp_path / "no_run"), last, config, records)
+    assert epochs == [3, 3] and params is last.params
