@@ -260,6 +260,7 @@ def fit(
     run_epoch = train.make_epoch_fn(
         objective, num_train, config.train.batch_size,
         form=config.train.loop, chunk_size=config.train.chunk_size, num_seeds=k, mesh=mesh,
+        convolutional=models.has_convolutions(config.model),
     )
     permutation = loops.map_over_seeds(lambda rng, epoch: train.epoch_permutation(rng, epoch, num_train), k)
     # Progress is measured on the whole validation split; the paper's tables use subsets.

@@ -5,7 +5,7 @@ for step in [0, num_steps). The operands (device-resident data, permutation,
 keys) are passed as arguments, never closed over, so they are not baked into
 the executable as constants.
 
-Two forms, chosen per backend:
+Two forms, chosen per backend (and, on CPU, per caller: see `resolve_form`):
 - "scan": the whole epoch is one `lax.fori_loop` inside one jit. Best on
   GPU/TPU: one dispatch per epoch, no host work in between.
 - "chunked": a jit of `chunk_size` Python-unrolled steps, dispatched
@@ -13,7 +13,10 @@ Two forms, chosen per backend:
   XLA:CPU a CNN training step inside any while loop takes a slow path for the
   gradient convolutions (about 10x, DESIGN.md pitfall 9); unrolled steps do not.
   Dispatch is asynchronous, so the host runs ahead and never waits inside the epoch.
-Both forms run the same `body` with the same step indices, so they compute the same function.
+Both forms run the same `body` with the same step indices, so they compute the
+same function. Not always to the last bit: with full optimizations XLA may fuse
+across a chunk's unrolled steps and round differently, while the loop's body is
+compiled as one step, like a jitted step called once per batch.
 """
 
 from typing import Any, Callable
@@ -26,13 +29,20 @@ Body = Callable[..., Any]  # (carry, step, *operands) -> carry
 Fold = Callable[..., Any]  # (num_steps, carry, *operands) -> carry
 
 
-def resolve_form(form: str, backend: str | None = None) -> str:
-    """'auto' becomes 'chunked' on CPU and 'scan' on accelerators."""
+def resolve_form(form: str, backend: str | None = None, *, cpu_form: str = "chunked") -> str:
+    """'auto' becomes 'scan' on accelerators and `cpu_form` on CPU.
+
+    `cpu_form` is the caller's measured choice for XLA:CPU: 'chunked' where the
+    body has convolution gradients (or, for evaluation, where it measured
+    faster), 'scan' where one loop is faster.
+    """
     if form not in LOOP_FORMS:
         raise ValueError(f"loop form {form!r} is not one of {LOOP_FORMS}")
+    if cpu_form not in ("scan", "chunked"):
+        raise ValueError(f"cpu_form {cpu_form!r} is not 'scan' or 'chunked'")
     if form != "auto":
         return form
-    return "chunked" if (backend or jax.default_backend()) == "cpu" else "scan"
+    return cpu_form if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
 def _scan_fold(body: Body) -> Fold:
@@ -86,14 +96,17 @@ def steps_per_chunk(chunk_size: int, num_seeds: int = 1) -> int:
     return max(1, chunk_size // max(1, num_seeds))
 
 
-def make_fold(body: Body, *, form: str = "auto", chunk_size: int = 8, num_seeds: int = 1) -> Fold:
+def make_fold(
+    body: Body, *, form: str = "auto", chunk_size: int = 8, num_seeds: int = 1, cpu_form: str = "chunked"
+) -> Fold:
     """Returns `fold(num_steps, carry, *operands)`, applying `body` for steps 0..num_steps-1.
 
     Build it once and call it every epoch: compiled code is reused for every call
     with the same `num_steps` (scan) or chunk length (chunked) and operand shapes.
     `num_seeds` (the seeds `body` is vmapped over) shortens chunks; see steps_per_chunk.
+    `cpu_form` is what 'auto' means on CPU (see resolve_form).
     """
     size = steps_per_chunk(chunk_size, num_seeds)
-    if resolve_form(form) == "scan":
+    if resolve_form(form, cpu_form=cpu_form) == "scan":
         return _scan_fold(body)
     return _chunked_fold(body, size)

@@ -137,6 +137,16 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     raise ValueError(f"model.name={model_config.name!r} is not one of {MODELS}")
 
 
+CONVOLUTIONAL = ("cnn", "small_cnn")
+
+
+def has_convolutions(model_config: ml_collections.ConfigDict) -> bool:
+    """Whether the model has convolutions, which XLA:CPU runs slowly inside loops (advjax/loops.py)."""
+    if model_config.name not in MODELS:
+        raise ValueError(f"model.name={model_config.name!r} is not one of {MODELS}")
+    return model_config.name in CONVOLUTIONAL
+
+
 def is_deterministic(model_config: ml_collections.ConfigDict) -> bool:
     """Whether train mode equals eval mode: no dropout (BP and the small CNN always; the CNN with dropout 0)."""
     return model_config.name != "cnn" or float(model_config.dropout) == 0.0

@@ -95,7 +95,10 @@ def train_worker(spec: dict) -> dict:
 
     if spec["impl"] == "ours":
         objective = train.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
-        epoch_fn = train.make_epoch_fn(objective, n, batch, form=config.train.loop, chunk_size=config.train.chunk_size)
+        epoch_fn = train.make_epoch_fn(
+            objective, n, batch, form=config.train.loop, chunk_size=config.train.chunk_size,
+            convolutional=models.has_convolutions(config.model),
+        )
         state = train.create_train_state(jax.random.key(0), model, config.train, steps)
         device_images, device_labels = jax.device_put(images), jax.device_put(labels)
         box = {"state": state}

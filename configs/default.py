@@ -66,7 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Adversarial modes: evaluate each seed's epoch of highest held-out PGD accuracy in
     # that check instead of the last (Wong et al.'s early stopping); its checkpoint is kept.
     config.train.keep_best = False
-    config.train.loop = "auto"  # the training epoch's fold: auto | scan | chunked (advjax/loops.py); auto: chunked on CPU
+    # The training epoch's fold: auto | scan | chunked (advjax/loops.py). auto: one
+    # fori_loop, except on CPU for models with convolutions, where it is chunked.
+    config.train.loop = "auto"
     config.train.chunk_size = 8  # steps per compiled chunk in the chunked form
     # A checkpoint is written after every epoch; a relaunch on the same workdir
     # resumes from the newest. Older ones are kept in case the newest is damaged.

@@ -81,6 +81,18 @@ def test_resolve_form_auto_defaults_to_the_current_backend():
     assert loops.resolve_form("auto") == expected
 
 
+@pytest.mark.parametrize("cpu_form", ["scan", "chunked"])
+def test_resolve_form_auto_on_cpu_is_the_callers_cpu_form(cpu_form):
+    assert loops.resolve_form("auto", "cpu", cpu_form=cpu_form) == cpu_form
+    assert loops.resolve_form("auto", "gpu", cpu_form=cpu_form) == "scan"
+
+
+@pytest.mark.parametrize("cpu_form", ["auto", "while"])
+def test_resolve_form_rejects_a_cpu_form_that_is_not_a_fold(cpu_form):
+    with pytest.raises(ValueError, match="cpu_form"):
+        loops.resolve_form("auto", "cpu", cpu_form=cpu_form)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("form", ["scan", "chunked"])
 def test_resolve_form_keeps_an_explicit_form_on_any_backend(form, backend):

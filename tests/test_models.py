@@ -9,6 +9,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -303,3 +304,13 @@ def test_reshape_max_pool_equals_flax_max_pool_values_and_gradients():
     grad = lambda pool: jax.grad(lambda z: jnp.sum(pool(z) * weights))(x)
     # Continuous random inputs have no ties within a window, so the gradients agree exactly.
     chex.assert_trees_all_close(grad(max_pool_2x2), grad(reference), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name,expected", [("bp", False), ("cnn", True), ("small_cnn", True)])
+def test_has_convolutions(name, expected):
+    assert models.has_convolutions(ml_collections.ConfigDict({"name": name})) is expected
+
+
+def test_has_convolutions_rejects_an_unknown_model():
+    with pytest.raises(ValueError, match="model.name"):
+        models.has_convolutions(ml_collections.ConfigDict({"name": "resnet"}))
