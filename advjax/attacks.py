@@ -271,6 +271,8 @@ def ascent_step(
     stepped = project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
     if not stop_on_success:
         return stepped
+    # The same forward pass as the gradient's: XLA merges the two (the compiled
+    # step has as many matrix products with stop_on_success as without).
     still_correct = jnp.argmax(logits_fn(adversarial), axis=-1) == labels
     return jnp.where(_per_example(still_correct, adversarial), stepped, adversarial)
 
