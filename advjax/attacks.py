@@ -1,62 +1,68 @@
-"""Perturbations as pure, batched functions.
+"""Gradient attacks as pure, batched functions.
 
-Every function takes a batch of float32 images [B, 28, 28, 1] in [0, 1] and
-returns perturbed images of the same shape, clipped to [0, 1]. Strengths
-(`eps`, `sigma`, step sizes) may be traced scalars, so a caller can `jax.vmap`
-over them; iterations run under `lax.fori_loop` / `lax.while_loop`, so the
-compiled size does not grow with the number of steps.
+Every attack takes a batch of float32 images [B, ...] in [0, 1] and returns
+adversarial images of the same shape, clipped to [0, 1] (docs/design.md,
+"Pixels in [0, 1]"). Strengths (`eps`, step sizes) may be traced scalars, so a
+caller can `jax.vmap` over them; iterations run under `lax.fori_loop` unless
+unrolled, so the compiled size need not grow with the number of steps.
 
 Attacks see the model only through `logits_fn(images) -> logits`, which the
-caller builds with the model in eval mode (dropout off, DESIGN.md pitfall 1).
-`labels` are whatever the caller chooses to attack: the true labels, or
-`predicted_labels` to avoid label leaking (pitfall 5). With `targeted=True`
-they are target classes instead, and the attack descends the loss toward them;
-`least_likely_labels` gives Kurakin et al.'s least-likely targets.
+caller builds with the model in eval mode (docs/design.md, "Attacks in eval
+mode"). `labels` are whatever the caller chooses to attack: the true labels, or
+`predicted_labels` to avoid label leaking (docs/design.md, "Label leaking").
+With `targeted=True` they are target classes instead, and the attack descends
+the loss toward them; `least_likely_labels` gives Kurakin et al.'s targets.
 
-The attacks: `fgsm`, `fgm_l2`, `fgsm_random_start` (Wong et al. 2020), `bim`,
-`pgd` (L-inf or L2, random start, restarts), `deepfool`; and `make_attack`,
-which gives each of them one signature, `attack(logits_fn, images, labels,
-eps, key)`, for an evaluator that vmaps over eps.
+The attacks: `fgsm`, `fgm_l2`, `fgsm_random_start` (Wong et al. 2020),
+`noisy_fgsm` (a training attack), `bim`, `pgd` (L-inf or L2, random start,
+restarts), `deepfool` (advjax.deepfool); and `make_attack`, which gives each
+evaluation attack one signature, `attack(logits_fn, images, labels, eps, key)`.
+The norm-specific pieces (steps, projections, random starts) are advjax.norms.
 """
 
 import functools
 import inspect
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advjax import objectives
-
-LogitsFn = Callable[[jax.Array], jax.Array]
-
-
-def clip_to_pixels(images: jax.Array) -> jax.Array:
-    return jnp.clip(images, 0.0, 1.0)
+from advjax import deepfool as deepfool_lib
+from advjax import losses
+from advjax.losses import LogitsFn
+from advjax.norms import (
+    Norm,
+    check_norm,
+    clip_to_pixels,
+    l2_unit,
+    per_example,
+    project,
+    steepest_ascent,
+    uniform_in_ball,
+)
+from advjax.restarts import RESTART_SELECTIONS, attack_outcome
 
 
 def predicted_labels(logits_fn: LogitsFn, images: jax.Array) -> jax.Array:
-    """The model's own labels: attacking them avoids label leaking (pitfall 5)."""
+    """The model's own labels: attacking them avoids label leaking (docs/design.md, "Label leaking")."""
     return jnp.argmax(logits_fn(images), axis=-1)
 
 
 def input_gradient(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) -> jax.Array:
-    """d J / d x per example, J the cross-entropy from logits (pitfall 2).
+    """d J / d x per example, J the cross-entropy from logits (docs/design.md, "Loss from logits").
 
     The batch loss is a sum, not a mean, so each example's gradient is its own
     and does not shrink with the batch size.
     """
 
     def summed_loss(x):
-        return jnp.sum(objectives.cross_entropy(logits_fn(x), labels))
+        return jnp.sum(losses.cross_entropy(logits_fn(x), labels))
 
     return jax.grad(summed_loss)(images)
 
 
-def ascent_gradient(
-    logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targeted: bool = False
-) -> jax.Array:
+def ascent_gradient(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, targeted: bool = False) -> jax.Array:
     """The gradient an attack climbs: +grad J(y), or -grad J(target) when targeted.
 
     A targeted attack descends the loss of its target class, so that every
@@ -66,12 +72,10 @@ def ascent_gradient(
     return -gradient if targeted else gradient
 
 
-def fgsm_direction(
-    logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, *, targeted: bool = False
-) -> jax.Array:
+def fgsm_direction(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, *, targeted: bool = False) -> jax.Array:
     """sign(grad_x J): independent of eps, so one gradient serves a whole eps sweep.
 
-    Pixels whose gradient is exactly zero do not move (sign(0) = 0, pitfall 4).
+    Pixels whose gradient is exactly zero do not move (sign(0) = 0; docs/design.md, "Zero gradients").
     """
     return jnp.sign(ascent_gradient(logits_fn, images, labels, targeted))
 
@@ -86,146 +90,6 @@ def fgsm(
 ) -> jax.Array:
     """Fast gradient sign method: x + eps * sign(grad_x J), clipped to [0, 1]."""
     return clip_to_pixels(images + eps * fgsm_direction(logits_fn, images, labels, targeted=targeted))
-
-
-def gaussian(
-    key: jax.Array, images: jax.Array, sigma: jax.Array | float, mean: jax.Array | float = 0.0
-) -> jax.Array:
-    """x + N(mean, sigma^2) per pixel, clipped to [0, 1].
-
-    `sigma` is the std before clipping; `perturbation_stats` gives it after.
-    """
-    noise = mean + sigma * jax.random.normal(key, images.shape, images.dtype)
-    return clip_to_pixels(images + noise)
-
-
-def _per_image(fn, x: jax.Array) -> jax.Array:
-    return fn(x.reshape((x.shape[0], -1)), axis=1)
-
-
-def matched_gaussian(key: jax.Array, images: jax.Array, reference: jax.Array) -> jax.Array:
-    """Gaussian noise with the mean and std, per image, of `reference - images`.
-
-    The paper (section 5) compares FGSM with random noise of the same mean and
-    standard deviation; `reference` is the FGSM image, and its perturbation is
-    measured after clipping, since that is what the model saw.
-    """
-    delta = reference - images
-    mean = _per_image(jnp.mean, delta)[:, None, None, None]
-    std = _per_image(jnp.std, delta)[:, None, None, None]
-    return gaussian(key, images, std, mean)
-
-
-class PerturbationStats(NamedTuple):
-    """Per-image statistics of the actual (post-clipping) perturbation, each [B]."""
-
-    mean: jax.Array
-    std: jax.Array
-    linf: jax.Array
-    l2: jax.Array
-
-
-def perturbation_stats(images: jax.Array, perturbed: jax.Array) -> PerturbationStats:
-    delta = perturbed - images
-    return PerturbationStats(
-        mean=_per_image(jnp.mean, delta),
-        std=_per_image(jnp.std, delta),
-        linf=_per_image(jnp.max, jnp.abs(delta)),
-        l2=jnp.sqrt(_per_image(jnp.sum, jnp.square(delta))),
-    )
-
-
-# ----------------------------------------------------------------------------
-# Norms, steps and projections.
-
-Norm = Literal["linf", "l2"]
-NORMS: tuple[str, ...] = ("linf", "l2")
-
-# Inside the square root, so a zero vector gets norm sqrt(1e-12), not 0 (pitfall 4).
-_L2_EPSILON = 1e-12
-
-
-def _per_example(values: jax.Array, like: jax.Array) -> jax.Array:
-    """[B] -> [B, 1, 1, ...], to scale each example of `like` by its own value."""
-    return values.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def l2_norms(x: jax.Array) -> jax.Array:
-    """Per-example L2 norm over all but the batch axis, [B]."""
-    return jnp.sqrt(_per_image(jnp.sum, jnp.square(x)))
-
-
-def l2_unit(x: jax.Array) -> jax.Array:
-    """x / ||x||_2 per example; an all-zero example stays zero.
-
-    The rescaling by max|x| first matters: a confidently classified example has
-    gradients of ~1e-8 whose squares sum to far below the constant under the
-    square root, which would otherwise shrink the step instead of normalising it.
-    """
-    scale = _per_example(_per_image(jnp.max, jnp.abs(x)), x)
-    x = x / jnp.where(scale > 0, scale, 1.0)
-    return x / _per_example(jnp.sqrt(_per_image(jnp.sum, jnp.square(x)) + _L2_EPSILON), x)
-
-
-def _check_norm(norm: str) -> None:
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
-
-
-def steepest_ascent(gradient: jax.Array, norm: Norm) -> jax.Array:
-    """The unit-norm direction that most increases a linearised loss: sign for L-inf, g/||g|| for L2."""
-    _check_norm(norm)
-    return jnp.sign(gradient) if norm == "linf" else l2_unit(gradient)
-
-
-def project_linf(adversarial: jax.Array, images: jax.Array, eps: jax.Array | float) -> jax.Array:
-    """The nearest point of the L-inf ball around `images` that is also in [0, 1].
-
-    Both sets are boxes, so clipping to one and then the other is the exact
-    projection onto their intersection.
-    """
-    return clip_to_pixels(jnp.clip(adversarial, images - eps, images + eps))
-
-
-def project_l2(adversarial: jax.Array, images: jax.Array, eps: jax.Array | float) -> jax.Array:
-    """Shrink the perturbation onto the L2 ball, then clip to [0, 1].
-
-    Clipping only moves pixels back toward `images` (which lie in [0, 1]), so
-    it cannot leave the ball.
-    """
-    delta = adversarial - images
-    norms = l2_norms(delta)
-    factor = jnp.where(norms > eps, eps / jnp.where(norms > 0, norms, 1.0), 1.0)
-    return clip_to_pixels(images + delta * _per_example(factor, delta))
-
-
-def project(adversarial: jax.Array, images: jax.Array, eps: jax.Array | float, norm: Norm) -> jax.Array:
-    _check_norm(norm)
-    return (project_linf if norm == "linf" else project_l2)(adversarial, images, eps)
-
-
-def uniform_in_ball(
-    key: jax.Array, images: jax.Array, eps: jax.Array | float, norm: Norm, *, clip: bool = True
-) -> jax.Array:
-    """A uniform draw from the eps ball around each image, clipped to [0, 1] unless `clip=False`.
-
-    For L2 the radius is eps * u^(1/d), which makes the draw uniform in the
-    ball's volume rather than bunched at its centre.
-    """
-    _check_norm(norm)
-    if norm == "linf":
-        draw = images + eps * jax.random.uniform(key, images.shape, images.dtype, -1.0, 1.0)
-    else:
-        direction_key, radius_key = jax.random.split(key)
-        direction = l2_unit(jax.random.normal(direction_key, images.shape, images.dtype))
-        dimension = images[0].size
-        radius = eps * jax.random.uniform(radius_key, images.shape[:1], images.dtype) ** (1.0 / dimension)
-        draw = images + direction * _per_example(radius, images)
-    return clip_to_pixels(draw) if clip else draw
-
-
-# ----------------------------------------------------------------------------
-# Gradient attacks.
 
 
 def least_likely_labels(logits: jax.Array) -> jax.Array:
@@ -274,14 +138,16 @@ def ascent_step(
     # The same forward pass as the gradient's: XLA merges the two (the compiled
     # step has as many matrix products with stop_on_success as without).
     still_correct = jnp.argmax(logits_fn(adversarial), axis=-1) == labels
-    return jnp.where(_per_example(still_correct, adversarial), stepped, adversarial)
+    return jnp.where(per_example(still_correct, adversarial), stepped, adversarial)
 
 
-def repeat(step: Callable[[int, jax.Array], jax.Array], num_steps: int, start: jax.Array, unroll: bool = False) -> jax.Array:
+def repeat(
+    step: Callable[[int, jax.Array], jax.Array], num_steps: int, start: jax.Array, unroll: bool = False
+) -> jax.Array:
     """`step` applied `num_steps` times: written out when `unroll` (or for one step), else a fori_loop.
 
     Written out, because XLA:CPU runs the CNN's input-gradient convolutions
-    about 3x slower inside a loop (measured; DESIGN.md pitfall 9), and
+    slowly inside a loop (docs/design.md, "Convolutions in XLA:CPU loops"), and
     lax.fori_loop keeps even a one-trip or `unroll=True` loop as a while loop.
     The price is a compile that grows with the steps.
     """
@@ -306,8 +172,10 @@ def iterate(
     stop_on_success: bool = False,
 ) -> jax.Array:
     """`num_steps` projected steepest-ascent steps from `start`: the core of BIM and PGD (see `repeat` for `unroll`)."""
-    _check_norm(norm)
-    step = lambda _, adversarial: ascent_step(logits_fn, images, labels, adversarial, eps, step_size, norm, targeted, stop_on_success)
+    check_norm(norm)
+    step = lambda _, adversarial: ascent_step(
+        logits_fn, images, labels, adversarial, eps, step_size, norm, targeted, stop_on_success
+    )
     return repeat(step, num_steps, start, unroll)
 
 
@@ -331,9 +199,8 @@ def fgsm_random_start(
     al.'s MNIST code. On MNIST's black background that matters: clipped, half
     the starts of a 0 pixel sit at 0, so a step of 1.25 eps always ends on the
     ball's corner, as plain FGSM's does; unclipped, it ends anywhere in
-    [0.25 eps, eps]. At eps = 0.3, Wong et al.'s network trained with clipped
-    starts overfits catastrophically (PGD accuracy 0); the paper's larger CNN
-    fared better with clipped starts (README, "Robustness beyond the paper").
+    [0.25 eps, eps]. Which start trains better depends on the network
+    (docs/results.md, "Where the random start begins matters").
     """
     step_size = 1.25 * eps if step_size is None else step_size
     start = uniform_in_ball(key, images, eps, "linf", clip=clip_start)
@@ -384,60 +251,6 @@ def bim(
     return iterate(logits_fn, images, labels, images, eps, step_size, num_steps, "linf", targeted, unroll)
 
 
-class AttackOutcome(NamedTuple):
-    """Per example, [B] each: whether the attack succeeded and the loss it climbs."""
-
-    success: jax.Array
-    objective: jax.Array
-
-
-def attack_outcome(
-    logits_fn: LogitsFn, adversarial: jax.Array, labels: jax.Array, targeted: bool = False
-) -> AttackOutcome:
-    """Success is a wrong prediction (untargeted) or the target's (targeted)."""
-    logits = logits_fn(adversarial)
-    loss = objectives.cross_entropy(logits, labels)
-    predicted = jnp.argmax(logits, axis=-1)
-    if targeted:
-        return AttackOutcome(predicted == labels, -loss)
-    return AttackOutcome(predicted != labels, loss)
-
-
-def _keep_where(better: jax.Array, best: tuple, candidate: tuple) -> tuple:
-    """Per example, the candidate's (images, outcome) where `better`, else the best's."""
-    choose = lambda new, old: jnp.where(_per_example(better, new), new, old)
-    return jax.tree.map(choose, candidate, best)
-
-
-def keep_worst(
-    best: tuple[jax.Array, AttackOutcome], candidate: tuple[jax.Array, AttackOutcome]
-) -> tuple[jax.Array, AttackOutcome]:
-    """Per example, the stronger of two adversarial images: success first, then the higher objective.
-
-    Success ranks first because a restart that fools the model matters more to
-    a robust accuracy than one with a higher loss that does not.
-    """
-    (_, best_outcome), (_, outcome) = best, candidate
-    better = (outcome.success & ~best_outcome.success) | (
-        (outcome.success == best_outcome.success) & (outcome.objective > best_outcome.objective)
-    )
-    return _keep_where(better, best, candidate)
-
-
-def keep_highest_loss(
-    best: tuple[jax.Array, AttackOutcome], candidate: tuple[jax.Array, AttackOutcome]
-) -> tuple[jax.Array, AttackOutcome]:
-    """Per example, the candidate if its objective is at least the best's: Wong et al.'s (2020)
-    restart selection, which ignores success. A restart that fooled the model can
-    lose to a later one with a higher loss that did not, so it is weaker than
-    `keep_worst`; it exists to reproduce their published evaluation.
-    """
-    return _keep_where(candidate[1].objective >= best[1].objective, best, candidate)
-
-
-RESTART_SELECTIONS = {"success_first": keep_worst, "highest_loss": keep_highest_loss}
-
-
 def pgd(
     logits_fn: LogitsFn,
     images: jax.Array,
@@ -465,7 +278,7 @@ def pgd(
     `restart_selection="highest_loss", stop_on_success=True` is Wong et al.'s
     (2020) weaker evaluation instead (untargeted only), for comparing with their figures.
     """
-    _check_norm(norm)
+    check_norm(norm)
     if random_start and key is None:
         raise ValueError("pgd with random_start needs a PRNG key")
     if num_restarts < 1:
@@ -479,103 +292,13 @@ def pgd(
 
     def run(restart):
         start = uniform_in_ball(jax.random.fold_in(key, restart), images, eps, norm) if random_start else images
-        adversarial = iterate(logits_fn, images, labels, start, eps, step_size, num_steps, norm, targeted, unroll, stop_on_success)
+        adversarial = iterate(
+            logits_fn, images, labels, start, eps, step_size, num_steps, norm, targeted, unroll, stop_on_success
+        )
         return adversarial, attack_outcome(logits_fn, adversarial, labels, targeted)
 
     best = lax.fori_loop(1, num_restarts, lambda restart, best: keep(best, run(restart)), run(0))
     return best[0]
-
-
-# ----------------------------------------------------------------------------
-# DeepFool.
-
-
-def class_gradients(logits_fn: LogitsFn, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Logits [B, K] and d logit_k / d x for every class, [B, K, D] with D the pixels.
-
-    One backward pass per class through a single forward pass; it assumes, as
-    every eval-mode model here does, that an example's logits depend on that
-    example alone.
-    """
-    logits, vjp = jax.vjp(logits_fn, images)
-    num_classes = logits.shape[-1]
-    cotangents = jnp.broadcast_to(jnp.eye(num_classes, dtype=logits.dtype)[:, None, :], (num_classes, *logits.shape))
-    (gradients,) = jax.vmap(vjp)(cotangents)
-    return logits, jnp.moveaxis(gradients, 0, 1).reshape(logits.shape + (-1,))
-
-
-def deepfool_step(logits: jax.Array, gradients: jax.Array, labels: jax.Array) -> jax.Array:
-    """The linearised minimal L2 step across the nearest other class's boundary, [B, D].
-
-    Linearised, class k overtakes `labels` at distance |f_k - f_y| / ||w_k - w_y||
-    along w_k - w_y; the step goes to the nearest such boundary, plus 1e-4 in L2
-    so that it does not land exactly on it (as in the authors' code).
-    """
-    rows = jnp.arange(logits.shape[0])
-    margins = logits - logits[rows, labels][:, None]
-    directions = gradients - gradients[rows, labels][:, None, :]
-    norms = jnp.sqrt(jnp.sum(jnp.square(directions), axis=-1) + _L2_EPSILON)
-    distances = jnp.abs(margins) / norms
-    distances = distances.at[rows, labels].set(jnp.inf)
-    closest = jnp.argmin(distances, axis=-1)
-    length = distances[rows, closest] + 1e-4
-    return (length / norms[rows, closest])[:, None] * directions[rows, closest]
-
-
-def deepfool(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    labels: jax.Array,
-    *,
-    max_iter: int = 50,
-    overshoot: float = 0.02,
-) -> jax.Array:
-    """DeepFool in L2 for many classes (Moosavi-Dezfooli et al. 2016).
-
-    Accumulates linearised minimal steps until the prediction leaves `labels`
-    (the paper uses the model's own prediction: pass `predicted_labels`); the
-    image is x + (1 + overshoot) * total step, clipped to [0, 1]. Examples stop
-    one by one (a done mask), and the loop stops when all have, or after
-    `max_iter` steps. An example already not predicted as its label is
-    returned unchanged.
-    """
-    still_labelled = lambda x: jnp.argmax(logits_fn(x), axis=-1) == labels
-
-    def active(state):
-        iteration, _, _, running = state
-        return (iteration < max_iter) & jnp.any(running)
-
-    def step(state):
-        iteration, total, adversarial, running = state
-        logits, gradients = class_gradients(logits_fn, adversarial)
-        move = deepfool_step(logits, gradients, labels).reshape(images.shape)
-        total = total + jnp.where(_per_example(running, move), move, 0.0)
-        adversarial = clip_to_pixels(images + (1.0 + overshoot) * total)
-        return iteration + 1, total, adversarial, running & still_labelled(adversarial)
-
-    state = (jnp.int32(0), jnp.zeros_like(images), images, still_labelled(images))
-    return lax.while_loop(active, step, state)[2]
-
-
-def deepfool_within(
-    logits_fn: LogitsFn,
-    images: jax.Array,
-    labels: jax.Array,
-    eps: jax.Array | float,
-    *,
-    max_iter: int = 50,
-    overshoot: float = 0.02,
-) -> jax.Array:
-    """DeepFool's image where its L2 perturbation is at most eps, else the clean image.
-
-    DeepFool has no budget of its own; this is the image an L2 attacker with
-    budget eps gets from it, so accuracy against eps is the share of examples
-    whose DeepFool distance exceeds eps. The search does not depend on eps, so
-    under a vmap over eps it runs once.
-    """
-    adversarial = deepfool(logits_fn, images, labels, max_iter=max_iter, overshoot=overshoot)
-    within = l2_norms(adversarial - images) <= eps
-    return jnp.where(_per_example(within, images), adversarial, images)
 
 
 # ----------------------------------------------------------------------------
@@ -596,12 +319,16 @@ def _fgsm_random_start_attack(logits_fn, images, labels, eps, key, *, step_size=
     return fgsm_random_start(logits_fn, images, labels, eps, key, step_size, targeted=targeted)
 
 
-def _bim_attack(logits_fn, images, labels, eps, key, *, num_steps=10, step_size=None, targeted: bool = False, unroll: bool = False):
-    return bim(logits_fn, images, labels, eps, num_steps=num_steps, step_size=step_size, targeted=targeted, unroll=unroll)
+def _bim_attack(
+    logits_fn, images, labels, eps, key, *, num_steps=10, step_size=None, targeted: bool = False, unroll: bool = False
+):
+    return bim(
+        logits_fn, images, labels, eps, num_steps=num_steps, step_size=step_size, targeted=targeted, unroll=unroll
+    )
 
 
 def _deepfool_attack(logits_fn, images, labels, eps, key, *, max_iter=50, overshoot=0.02):
-    return deepfool_within(logits_fn, images, labels, eps, max_iter=max_iter, overshoot=overshoot)
+    return deepfool_lib.deepfool_within(logits_fn, images, labels, eps, max_iter=max_iter, overshoot=overshoot)
 
 
 ATTACKS: dict[str, Callable[..., jax.Array]] = {
@@ -632,9 +359,7 @@ def least_likely_attack(attack: Attack) -> Attack:
     return attacked
 
 
-def make_attack(
-    name: str, *, least_likely: bool = False, relative_step_size: float | None = None, **params
-) -> Attack:
+def make_attack(name: str, *, least_likely: bool = False, relative_step_size: float | None = None, **params) -> Attack:
     """`attack(logits_fn, images, labels, eps, key=None)` for any attack in `ATTACKS`.
 
     `params` are the attack's own keywords (`num_steps`, `num_restarts`,

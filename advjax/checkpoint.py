@@ -5,122 +5,48 @@ Each checkpoint is named by its epoch and holds two items:
 - `run`: JSON with the config that wrote it and the metrics records of epochs 1..epoch.
 Orbax writes a checkpoint into a temporary directory and renames it once it is
 complete, so a killed run leaves either a whole checkpoint or one that
-`latest_epoch` does not list. The records travel inside the checkpoint so that
+`saved_epochs` does not list. The records travel inside the checkpoint so that
 it is the one source of truth on resume: metrics.jsonl is rewritten from it and
 the two can never disagree.
 """
 
-import json
+import contextlib
+import logging as pylogging
 import os
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from advjax import models, train
-from advjax.report import write_json
+from advjax import models, seeds, train, workdir
+from advjax.workdir import WorkdirError
 
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
 STATE_ITEM, RUN_ITEM = "state", "run"
-
-
-class WorkdirError(ValueError):
-    """The workdir holds a run this launch must not continue: another config, or damaged checkpoints."""
-
-
-# Configs ---------------------------------------------------------------------
-
-
-def config_as_json(config: ml_collections.ConfigDict) -> dict:
-    """The config as it reads back from disk (tuples become lists), so saved and live configs compare."""
-    return json.loads(json.dumps(config.to_dict()))
-
-
-# Sections that change how a trained model is evaluated or where it runs, not
-# what is trained: a finished or interrupted run may be continued and
-# re-evaluated under new values of these.
-NOT_TRAINING = ("eval", "robust", "num_devices")
-
-
-def training_part(config_json: dict) -> dict:
-    """The fields of a JSON config that determine the trained model."""
-    return {key: value for key, value in config_json.items() if key not in NOT_TRAINING}
-
-
-def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
-    """Dotted paths of the fields that differ between two JSON configs (changed, added or removed)."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        differences = []
-        for key in sorted(set(saved) | set(current), key=str):
-            child = f"{path}.{key}" if path else str(key)
-            if key not in saved or key not in current:
-                differences.append(child)
-            else:
-                differences += config_differences(saved[key], current[key], child)
-        return differences
-    return [] if saved == current else [path or "(the whole config)"]
-
-
-def describe_differences(saved: dict, current: dict, limit: int = 3) -> str:
-    """'config.train.epochs: 3 there, 5 now' for the first few differing fields."""
-
-    def value(tree: Any, path: str, width: int = 60) -> str:
-        for part in path.split("."):
-            if not isinstance(tree, dict) or part not in tree:
-                return "(absent)"
-            tree = tree[part]
-        text = json.dumps(tree)
-        return text if len(text) <= width else text[: width - 3] + "..."
-
-    paths = config_differences(saved, current)
-    parts = [f"config.{p}: {value(saved, p)} there, {value(current, p)} now" for p in paths[:limit]]
-    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
-    return "; ".join(parts) + more
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
-
-
-def read_saved_config(workdir: str) -> dict | None:
-    """The config.json of `workdir` as JSON, None when there is none; a damaged one is refused."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise WorkdirError(f"{path} cannot be read ({e}); relaunch with --overwrite to start the run afresh") from e
-    if not isinstance(saved, dict):
-        raise WorkdirError(f"{path} does not hold a config; relaunch with --overwrite to start the run afresh")
-    return saved
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    saved = read_saved_config(workdir)
-    if saved is None:
-        path = os.path.join(workdir, CONFIG_FILE)
-        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a workdir written by launch.py")
-    return ml_collections.ConfigDict(saved)
-
-
-# Per-epoch checkpoints --------------------------------------------------------
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-
-
 # The metric `save_epoch` attaches to each checkpoint when the best epochs are kept.
 CHECK_METRIC = "pgd_check"
 
 
-def open_manager(workdir: str, keep: int | None = None, best_of_seeds: int = 0) -> ocp.CheckpointManager:
-    """A manager of `workdir/checkpoints` that keeps the latest `keep` epochs (None: read only).
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(os.path.abspath(run_dir), workdir.CHECKPOINT_DIR)
+
+
+def _best_policy(num_seeds: int) -> tuple:
+    """(preservation policy, best_fn): the latest of each seed's best epochs by CHECK_METRIC."""
+    best = [
+        preservation_policy.BestN(get_metric_fn=lambda metrics, seed=seed: metrics[CHECK_METRIC][seed], n=1)
+        for seed in range(num_seeds)
+    ]
+    # Orbax writes a checkpoint's metrics to disk only when best_fn is set; without
+    # them on disk, a resumed run's manager would keep every earlier epoch.
+    return best, lambda metrics: metrics[CHECK_METRIC][0]
+
+
+def open_manager(run_dir: str, keep: int | None = None, best_of_seeds: int = 0) -> ocp.CheckpointManager:
+    """A manager of `run_dir/checkpoints` that keeps the latest `keep` epochs (None: read only).
 
     With `best_of_seeds` = K > 0 it also keeps, for each of K seeds, the epoch
     whose checkpoint metric CHECK_METRIC is highest for that seed (the latest
@@ -129,22 +55,36 @@ def open_manager(workdir: str, keep: int | None = None, best_of_seeds: int = 0) 
     save are removed when it opens: they were never committed, so never trusted.
     """
     if keep is None:
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    else:
-        policy, best_fn = preservation_policy.LatestN(n=keep), None
-        if best_of_seeds:
-            best = [
-                preservation_policy.BestN(get_metric_fn=lambda metrics, seed=seed: metrics[CHECK_METRIC][seed], n=1)
-                for seed in range(best_of_seeds)
-            ]
-            policy = preservation_policy.AnyPreservationPolicy([policy, *best])
-            # Orbax writes a checkpoint's metrics to disk only when best_fn is set; without
-            # them on disk, a resumed run's manager would keep every earlier epoch.
-            best_fn = lambda metrics: metrics[CHECK_METRIC][0]
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=best_fn, best_mode="max", create=True, cleanup_tmp_directories=True
-        )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+        with _quiet_read():
+            return ocp.CheckpointManager(
+                checkpoint_dir(run_dir), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+            )
+    policy, best_fn = preservation_policy.LatestN(n=keep), None
+    if best_of_seeds:
+        best, best_fn = _best_policy(best_of_seeds)
+        policy = preservation_policy.AnyPreservationPolicy([policy, *best])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, best_fn=best_fn, best_mode="max", create=True, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
+
+
+class _NotReadOnlyNotices(pylogging.Filter):
+    """Orbax warns, on every read-only manager, that it is read only: a read is not an event."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("read_only=True" in message or "directory is read only" in message)
+
+
+@contextlib.contextmanager
+def _quiet_read():
+    logger, notices = pylogging.getLogger("absl"), _NotReadOnlyNotices()
+    logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notices)
 
 
 def saved_epochs(manager: ocp.CheckpointManager) -> list[int]:
@@ -165,12 +105,10 @@ def save_epoch(
 
     Waits until the checkpoint is committed: once this returns, a killed run resumes after `epoch`.
     """
-    run = {"epoch": epoch, "config": config_as_json(config), "records": records}
+    run = {"epoch": epoch, "config": workdir.config_as_json(config), "records": records}
     metrics = None if check is None else {CHECK_METRIC: [float(v) for v in check]}
-    manager.save(
-        epoch, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), RUN_ITEM: ocp.args.JsonSave(run)}),
-        metrics=metrics,
-    )
+    items = {STATE_ITEM: ocp.args.StandardSave(state), RUN_ITEM: ocp.args.JsonSave(run)}
+    manager.save(epoch, args=ocp.args.Composite(**items), metrics=metrics)
     manager.wait_until_finished()
 
 
@@ -191,7 +129,7 @@ def restore_epoch(
     """
     where = os.path.join(str(manager.directory), str(epoch))
     run = manager.restore(epoch, args=ocp.args.Composite(**{RUN_ITEM: ocp.args.JsonRestore()}))[RUN_ITEM]
-    differences = describe_differences(training_part(run.get("config", {})), training_part(config_as_json(config)))
+    differences = workdir.training_differences(run["config"] if "config" in run else {}, config)
     if differences:
         raise WorkdirError(
             f"the checkpoint {where} was written by a different config ({differences}); "
@@ -200,9 +138,8 @@ def restore_epoch(
     records = run["records"]
     if len(records) != epoch:
         raise ValueError(f"{where} holds {len(records)} metrics records for {epoch} epochs")
-    args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
-    state = manager.restore(epoch, args=args)[STATE_ITEM]
-    return Resumed(epoch, state, records)
+    state = manager.restore(epoch, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))
+    return Resumed(epoch, state[STATE_ITEM], records)
 
 
 def _first_words(error: Exception, limit: int = 160) -> str:
@@ -212,7 +149,10 @@ def _first_words(error: Exception, limit: int = 160) -> str:
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, target: train.TrainState, config: ml_collections.ConfigDict, log: Callable[[str], None]
+    manager: ocp.CheckpointManager,
+    target: train.TrainState,
+    config: ml_collections.ConfigDict,
+    log: Callable[[str], None],
 ) -> Resumed | None:
     """The newest checkpoint that restores, falling back to older kept ones; None when there is none.
 
@@ -244,43 +184,62 @@ def restore_latest(
     return None
 
 
+def pick_per_seed(params_by_epoch: dict[int, dict], epochs: list[int], num_seeds: int) -> dict:
+    """Seed i's params from the epoch epochs[i], stacked along the seed axis as in training."""
+    if num_seeds == 1:
+        return params_by_epoch[epochs[0]]
+    pick = lambda *per_epoch: jnp.stack(
+        [per_epoch[sorted(params_by_epoch).index(e)][seed] for seed, e in enumerate(epochs)]
+    )
+    return jax.tree.map(pick, *(params_by_epoch[e] for e in sorted(params_by_epoch)))
+
+
 # Notebooks ----------------------------------------------------------------------
-
-
-def eval_apply_fn(model) -> Callable:
-    """`apply_fn(params, images) -> logits` in eval mode (dropout off); jittable."""
-
-    def apply_fn(params, images):
-        return model.apply({"params": params}, images, train=False)
-
-    return apply_fn
 
 
 class Restored(NamedTuple):
     config: ml_collections.ConfigDict
     params: dict  # with a leading seed axis when config.num_seeds > 1
-    apply_fn: Callable  # (params, float32 images [B, 28, 28, 1] in [0, 1]) -> logits [B, 10]
+    apply_fn: models.ApplyFn  # (params, float32 images [B, 28, 28, 1] in [0, 1]) -> logits [B, 10], eval mode
+    epochs: list[int]  # per seed, the epoch whose params these are
 
 
-def restore(workdir: str, epoch: int | None = None) -> Restored:
-    """The params of `epoch` (default: the last checkpointed) in `workdir`, with the config and an eval-mode apply function.
+def epochs_to_restore(run_dir: str, saved: list[int], num_seeds: int, epoch: int | None) -> list[int]:
+    """Per seed: `epoch` if given; else the epochs summary.json evaluated (train.keep_best's choice);
+    else the newest checkpoint, which a finished run without keep_best evaluated."""
+    if epoch is not None:
+        return [epoch] * num_seeds
+    summary = workdir.read_summary(run_dir)
+    evaluated = summary["evaluated_epochs"] if summary and "evaluated_epochs" in summary else None
+    return [int(e) for e in evaluated] if evaluated else [saved[-1]] * num_seeds
 
-    A train.keep_best run evaluated other epochs than the last: they are in
-    summary.json's "evaluated_epochs", one per seed, and their checkpoints are kept.
+
+def restore(run_dir: str, epoch: int | None = None) -> Restored:
+    """The params a run's summary describes, with its config, an eval-mode apply function and the epochs.
+
+    By default each seed's params are those summary.json reports on: with
+    train.keep_best, each seed's best epoch ("evaluated_epochs"); otherwise the
+    last. `epoch=E` loads that kept epoch for every seed instead.
+
+    >>> config, params, apply_fn, epochs = advjax.restore("runs/bp_adv")
+    >>> logits = jax.jit(apply_fn)(params, images)  # float32 [B, 28, 28, 1] in [0, 1]
     """
-    config = load_config(workdir)
+    config = workdir.load_config(run_dir)
     model = models.build_model(config.model)
-    num_seeds = config.get("num_seeds", 1)
-    keys = jax.random.split(jax.random.key(0), num_seeds) if num_seeds > 1 else jax.random.key(0)
-    abstract = jax.eval_shape(lambda: train.create_states(keys, model, config.train, 1, num_seeds))
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}")
-    with open_manager(workdir) as manager:
-        epochs = saved_epochs(manager)
-        if not epochs:
-            raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}")
-        if epoch is not None and epoch not in epochs:
-            raise FileNotFoundError(f"no checkpoint of epoch {epoch} under {checkpoint_dir(workdir)}; kept: {epochs}")
+    init_keys = seeds.seed_keys(0, config.num_seeds)[0]
+    abstract = jax.eval_shape(lambda: train.create_states(init_keys, model, config.train, 1, config.num_seeds))
+    if not os.path.isdir(checkpoint_dir(run_dir)):
+        raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(run_dir)}")
+    with open_manager(run_dir) as manager:
+        saved = saved_epochs(manager)
+        if not saved:
+            raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(run_dir)}")
+        epochs = epochs_to_restore(run_dir, saved, config.num_seeds, epoch)
+        missing = sorted(set(epochs) - set(saved))
+        if missing:
+            raise FileNotFoundError(
+                f"no checkpoint of epoch {missing[0]} under {checkpoint_dir(run_dir)}; kept: {saved}"
+            )
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
-        state = manager.restore(epochs[-1] if epoch is None else epoch, args=args)[STATE_ITEM]
-    return Restored(config, state.params, eval_apply_fn(model))
+        by_epoch = {e: manager.restore(e, args=args)[STATE_ITEM].params for e in sorted(set(epochs))}
+    return Restored(config, pick_per_seed(by_epoch, epochs, config.num_seeds), models.eval_apply(model.apply), epochs)

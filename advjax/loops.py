@@ -11,15 +11,18 @@ Two forms, chosen per backend (and, on CPU, per caller: see `resolve_form`):
 - "chunked": a jit of `chunk_size` Python-unrolled steps, dispatched
   asynchronously chunk after chunk (plus one jit for the remainder). Under
   XLA:CPU a CNN training step inside any while loop takes a slow path for the
-  gradient convolutions (about 10x, DESIGN.md pitfall 9); unrolled steps do not.
+  gradient convolutions (docs/design.md, "Convolutions in XLA:CPU loops");
+  unrolled steps do not.
   Dispatch is asynchronous, so the host runs ahead and never waits inside the epoch.
 Both forms run the same `body` with the same step indices, so they compute the
 same function. Not always to the last bit: with full optimizations XLA may fuse
 across a chunk's unrolled steps and round differently, while the loop's body is
-compiled as one step, like a jitted step called once per batch.
+compiled as one step, like a jitted step called once per batch (docs/design.md,
+"Fused rounding").
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -75,21 +78,12 @@ def _chunked_fold(body: Body, chunk_size: int) -> Fold:
     return fold
 
 
-def map_over_seeds(fn: Callable, num_seeds: int, in_axes: int | tuple = 0) -> Callable:
-    """Vmaps `fn` over a leading seed axis of the arguments marked 0 in `in_axes`.
-
-    With one seed `fn` is returned untouched: K=1 costs nothing extra.
-    """
-    return fn if num_seeds == 1 else jax.vmap(fn, in_axes=in_axes)
-
-
 def steps_per_chunk(chunk_size: int, num_seeds: int = 1) -> int:
     """Steps per compiled chunk when each step carries `num_seeds` vmapped seeds.
 
     A chunk exists to spread the per-dispatch cost over enough work. With K
     seeds a step is K times the work, so K times fewer steps do the same, and
-    the chunk compiles about K times faster (K=4 BP on the 2-core CPU: first
-    epoch 9.1 s against 14.5 s, later epochs no slower).
+    the chunk compiles about K times faster.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -103,6 +97,9 @@ def make_fold(
 
     Build it once and call it every epoch: compiled code is reused for every call
     with the same `num_steps` (scan) or chunk length (chunked) and operand shapes.
+
+    >>> fold = make_fold(lambda total, step, xs: total + xs[step], form="scan")
+    >>> fold(3, 0.0, jnp.arange(3.0))  # 3.0
     `num_seeds` (the seeds `body` is vmapped over) shortens chunks; see steps_per_chunk.
     `cpu_form` is what 'auto' means on CPU (see resolve_form).
     """

@@ -1,11 +1,13 @@
 """The paper's two classifiers as Linen modules with pure `init`/`apply`.
 
-Both take float32 images [B, 28, 28, 1] in [0, 1] and return logits [B, 10].
+Each takes float32 images [B, 28, 28, 1] in [0, 1] and returns logits [B, 10].
 Dropout (CNN only) is active only when `train=True`; attacks and evaluation
-always call with `train=False` (DESIGN.md pitfall 1).
+always go through `eval_apply`, which calls with `train=False` (docs/design.md,
+"Attacks in eval mode").
 """
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,7 +41,11 @@ def torch_default_bias(fan_in: int) -> Initializer:
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-BIAS_INITS: dict[str, BiasInit] = {"glorot_uniform": zero_bias, "lecun_normal": zero_bias, "torch_default": torch_default_bias}
+BIAS_INITS: dict[str, BiasInit] = {
+    "glorot_uniform": zero_bias,
+    "lecun_normal": zero_bias,
+    "torch_default": torch_default_bias,
+}
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -57,9 +63,19 @@ def dense(features: int, x: jax.Array, kernel_init: Initializer, bias_init: Bias
     return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init(x.shape[-1]))(x)
 
 
-def conv(features: int, window: tuple[int, int], strides: int, padding, x: jax.Array, kernel_init: Initializer, bias_init: BiasInit) -> jax.Array:
+def conv(
+    features: int,
+    window: tuple[int, int],
+    strides: int,
+    padding,
+    x: jax.Array,
+    kernel_init: Initializer,
+    bias_init: BiasInit,
+) -> jax.Array:
     fan_in = window[0] * window[1] * x.shape[-1]
-    return nn.Conv(features, window, strides=strides, padding=padding, kernel_init=kernel_init, bias_init=bias_init(fan_in))(x)
+    return nn.Conv(
+        features, window, strides=strides, padding=padding, kernel_init=kernel_init, bias_init=bias_init(fan_in)
+    )(x)
 
 
 class BP(nn.Module):
@@ -141,7 +157,8 @@ CONVOLUTIONAL = ("cnn", "small_cnn")
 
 
 def has_convolutions(model_config: ml_collections.ConfigDict) -> bool:
-    """Whether the model has convolutions, which XLA:CPU runs slowly inside loops (advjax/loops.py)."""
+    """Whether the model has convolutions, which XLA:CPU runs slowly inside loops
+    (docs/design.md, "Convolutions in XLA:CPU loops")."""
     if model_config.name not in MODELS:
         raise ValueError(f"model.name={model_config.name!r} is not one of {MODELS}")
     return model_config.name in CONVOLUTIONAL
@@ -150,3 +167,20 @@ def has_convolutions(model_config: ml_collections.ConfigDict) -> bool:
 def is_deterministic(model_config: ml_collections.ConfigDict) -> bool:
     """Whether train mode equals eval mode: no dropout (BP and the small CNN always; the CNN with dropout 0)."""
     return model_config.name != "cnn" or float(model_config.dropout) == 0.0
+
+
+# A model in eval mode: (params, float32 images [B, 28, 28, 1] in [0, 1]) -> logits [B, 10].
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def eval_apply(flax_apply: Callable) -> ApplyFn:
+    """`apply_fn(params, images) -> logits` with dropout off, from a Linen module's `apply`:
+    the one way attacks and evaluation call a model.
+
+    >>> logits = eval_apply(build_model(config.model).apply)(params, images)
+    """
+
+    def apply_fn(params, images):
+        return flax_apply({"params": params}, images, train=False)
+
+    return apply_fn

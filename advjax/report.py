@@ -1,42 +1,12 @@
-"""Writing results: JSON files written atomically, and human-readable tables."""
+"""Results for people: Markdown and CSV tables, and figures (written atomically, advjax.workdir)."""
 
-import json
 import os
-import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+from advjax.workdir import write_bytes
 
 SPLITS = ("train", "validation", "test")
-
-
-def write_bytes(path: str, content: bytes) -> None:
-    """Writes via a temporary file and a rename, so a killed run never leaves a truncated file.
-
-    The fsync before the rename makes this hold across a power cut too: the
-    rename can reach the disk only after the content has.
-    """
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    """One object per line; the whole file is rewritten atomically each time."""
-    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
@@ -122,7 +92,9 @@ def plot_noise_ladder(noisy_images, sigmas: Sequence[float], path: str) -> None:
     _save(fig, path)
 
 
-def plot_fgsm_example(original, adversarial, eps: float, before: tuple[int, float], after: tuple[int, float], path: str) -> None:
+def plot_fgsm_example(
+    original, adversarial, eps: float, before: tuple[int, float], after: tuple[int, float], path: str
+) -> None:
     """Figure 4: original + eps * sign(gradient) = adversarial, with predictions and confidences."""
     plt = _pyplot()
     perturbation = adversarial - original
@@ -140,7 +112,13 @@ def plot_fgsm_example(original, adversarial, eps: float, before: tuple[int, floa
     _save(fig, path)
 
 
-def plot_curves(grid: Sequence[float], curves: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, title: str, path: str) -> None:
+def plot_curves(
+    grid: Sequence[float],
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    title: str,
+    path: str,
+) -> None:
     """Accuracy against perturbation strength; a band of ±1 std over seeds where there are several."""
     import numpy as np
 

@@ -20,10 +20,12 @@ same (replicated) inputs.
 """
 
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -168,7 +170,9 @@ def initialize_distributed(
     asked = any(v is not None for v in (coordinator_address, num_processes, process_id))
     if not (asked or auto_detect or environ.get(COORDINATOR_ENV)):
         return False
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return True
 
 

@@ -12,7 +12,7 @@ training code so that none of advjax's speed work leaks into it:
 Only the models (advjax.models) and the optimizer (Adam with the same schedule) are shared.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +59,12 @@ def update_model(state: train_state.TrainState, grads) -> train_state.TrainState
 
 
 def train_epoch(
-    apply_model: Callable, state: train_state.TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int, rng: jax.Array
+    apply_model: Callable,
+    state: train_state.TrainState,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    rng: jax.Array,
 ) -> tuple[train_state.TrainState, float, float]:
     """One epoch over host-side float32 `images`, as flax's `train_epoch` does it."""
     steps = len(images) // batch_size

@@ -29,9 +29,15 @@ _OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.x=y overrides, e
 
 def launch(num_seeds: int, cache_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        command = [sys.executable, "launch.py", f"--config={_CONFIG.value}", f"--workdir={workdir}",
-                   f"--config.num_seeds={num_seeds}", f"--compilation_cache={cache_dir}",
-                   *(f"--config.{o}" for o in _OVERRIDES.value)]
+        command = [
+            sys.executable,
+            "launch.py",
+            f"--config={_CONFIG.value}",
+            f"--workdir={workdir}",
+            f"--config.num_seeds={num_seeds}",
+            f"--compilation_cache={cache_dir}",
+            *(f"--config.{o}" for o in _OVERRIDES.value),
+        ]
         start = time.perf_counter()
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -63,13 +69,25 @@ def main(argv):
                 runs[seeds].append(launch(seeds, cache_dir))
                 print(f"num_seeds={seeds}: {runs[seeds][-1]['wall_s']:.1f}s", file=sys.stderr, flush=True)
     best = {seeds: min(r["wall_s"] for r in rs) for seeds, rs in runs.items()}
-    print(json.dumps({
-        "machine": {"backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "host_cpus": os.cpu_count(), "jax": jax.__version__},
-        "config": _CONFIG.value, "overrides": _OVERRIDES.value, "cache": _CACHE.value,
-        "runs": {str(s): rs for s, rs in runs.items()},
-        "best_wall_s": {str(s): w for s, w in best.items()},
-        "ratio": best[k] / best[1],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": {
+                    "backend": jax.default_backend(),
+                    "device": str(jax.devices()[0].device_kind),
+                    "host_cpus": os.cpu_count(),
+                    "jax": jax.__version__,
+                },
+                "config": _CONFIG.value,
+                "overrides": _OVERRIDES.value,
+                "cache": _CACHE.value,
+                "runs": {str(s): rs for s, rs in runs.items()},
+                "best_wall_s": {str(s): w for s, w in best.items()},
+                "ratio": best[k] / best[1],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,13 +34,23 @@ sys.path.insert(0, ROOT)
 
 _MODELS = flags.DEFINE_list("models", ["bp", "cnn"], "Models to measure.")
 _MODES = flags.DEFINE_list("modes", ["ordinary", "fgsm"], "Training modes to measure.")
-_EXAMPLES = flags.DEFINE_integer("examples", 0, "Examples per epoch (0: 51,200 for BP; 2,560 for the CNN on CPU, 25,600 elsewhere).")
-_EPOCHS = flags.DEFINE_integer("epochs", 4, "Epochs per measurement: the first compiles, the best of the rest is steady state.")
+_EXAMPLES = flags.DEFINE_integer(
+    "examples", 0, "Examples per epoch (0: 51,200 for BP; 2,560 for the CNN on CPU, 25,600 elsewhere)."
+)
+_EPOCHS = flags.DEFINE_integer(
+    "epochs", 4, "Epochs per measurement: the first compiles, the best of the rest is steady state."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _SWEEP_IMAGES = flags.DEFINE_integer("sweep_images", 5000, "Images in the sigma sweep.")
 _SWEEP_POINTS = flags.DEFINE_integer("sweep_points", 21, "Grid points in the sigma sweep.")
-_PROFILE = flags.DEFINE_list("profile", ["cnn_fgsm"], "Workloads (model_mode) whose training step is profiled op by op.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here, rewritten after every workload, so a run cut short keeps what it measured.")
+_PROFILE = flags.DEFINE_list(
+    "profile", ["cnn_fgsm"], "Workloads (model_mode) whose training step is profiled op by op."
+)
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "Also write the JSON here, rewritten after every workload, so a run cut short keeps what it measured.",
+)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one measurement (a JSON spec) and print its JSON.")
 
 
@@ -94,9 +104,13 @@ def train_worker(spec: dict) -> dict:
     steps = n // batch
 
     if spec["impl"] == "ours":
-        objective = train.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
+        objective = objectives.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
         epoch_fn = train.make_epoch_fn(
-            objective, n, batch, form=config.train.loop, chunk_size=config.train.chunk_size,
+            objective,
+            n,
+            batch,
+            form=config.train.loop,
+            chunk_size=config.train.chunk_size,
             convolutional=models.has_convolutions(config.model),
         )
         state = train.create_train_state(jax.random.key(0), model, config.train, steps)
@@ -105,27 +119,37 @@ def train_worker(spec: dict) -> dict:
 
         def run_epoch(e):
             perm = train.epoch_permutation(jax.random.key(1), e, n)
-            box["state"], totals = epoch_fn(box["state"], train.EpochTotals.zeros(), device_images, device_labels, perm, jax.random.key(2))
+            box["state"], totals = epoch_fn(
+                box["state"], train.EpochTotals.zeros(), device_images, device_labels, perm, jax.random.key(2)
+            )
             box["loss"] = float(jax.device_get(totals.loss)) / steps
 
         step = jax.jit(lambda s, x, y, r: train.train_step(s, objective, x, y, r))
-        flops_fn = lambda: _flops(step.lower(box["state"], images[:batch] / 255.0, labels[:batch], jax.random.key(0)).compile())
+        flops_fn = lambda: _flops(
+            step.lower(box["state"], images[:batch] / 255.0, labels[:batch], jax.random.key(0)).compile()
+        )
     else:
         sys.path.insert(0, os.path.join(ROOT, "bench"))
         import flax_example
 
         host_images = images.astype(np.float32) / 255.0  # the flax example normalises once, on the host
-        apply_model = flax_example.make_apply_model(spec["mode"], config.train.eps, config.train.alpha, config.train.sigma)
+        apply_model = flax_example.make_apply_model(
+            spec["mode"], config.train.eps, config.train.alpha, config.train.sigma
+        )
         state = train.create_train_state(jax.random.key(0), model, config.train, steps)
         box = {"state": state}
 
         def run_epoch(e):
-            box["state"], box["loss"], _ = flax_example.train_epoch(apply_model, box["state"], host_images, labels, batch, jax.random.key(e))
+            box["state"], box["loss"], _ = flax_example.train_epoch(
+                apply_model, box["state"], host_images, labels, batch, jax.random.key(e)
+            )
 
         def flops_fn():
             x, y, r = host_images[:batch], labels[:batch], jax.random.key(0)
             grads = apply_model(box["state"], x, y, r)[0]
-            return _flops(apply_model.lower(box["state"], x, y, r).compile()) + _flops(flax_example.update_model.lower(box["state"], grads).compile())
+            return _flops(apply_model.lower(box["state"], x, y, r).compile()) + _flops(
+                flax_example.update_model.lower(box["state"], grads).compile()
+            )
 
     first, steady = _epoch_times(run_epoch, spec["epochs"])
     compile_stats = meter.summary()
@@ -161,8 +185,8 @@ def sweep_worker(spec: dict) -> dict:
     grid = np.linspace(0.0, 1.0, spec["points"])
     b = config.eval.batch_size
     if spec["impl"] == "ours":
-        eval_set = evaluate.make_eval_set(images, labels, len(labels), b)
-        sweep = evaluate.make_sweep(model.apply, "gaussian", form=config.eval.loop, chunk_size=config.eval.chunk_size)
+        eval_set = eval_fold.make_eval_set(images, labels, len(labels), b)
+        sweep = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form=config.eval.loop, chunk_size=config.eval.chunk_size)
         run = lambda key, g: sweep(params, eval_set, jax.random.key(key), g)
     else:
         # A Python loop over sigmas, each a jitted accuracy call over host batches.
@@ -174,7 +198,11 @@ def sweep_worker(spec: dict) -> dict:
         host_images = images.astype(np.float32) / 255.0
 
         def run(key, g):
-            counts = [correct(params, host_images[i : i + b], labels[i : i + b], jax.random.key(key + i), s) for s in g for i in range(0, len(labels), b)]
+            counts = [
+                correct(params, host_images[i : i + b], labels[i : i + b], jax.random.key(key + i), s)
+                for s in g
+                for i in range(0, len(labels), b)
+            ]
             return np.asarray(jax.device_get(counts))
 
     start = time.perf_counter()
@@ -184,7 +212,13 @@ def sweep_worker(spec: dict) -> dict:
     run(1, grid + 0.01)  # a new grid of the same length: no recompilation
     steady = time.perf_counter() - start
     work = len(labels) * len(grid)
-    return {"first_s": first, "steady_s": steady, "image_points_per_s": work / steady, "compile": meter.summary(), **_peak_memory_bytes()}
+    return {
+        "first_s": first,
+        "steady_s": steady,
+        "image_points_per_s": work / steady,
+        "compile": meter.summary(),
+        **_peak_memory_bytes(),
+    }
 
 
 def matmul_worker(spec: dict) -> dict:
@@ -223,7 +257,7 @@ def profile_worker(spec: dict) -> dict:
 
     config = default.experiment(spec["model"], spec["mode"])
     model = models.build_model(config.model)
-    objective = train.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
+    objective = objectives.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
     step = jax.jit(lambda s, x, y, r: train.train_step(s, objective, x, y, r))
     state = train.create_train_state(jax.random.key(0), model, config.train, 10)
     images, labels = synthetic(spec["batch_size"])
@@ -255,7 +289,12 @@ def profile_worker(spec: dict) -> dict:
         "step_s": seconds,
         "ops_s": accounted,
         "top_ops": [
-            {"op": name, "from": origin[name].removeprefix("jit(<lambda>)/"), "ms": 1e3 * t, "share_of_step": t / seconds}
+            {
+                "op": name,
+                "from": origin[name].removeprefix("jit(<lambda>)/"),
+                "ms": 1e3 * t,
+                "share_of_step": t / seconds,
+            }
             for name, t in totals.most_common(spec["top"])
         ],
     }
@@ -271,7 +310,9 @@ def run_worker(spec: dict) -> dict:
     """Runs one measurement in a fresh process and returns its JSON."""
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     if result.returncode != 0:
         raise RuntimeError(f"benchmark worker {spec} failed:\n{result.stderr[-3000:]}")
@@ -282,8 +323,12 @@ def machine() -> dict:
     import jax
 
     return {
-        "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "device_count": jax.device_count(),
-        "host_cpus": os.cpu_count(), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "device_count": jax.device_count(),
+        "host_cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -311,7 +356,14 @@ def main(argv):
     for name in _MODELS.value:
         n = _EXAMPLES.value or (51_200 if name == "bp" else (2_560 if on_cpu else 25_600))
         for mode in _MODES.value:
-            spec = {"kind": "train", "model": name, "mode": mode, "examples": n, "batch_size": _BATCH.value, "epochs": _EPOCHS.value}
+            spec = {
+                "kind": "train",
+                "model": name,
+                "mode": mode,
+                "examples": n,
+                "batch_size": _BATCH.value,
+                "epochs": _EPOCHS.value,
+            }
             with tempfile.TemporaryDirectory() as cache_dir:
                 # Alternated, two of each, so that drift in the machine's speed hits both sides alike.
                 ours = run_worker({**spec, "impl": "ours", "cache_dir": cache_dir})
@@ -329,7 +381,10 @@ def main(argv):
                 "best_examples_per_s": {"ours": best_ours, "baseline": best_base},
                 "speedup": best_ours / best_base,
                 "first_epoch_speedup": base["first_epoch_s"] / ours["first_epoch_s"],
-                "fraction_of_matmul_peak": ours["flops_per_example"] * best_ours / 1e9 / results["peak_matmul"]["gflops"],
+                "fraction_of_matmul_peak": ours["flops_per_example"]
+                * best_ours
+                / 1e9
+                / results["peak_matmul"]["gflops"],
                 "compile_seconds": {
                     "cold": ours["compile"]["trace_seconds"] + ours["compile"]["backend_seconds"],
                     "warm": warm["compile"]["trace_seconds"] + warm["compile"]["backend_seconds"],
@@ -346,8 +401,13 @@ def main(argv):
         sweep_spec = {"kind": "sweep", "model": name, "images": _SWEEP_IMAGES.value, "points": _SWEEP_POINTS.value}
         ours = run_worker({**sweep_spec, "impl": "ours"})
         base = run_worker({**sweep_spec, "impl": "baseline"})
-        results["sweep"][name] = {"grid_points": _SWEEP_POINTS.value, "images": _SWEEP_IMAGES.value, "ours": ours, "baseline": base,
-                                  "speedup": base["steady_s"] / ours["steady_s"]}
+        results["sweep"][name] = {
+            "grid_points": _SWEEP_POINTS.value,
+            "images": _SWEEP_IMAGES.value,
+            "ours": ours,
+            "baseline": base,
+            "speedup": base["steady_s"] / ours["steady_s"],
+        }
         save_partial(results)
         log(f"{name} sweep: ours {ours['steady_s']:.2f}s, baseline {base['steady_s']:.2f}s")
     results["profile"] = {}

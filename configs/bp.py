@@ -3,5 +3,5 @@
 from configs import default
 
 
-def get_config(arg=None):
-    return default.experiment("bp", "ordinary", arg)
+def get_config():
+    return default.experiment("bp", "ordinary")

@@ -1,10 +1,7 @@
-"""BP, fast adversarial training at eps = 0.3 (the CNN's settings in configs/cnn_fast.py)."""
+"""`configs/fast.py:bp` under its older name."""
 
-from configs import cnn_fast
+from configs import fast
 
 
-def get_config(arg=None):
-    config = cnn_fast.get_config(arg)
-    config.model.name = "bp"
-    config.eval.sigma = 0.3
-    return config
+def get_config():
+    return fast.get_config("bp")

@@ -1,10 +1,7 @@
-"""BP, PGD adversarial training at eps = 0.3 (the CNN's schedule in configs/cnn_pgd.py)."""
+"""`configs/pgd.py:bp` under its older name."""
 
-from configs import cnn_pgd
+from configs import pgd
 
 
-def get_config(arg=None):
-    config = cnn_pgd.get_config(arg)
-    config.model.name = "bp"
-    config.eval.sigma = 0.3
-    return config
+def get_config():
+    return pgd.get_config("bp")

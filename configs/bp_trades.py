@@ -1,10 +1,7 @@
-"""BP, TRADES at eps = 0.3 (the CNN's settings in configs/cnn_trades.py)."""
+"""`configs/trades.py:bp` under its older name."""
 
-from configs import cnn_trades
+from configs import trades
 
 
-def get_config(arg=None):
-    config = cnn_trades.get_config(arg)
-    config.model.name = "bp"
-    config.eval.sigma = 0.3
-    return config
+def get_config():
+    return trades.get_config("bp")

@@ -1,18 +1,7 @@
-"""The CNN, TRADES (Zhang et al. 2019) at eps = 0.3.
+"""`configs/trades.py:cnn` under its older name."""
 
-TRADES's MNIST attack: 40 steps of 0.01 on KL(f(x) || f(x')) from x + 0.001 N(0, 1),
-beta = 1. We keep this project's Adam with cosine decay (TRADES used SGD), for 50 epochs.
-About 40x the cost of ordinary training: run it on an accelerator, or shorten it.
-"""
-
-from configs import default
+from configs import trades
 
 
-def get_config(arg=None):
-    config = default.defense("cnn", "trades", arg)
-    config.train.epochs = 50
-    config.train.learning_rate = 1e-3
-    config.train.attack_steps = 40
-    config.train.attack_step_size = 0.01
-    config.train.trades_beta = 1.0
-    return config
+def get_config():
+    return trades.get_config("cnn")

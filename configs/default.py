@@ -1,14 +1,14 @@
-"""Shared defaults. Each experiment config starts from `get_config()` here.
+"""Every config field, its default and what it means: the one place each is written.
 
-Every field can be overridden on the command line, e.g.
+Each experiment config starts from `get_config()` here; advjax/validation.py
+checks every field. Any field can be overridden on the command line, e.g.
 `--config.train.epochs=2 --config.eval.eps=0.2 --config.model.init=lecun_normal`.
 """
 
 import ml_collections
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # model init, shuffling, dropout and noise all derive from it
     # Devices of the data-parallel mesh: 0 = all (of every host); 1 = one device, no mesh.
@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.split_seed = 0
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "bp"  # bp | cnn
+    config.model.name = "bp"  # bp | cnn | small_cnn (advjax/models.py)
     # TensorFlow's default, which the paper's code used; 'lecun_normal' is Flax's.
     config.model.init = "glorot_uniform"
     config.model.hidden = (256, 256)  # BP only
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.trades_beta = 1.0  # weight of TRADES's KL term
     # GradAlign (Andriushchenko & Flammarion 2020), any mode: this weight times the mean
     # 1 - cos between input gradients at x and at a uniform draw from the train.eps ball
-    # (0: off). Against catastrophic overfitting of one-step training; about 2x its cost.
+    # (0: off). Against catastrophic overfitting of one-step training, at the price of a double backward pass.
     config.train.grad_align = 0.0
     config.train.attack_unroll = "auto"  # auto | loop | unrolled: attack steps unrolled on CPU, a loop elsewhere
     # Adversarial modes: FGSM and PGD accuracy at train.eps on this many held-out
@@ -90,9 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Extra FGSM strengths evaluated on the train and validation subsets (the paper never states its eps).
     config.eval.table_eps = ()
     config.eval.batch_size = 500
-    # Batches per compiled chunk on CPU. An eval batch is big enough that one per
-    # dispatch costs nothing measurable, and a chunk of 1 compiles 4x less than 4:
-    # a whole configs/bp.py run spends 3.4 s in evaluation instead of 6.6 s.
+    # Batches per compiled chunk on CPU: an eval batch is big enough that one per
+    # dispatch costs nothing measurable, and a longer chunk compiles longer (bench/README.md).
     config.eval.chunk_size = 1
     # The form of every evaluation fold (sweeps, attacks, the per-epoch checks); as train.loop.
     config.eval.loop = "auto"
@@ -102,16 +101,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.robust = ml_collections.ConfigDict()
     config.robust.enabled = False  # run it after training and put it in summary.json
     config.robust.split = "test"  # train | validation | test
-    config.robust.num_examples = 1000  # first N of the split; reports state the count (1000 is acceptable on CPU)
+    config.robust.num_examples = 1000  # first N of the split; the reports state the count
     config.robust.batch_size = 500
-    config.robust.eps_grid = (0.1, 0.2, 0.3)  # L-inf eps for fgsm, fgsm_random_start, bim, pgd and the label-leaking check
+    config.robust.eps_grid = (
+        0.1,
+        0.2,
+        0.3,
+    )  # L-inf eps for fgsm, fgsm_random_start, bim, pgd and the label-leaking check
     config.robust.l2_eps_grid = (1.0, 2.0, 3.0)  # L2 eps for fgm_l2, pgd_l2 and deepfool (used only if one is listed)
     # Any of advjax.attacks.ATTACKS; all attack the true labels. A multi-step
-    # attack belongs here always: FGSM alone hides gradient masking (pitfall 6).
+    # attack belongs here always: FGSM alone hides gradient masking (docs/design.md, "Catastrophic overfitting").
     config.robust.attacks = ("fgsm", "pgd")
     config.robust.pgd_steps = 100  # steps per restart for bim, pgd and pgd_l2 (MNIST challenge: PGD-100)
     config.robust.pgd_restarts = 10  # random restarts for pgd and pgd_l2; the worst per example is kept
-    config.robust.pgd_step_size = 0.01  # L-inf step in pixels for bim and pgd; 0: 2.5 eps / steps (pgd_l2 always uses that)
+    config.robust.pgd_step_size = (
+        0.01  # L-inf step in pixels for bim and pgd; 0: 2.5 eps / steps (pgd_l2 always uses that)
+    )
     # 'strict': per example, a restart that fools the model is kept, and every step is taken.
     # 'wong2020': the restart with the highest loss is kept and each example stops at its
     # first success, as in Wong et al.'s evaluation; weaker, for comparing with their figures.
@@ -123,25 +128,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 # The paper's Table 5 reports Gaussian robustness at std 0.3 for BP and 0.8 for the CNN.
 PAPER_EVAL_SIGMA = {"bp": 0.3, "cnn": 0.8}
+# The networks a defense config (configs/pgd.py, fast.py, trades.py) takes as its argument.
+DEFENSE_MODELS = ("cnn", "bp")
 
 
-def defense(model: str, mode: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """A defense against eps = 0.3 (the MNIST challenge's budget), on Madry et al.'s
-    network: the paper's CNN without dropout (BP has none)."""
-    config = experiment(model, mode, arg)
-    config.model.dropout = 0.0
-    config.train.eps = 0.3
-    config.eval.eps = 0.3
-    # FGSM numbers alone would flatter a defense: report PGD with restarts, the
-    # worst case and the label-leaking check too (see config.robust above).
-    config.robust.enabled = True
-    return config
-
-
-def experiment(model: str, mode: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def experiment(model: str, mode: str) -> ml_collections.ConfigDict:
     """The defaults for one of the paper's six (model, training mode) pairs, or another model's."""
-    config = get_config(arg)
+    config = get_config()
     config.model.name = model
     config.train.mode = mode
     config.eval.sigma = PAPER_EVAL_SIGMA.get(model, config.eval.sigma)  # the paper has no other models
     return config
+
+
+def defense(model: str, mode: str) -> ml_collections.ConfigDict:
+    """A defense against eps = 0.3 (the MNIST challenge's budget), on Madry et al.'s
+    network: the paper's CNN without dropout (BP has none)."""
+    config = experiment(model, mode)
+    config.model.dropout = 0.0
+    config.train.eps = 0.3
+    config.eval.eps = 0.3
+    # FGSM numbers alone would flatter a defense: report PGD with restarts, the
+    # worst case and the label-leaking check too (config.robust above).
+    config.robust.enabled = True
+    return config
+
+
+def defense_model(arg: str | None, config_file: str) -> str:
+    """The network a defense config's argument names (`--config=configs/pgd.py:bp`); the CNN by default."""
+    model = arg or "cnn"
+    if model not in DEFENSE_MODELS:
+        raise ValueError(f"{config_file} takes one of {DEFENSE_MODELS} after the colon, got {arg!r}")
+    return model

@@ -21,8 +21,8 @@ RUNS = {
 }
 
 
-def get_config(arg=None):
-    base = default.get_config(arg)
+def get_config():
+    base = default.get_config()
     config = ml_collections.ConfigDict()
     config.seed = base.seed
     config.num_seeds = base.num_seeds

@@ -21,8 +21,18 @@ if __name__ == "__main__":
 
 import numpy as np
 
-from advjax import evaluate, sharding, train
-from tests.sharding_equivalence import EPS, NUM_EVAL, EVAL_BATCH, NUM_TRAIN, SIGMA, TRAIN_BATCH, max_difference, setup, synthetic_data
+from advjax import eval_fold, evaluate, models, objectives, sharding, train
+from tests.sharding_equivalence import (
+    EPS,
+    EVAL_BATCH,
+    NUM_EVAL,
+    NUM_TRAIN,
+    SIGMA,
+    TRAIN_BATCH,
+    max_difference,
+    setup,
+    synthetic_data,
+)
 
 
 def run(mesh) -> dict:
@@ -30,19 +40,21 @@ def run(mesh) -> dict:
     config, model = setup("ordinary")
     images, labels = synthetic_data(NUM_TRAIN, 0)
     epoch = train.make_epoch_fn(
-        train.make_objective(model.apply, config.train), NUM_TRAIN, TRAIN_BATCH, form="chunked", mesh=mesh
+        objectives.make_objective(model.apply, config.train), NUM_TRAIN, TRAIN_BATCH, form="chunked", mesh=mesh
     )
     state = train.create_train_state(jax.random.key(0), model, config.train, epoch.num_steps)
     permutation = train.epoch_permutation(jax.random.key(1), 1, NUM_TRAIN)
     inputs = (state, train.EpochTotals.zeros(), images, labels, permutation, jax.random.key(2), jax.random.key(3))
-    eval_set = evaluate.make_eval_set(*synthetic_data(NUM_EVAL, 4), NUM_EVAL, EVAL_BATCH)
+    eval_set = eval_fold.make_eval_set(*synthetic_data(NUM_EVAL, 4), NUM_EVAL, EVAL_BATCH)
     if mesh is not None:
         inputs = sharding.replicate(inputs, mesh)
-        eval_set = evaluate.shard_eval_set(eval_set, mesh)
+        eval_set = eval_fold.shard_eval_set(eval_set, mesh)
     *epoch_inputs, eval_key = inputs
     state, totals = epoch(*epoch_inputs)
-    results = evaluate.make_evaluator(model.apply, form="scan", mesh=mesh)(state.params, eval_set, eval_key, EPS, SIGMA)
-    sweep = evaluate.make_sweep(model.apply, "gaussian", form="chunked", mesh=mesh)(state.params, eval_set, eval_key, (0.0, 0.3))
+    results = evaluate.make_evaluator(models.eval_apply(model.apply), form="scan", mesh=mesh)(state.params, eval_set, eval_key, EPS, SIGMA)
+    sweep = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form="chunked", mesh=mesh)(
+        state.params, eval_set, eval_key, (0.0, 0.3)
+    )
     return {
         # Replicated outputs are readable on every process.
         "params": jax.tree.map(np.asarray, state.params),
@@ -65,7 +77,11 @@ def main(process_id: int, num_processes: int, port: int) -> dict:
         "mesh_shape": dict(mesh.shape),
         "params_max_difference": max_difference(single["params"], on_mesh["params"]),
         "params_checksum": float(sum(np.sum(leaf) for leaf in jax.tree.leaves(on_mesh["params"]))),
-        **{f"{k}_{where}": r[k] for k in ("loss", "accuracy", "sweep") for where, r in (("single", single), ("mesh", on_mesh))},
+        **{
+            f"{k}_{where}": r[k]
+            for k in ("loss", "accuracy", "sweep")
+            for where, r in (("single", single), ("mesh", on_mesh))
+        },
     }
 
 

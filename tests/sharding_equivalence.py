@@ -21,7 +21,7 @@ if __name__ == "__main__":
 import jax.numpy as jnp
 import numpy as np
 
-from advjax import evaluate, loops, models, sharding, train
+from advjax import eval_fold, evaluate, loops, models, objectives, seeds, sharding, train
 from tests.conftest import synthetic_digits, tiny_config
 
 NUM_TRAIN, TRAIN_BATCH = 512, 64  # 8 steps
@@ -49,8 +49,10 @@ def seed_keys(num_seeds: int, salt: int) -> jax.Array:
 
 
 def max_difference(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def sharding_facts(array: jax.Array) -> dict:
@@ -64,7 +66,7 @@ def sharding_facts(array: jax.Array) -> dict:
 def partitioned_epoch_facts(objective, num_seeds: int, mesh, args) -> dict:
     """What the compiler made of a scan-form epoch on the mesh: per-device batch shape and all-reduces."""
     epoch = train.make_epoch_fn(objective, NUM_TRAIN, TRAIN_BATCH, form="scan", num_seeds=num_seeds, mesh=mesh)
-    hlo = epoch.fold.lower(epoch.num_steps, args[:2], *args[2:]).compile().as_text()
+    hlo = epoch.fold.lower(*epoch.fold_args(*args)).compile().as_text()
     seeds = "" if num_seeds == 1 else f"{num_seeds},"  # the seed vmap's axis stays whole on each device
     per_device = TRAIN_BATCH // sharding.num_data_shards(mesh)
     return {
@@ -78,8 +80,8 @@ def train_case(mode: str, form: str, num_seeds: int, mesh, inspect: bool = False
     """Facts about one epoch on one device against one on the mesh, and the single-device params."""
     config, model = setup(mode)
     images, labels = synthetic_data(NUM_TRAIN, 0)
-    objective = train.make_objective(model.apply, config.train)
-    map_seeds = lambda f: loops.map_over_seeds(f, num_seeds)
+    objective = objectives.make_objective(model.apply, config.train)
+    map_seeds = lambda f: seeds.map_over_seeds(f, num_seeds)
     facts = {}
 
     def run(mesh):
@@ -108,14 +110,14 @@ def train_case(mode: str, form: str, num_seeds: int, mesh, inspect: bool = False
 
 def eval_set():
     images, labels = synthetic_data(NUM_EVAL + 10, 4)
-    return evaluate.make_eval_set(images, labels, NUM_EVAL, EVAL_BATCH)
+    return eval_fold.make_eval_set(images, labels, NUM_EVAL, EVAL_BATCH)
 
 
 def evaluate_case(model, params, form: str, num_seeds: int, mesh) -> dict:
     key = seed_keys(num_seeds, 5)
-    build = lambda mesh: evaluate.make_evaluator(model.apply, form=form, num_seeds=num_seeds, mesh=mesh)
+    build = lambda mesh: evaluate.make_evaluator(models.eval_apply(model.apply), form=form, num_seeds=num_seeds, mesh=mesh)
     single = build(None)(params, eval_set(), key, EPS, SIGMA)
-    sharded_set = evaluate.shard_eval_set(eval_set(), mesh)
+    sharded_set = eval_fold.shard_eval_set(eval_set(), mesh)
     on_mesh = build(mesh)(sharding.replicate(params, mesh), sharded_set, sharding.replicate(key, mesh), EPS, SIGMA)
     return {
         "accuracy_single": single["accuracy_per_seed"],
@@ -132,10 +134,10 @@ def evaluate_case(model, params, form: str, num_seeds: int, mesh) -> dict:
 def sweep_case(model, params, perturbation: str, form: str, num_seeds: int, mesh) -> dict:
     key = seed_keys(num_seeds, 6)
     grid = (0.0, 0.3, 0.6) if perturbation == "gaussian" else (0.0, 0.01, 0.02)
-    build = lambda mesh: evaluate.make_sweep(model.apply, perturbation, form=form, num_seeds=num_seeds, mesh=mesh)
+    build = lambda mesh: evaluate.make_sweep(models.eval_apply(model.apply), perturbation, form=form, num_seeds=num_seeds, mesh=mesh)
     single = build(None)(params, eval_set(), key, grid)
     on_mesh = build(mesh)(
-        sharding.replicate(params, mesh), evaluate.shard_eval_set(eval_set(), mesh), sharding.replicate(key, mesh), grid
+        sharding.replicate(params, mesh), eval_fold.shard_eval_set(eval_set(), mesh), sharding.replicate(key, mesh), grid
     )
     return {"accuracy_single": single.tolist(), "accuracy_mesh": on_mesh.tolist()}
 
@@ -143,7 +145,7 @@ def sweep_case(model, params, perturbation: str, form: str, num_seeds: int, mesh
 def refusal_case(mesh) -> dict:
     """The messages for batch sizes the devices cannot split."""
     config, model = setup("ordinary")
-    objective = train.make_objective(model.apply, config.train)
+    objective = objectives.make_objective(model.apply, config.train)
     bad = sharding.num_data_shards(mesh) * 8 + 1
     messages = {}
     try:
@@ -152,7 +154,7 @@ def refusal_case(mesh) -> dict:
         messages["train"] = str(e)
     images, labels = synthetic_data(NUM_EVAL, 4)
     try:
-        evaluate.shard_eval_set(evaluate.make_eval_set(images, labels, NUM_EVAL, bad), mesh)
+        eval_fold.shard_eval_set(eval_fold.make_eval_set(images, labels, NUM_EVAL, bad), mesh)
     except ValueError as e:
         messages["eval"] = str(e)
     return messages

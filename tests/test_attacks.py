@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from advjax import attacks, models, objectives
+from advjax import attacks, losses, models, noise, norms, objectives, restarts
+from advjax import deepfool as deepfool_module
 from configs import default
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -27,12 +28,12 @@ bim = jax.jit(attacks.bim, static_argnums=0, static_argnames=("num_steps", "targ
 pgd = jax.jit(
     attacks.pgd, static_argnums=0, static_argnames=("norm", "num_steps", "num_restarts", "random_start", "targeted")
 )
-deepfool = jax.jit(attacks.deepfool, static_argnums=0, static_argnames="max_iter")
+deepfool = jax.jit(deepfool_module.deepfool, static_argnums=0, static_argnames="max_iter")
 input_gradient = jax.jit(attacks.input_gradient, static_argnums=0)
 predicted_labels = jax.jit(attacks.predicted_labels, static_argnums=0)
-gaussian = jax.jit(attacks.gaussian)
-matched_gaussian = jax.jit(attacks.matched_gaussian)
-perturbation_stats = jax.jit(attacks.perturbation_stats)
+gaussian = jax.jit(noise.gaussian)
+matched_gaussian = jax.jit(noise.matched_gaussian)
+perturbation_stats = jax.jit(noise.perturbation_stats)
 
 
 # ----------------------------------------------------------------------------
@@ -213,10 +214,10 @@ def test_gaussian_noise_depends_on_the_key_only():
 def test_gaussian_noise_has_the_requested_std_before_clipping():
     # At 0.5 with sigma 0.05, clipping needs a 10-sigma draw: the std is sigma.
     images = jnp.full((4, *IMAGE_SHAPE), 0.5, jnp.float32)
-    noise = np.asarray(gaussian(jax.random.key(3), images, 0.05)) - 0.5
-    n = noise.size
-    np.testing.assert_allclose(noise.mean(), 0.0, atol=4 * 0.05 / np.sqrt(n))
-    np.testing.assert_allclose(noise.std(), 0.05, atol=4 * 0.05 / np.sqrt(2 * n))
+    drawn = np.asarray(gaussian(jax.random.key(3), images, 0.05)) - 0.5
+    n = drawn.size
+    np.testing.assert_allclose(drawn.mean(), 0.0, atol=4 * 0.05 / np.sqrt(n))
+    np.testing.assert_allclose(drawn.std(), 0.05, atol=4 * 0.05 / np.sqrt(2 * n))
 
 
 def test_matched_gaussian_matches_per_image_mean_and_std():
@@ -234,14 +235,14 @@ def test_matched_gaussian_matches_per_image_mean_and_std():
     noisy = np.asarray(matched_gaussian(jax.random.key(11), images, reference))
     # Far enough from 0 and 1 that nothing was clipped (so the moments are unbiased).
     assert 0.0 < noisy.min() and noisy.max() < 1.0
-    noise = per_image(noisy) - 0.5
+    drawn = per_image(noisy) - 0.5
     # Standard errors over 784 pixels: sigma/sqrt(n) for the mean, sigma/sqrt(2n) for the std.
     n = NUM_PIXELS
-    np.testing.assert_array_less(np.abs(noise.mean(axis=1) - means), 4 * stds / np.sqrt(n))
-    np.testing.assert_array_less(np.abs(noise.std(axis=1) - stds), 4 * stds / np.sqrt(2 * n))
-    # Independent noise, not a copy of the reference's perturbation.
-    for image_noise, image_delta in zip(noise, per_image(delta)):
-        assert abs(np.corrcoef(image_noise, image_delta)[0, 1]) < 0.2
+    np.testing.assert_array_less(np.abs(drawn.mean(axis=1) - means), 4 * stds / np.sqrt(n))
+    np.testing.assert_array_less(np.abs(drawn.std(axis=1) - stds), 4 * stds / np.sqrt(2 * n))
+    # Independent drawn, not a copy of the reference's perturbation.
+    for image_drawn, image_delta in zip(drawn, per_image(delta)):
+        assert abs(np.corrcoef(image_drawn, image_delta)[0, 1]) < 0.2
 
 
 # ----------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_perturbation_stats_match_numpy():
     perturbed = np.clip(images + np.random.default_rng(13).normal(0.02, 0.2, images.shape), 0, 1).astype(np.float32)
     stats = perturbation_stats(jnp.asarray(images), jnp.asarray(perturbed))
     delta = per_image(perturbed) - per_image(images)
-    expected = attacks.PerturbationStats(
+    expected = noise.PerturbationStats(
         mean=delta.mean(axis=1).astype(np.float32),
         std=delta.std(axis=1).astype(np.float32),  # population std (ddof=0) of this one image
         linf=np.abs(delta).max(axis=1).astype(np.float32),
@@ -358,7 +359,7 @@ def test_fgsm_on_cnn_in_eval_mode_is_deterministic_and_follows_the_eval_gradient
     def run(params, images, dropout_rngs):
         eval_logits = lambda x: model.apply({"params": params}, x, train=False)
 
-        # The eval-mode gradient, with jax.nn.log_softmax (independent of objectives.cross_entropy).
+        # The eval-mode gradient, with jax.nn.log_softmax (independent of losses.cross_entropy).
         def summed_loss(x):
             log_p = jax.nn.log_softmax(eval_logits(x))
             return -jnp.sum(jnp.take_along_axis(log_p, labels[:, None], axis=1))
@@ -470,10 +471,10 @@ def test_attack_stays_in_its_norm_ball_and_unit_interval(name):
 
     chex.assert_shape(adversarial, images.shape)
     assert_in_unit_interval(adversarial)
-    norms = (linf_norms if is_linf else l2_norms)(np.asarray(adversarial) - np.asarray(images))
-    np.testing.assert_array_less(norms, eps * (1 + 1e-5))
+    sizes = (linf_norms if is_linf else l2_norms)(np.asarray(adversarial) - np.asarray(images))
+    np.testing.assert_array_less(sizes, eps * (1 + 1e-5))
     # Not vacuous: the attack used a real part of its budget.
-    assert norms.max() > 0.5 * eps, norms
+    assert sizes.max() > 0.5 * eps, sizes
 
 
 @pytest.mark.usefixtures("quick_compile")
@@ -490,7 +491,7 @@ def test_fgsm_random_start_closed_form_on_a_binary_linear_model():
     eps, key = 0.1, jax.random.key(35)
     logits_fn = linear_logits_fn(weights, np.zeros(2))
     sign = per_image(np.sign(weights[:, 1 - labels] - weights[:, labels]).T)
-    start = per_image(attacks.uniform_in_ball(key, images, eps, "linf")) - 0.5
+    start = per_image(norms.uniform_in_ball(key, images, eps, "linf")) - 0.5
 
     for step_size in (None, 2 * eps):
         adversarial = fgsm_random_start(logits_fn, images, jnp.asarray(labels), eps, key, step_size)
@@ -594,17 +595,17 @@ def test_fgm_l2_zero_gradient_does_not_move_and_a_tiny_one_moves_eps():
 def test_uniform_in_ball_fills_the_ball(norm):
     images = jnp.full((64, *IMAGE_SHAPE), 0.5, jnp.float32)
     eps = 0.1 if norm == "linf" else 2.0
-    delta = np.asarray(jax.jit(attacks.uniform_in_ball, static_argnums=3)(jax.random.key(39), images, eps, norm)) - 0.5
+    delta = np.asarray(jax.jit(norms.uniform_in_ball, static_argnums=3)(jax.random.key(39), images, eps, norm)) - 0.5
     if norm == "linf":
         assert np.abs(delta).max() <= eps * (1 + 1e-6)
         # Uniform on [-eps, eps]: std eps / sqrt(3).
         np.testing.assert_allclose(delta.std(), eps / np.sqrt(3), rtol=0.01)
     else:
-        norms = l2_norms(delta)
+        sizes = l2_norms(delta)
         # Uniform in a 784-dimensional ball: radius eps * u^(1/784), almost all near eps.
-        assert norms.max() <= eps * (1 + 1e-5) and norms.min() > 0.98 * eps, (norms.min(), norms.max())
+        assert sizes.max() <= eps * (1 + 1e-5) and sizes.min() > 0.98 * eps, (sizes.min(), sizes.max())
         # ...and an isotropic direction: the per-image means are ~0, not one shared direction.
-        directions = per_image(delta) / norms[:, None]
+        directions = per_image(delta) / sizes[:, None]
         assert np.abs(directions @ directions.T - np.eye(64)).max() < 0.2
 
 
@@ -633,15 +634,21 @@ def test_pgd_restarts_keep_the_worst_case_per_example():
     key = jax.random.key(45)
 
     returned = pgd(
-        logits_fn, images, jnp.asarray(labels), eps, key,
-        num_steps=num_steps, step_size=step_size, num_restarts=num_restarts,
+        logits_fn,
+        images,
+        jnp.asarray(labels),
+        eps,
+        key,
+        num_steps=num_steps,
+        step_size=step_size,
+        num_restarts=num_restarts,
     )
 
     @jax.jit
     def single_restarts(images, key):
         # Restart r, rebuilt from its parts: its own start, then the same projected steps.
         def one(restart):
-            start = attacks.uniform_in_ball(jax.random.fold_in(key, restart), images, eps, "linf")
+            start = norms.uniform_in_ball(jax.random.fold_in(key, restart), images, eps, "linf")
             return attacks.iterate(logits_fn, images, jnp.asarray(labels), start, eps, step_size, num_steps)
 
         return jnp.stack([one(r) for r in range(num_restarts)])
@@ -869,7 +876,7 @@ def trained_mlp() -> dict:
     def train(params):
         def step(carry, _):
             params, state = carry
-            loss = lambda p: objectives.cross_entropy(mlp_logits(p, images), labels).mean()
+            loss = lambda p: losses.cross_entropy(mlp_logits(p, images), labels).mean()
             updates, state = optimizer.update(jax.grad(loss)(params), state)
             return (optax.apply_updates(params, updates), state), None
 
@@ -887,7 +894,7 @@ def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model(trained_mlp):
     @jax.jit
     def accuracies(key):
         accuracy = lambda x: jnp.mean(jnp.argmax(logits_fn(x), -1) == labels)
-        fooled_by_deepfool = jnp.argmax(logits_fn(attacks.deepfool(logits_fn, images, labels)), -1) != labels
+        fooled_by_deepfool = jnp.argmax(logits_fn(deepfool_module.deepfool(logits_fn, images, labels)), -1) != labels
         return (
             accuracy(images),
             accuracy(attacks.fgsm(logits_fn, images, labels, eps)),
@@ -909,10 +916,10 @@ def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model(trained_mlp):
 
 def test_restart_selections_differ_exactly_where_a_success_has_the_lower_loss():
     images = jnp.zeros((3, *IMAGE_SHAPE))
-    best = (images, attacks.AttackOutcome(jnp.array([True, False, True]), jnp.array([0.5, 1.0, 2.0])))
-    candidate = (images + 1.0, attacks.AttackOutcome(jnp.array([False, True, False]), jnp.array([0.9, 0.2, 1.0])))
-    strict, _ = attacks.keep_worst(best, candidate)
-    highest, outcome = attacks.keep_highest_loss(best, candidate)
+    best = (images, restarts.AttackOutcome(jnp.array([True, False, True]), jnp.array([0.5, 1.0, 2.0])))
+    candidate = (images + 1.0, restarts.AttackOutcome(jnp.array([False, True, False]), jnp.array([0.9, 0.2, 1.0])))
+    strict, _ = restarts.keep_worst(best, candidate)
+    highest, outcome = restarts.keep_highest_loss(best, candidate)
     # Example 0: the kept success (loss 0.5) loses to a failure with loss 0.9 under highest-loss only.
     np.testing.assert_array_equal(per_image(strict).max(axis=1), [0.0, 1.0, 0.0])
     np.testing.assert_array_equal(per_image(highest).max(axis=1), [1.0, 0.0, 0.0])

@@ -180,7 +180,10 @@ def unwritable(directory: pathlib.Path):
     """Makes `directory` unwritable: by its mode, or for root (whom modes do not stop) as immutable."""
     as_root = os.geteuid() == 0
     if as_root:
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+        if (
+            shutil.which("chattr") is None
+            or subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode
+        ):
             pytest.skip("running as root, and this file system cannot make a directory immutable")
     else:
         directory.chmod(0o555)
@@ -202,7 +205,13 @@ def test_a_read_only_workdir_is_refused(run_copy):
 def test_a_workdir_of_another_config_is_refused_naming_the_field(run_copy):
     config, workdir = run_copy
     config.train.learning_rate = 1e-3
-    refused(config, workdir, "holds a run of a different config", "config.train.learning_rate: 0.002 there, 0.001 now", "--overwrite")
+    refused(
+        config,
+        workdir,
+        "holds a run of a different config",
+        "config.train.learning_rate: 0.002 there, 0.001 now",
+        "--overwrite",
+    )
 
 
 def test_outputs_without_a_config_are_refused(run_copy):
@@ -249,6 +258,10 @@ def test_a_nan_from_an_absurd_learning_rate_names_the_epoch_and_step(synthetic_m
     config.model.hidden, config.train.chunk_size = (32,), 2  # quicker to compile; diverges all the same
     # The first update sends the params to ~1e30: the second step's loss is the first non-finite one.
     message = refused(
-        config, tmp_path / "run", "became non-finite in epoch 1 at step 2", "train.learning_rate", new_files=("config.json",)
+        config,
+        tmp_path / "run",
+        "became non-finite in epoch 1 at step 2",
+        "train.learning_rate",
+        new_files=("config.json",),
     )
     assert ("of seed 0" in message) == (num_seeds > 1)

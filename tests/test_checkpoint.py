@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import checkpoint, models, train
+from advjax import checkpoint, models, train, workdir
 from tests.conftest import tiny_config
 
 # Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
@@ -19,10 +19,10 @@ def fresh_state(config, seed: int = 0) -> train.TrainState:
     return train.create_train_state(jax.random.key(seed), model, config.train, steps_per_epoch=10)
 
 
-def save_epochs(workdir, config, states: list, keep: int = 2) -> None:
+def save_epochs(run_dir, config, states: list, keep: int = 2) -> None:
     """Checkpoints states[i] as epoch i + 1, with one dummy metrics record per epoch."""
-    checkpoint.save_config(str(workdir), config)
-    with checkpoint.open_manager(str(workdir), keep=keep) as manager:
+    workdir.save_config(str(run_dir), config)
+    with checkpoint.open_manager(str(run_dir), keep=keep) as manager:
         for epoch, state in enumerate(states, 1):
             checkpoint.save_epoch(manager, epoch, state, config, [{"epoch": e} for e in range(1, epoch + 1)])
 
@@ -56,7 +56,7 @@ def test_restore_of_a_directory_without_a_run_says_so(tmp_path):
 
 
 def test_restore_without_checkpoint_says_so(tmp_path):
-    checkpoint.save_config(str(tmp_path), tiny_config())
+    workdir.save_config(str(tmp_path), tiny_config())
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.restore(str(tmp_path))
 
@@ -67,9 +67,13 @@ def test_only_the_latest_epochs_are_kept_and_restore_takes_the_last(tmp_path):
     save_epochs(tmp_path, config, [state, later(state, 5), later(state, 10)], keep=2)
 
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
-    chex.assert_trees_all_close(checkpoint.restore(str(tmp_path)).params, jax.tree.map(jnp.asarray, later(state, 10).params))
+    chex.assert_trees_all_close(
+        checkpoint.restore(str(tmp_path)).params, jax.tree.map(jnp.asarray, later(state, 10).params)
+    )
     # An earlier kept epoch on request; one not kept is refused, naming those kept.
-    chex.assert_trees_all_close(checkpoint.restore(str(tmp_path), epoch=2).params, jax.tree.map(jnp.asarray, later(state, 5).params))
+    chex.assert_trees_all_close(
+        checkpoint.restore(str(tmp_path), epoch=2).params, jax.tree.map(jnp.asarray, later(state, 5).params)
+    )
     with pytest.raises(FileNotFoundError, match=r"epoch 1 .*kept: \[2, 3\]"):
         checkpoint.restore(str(tmp_path), epoch=1)
 
@@ -101,7 +105,7 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_field(tmp_path):
     other = tiny_config()
     other.train.learning_rate = 0.5
     with checkpoint.open_manager(str(tmp_path), keep=2) as manager:
-        with pytest.raises(checkpoint.WorkdirError, match="config.train.learning_rate: 0.002 there, 0.5 now"):
+        with pytest.raises(workdir.WorkdirError, match="config.train.learning_rate: 0.002 there, 0.5 now"):
             checkpoint.restore_latest(manager, fresh_state(other), other, log=lambda m: None)
 
 
@@ -134,20 +138,23 @@ def test_when_every_checkpoint_is_damaged_the_run_is_refused(tmp_path):
     save_epochs(tmp_path, config, [fresh_state(config)])
     damage(tmp_path / "checkpoints" / "1")
     with checkpoint.open_manager(str(tmp_path), keep=2) as manager:
-        with pytest.raises(checkpoint.WorkdirError, match="--overwrite"):
+        with pytest.raises(workdir.WorkdirError, match="--overwrite"):
             checkpoint.restore_latest(manager, fresh_state(config), config, log=lambda m: None)
 
 
 def test_config_differences_name_changed_added_and_removed_fields():
     saved = {"seed": 0, "train": {"epochs": 3, "eps": 0.1}, "gone": 1}
     current = {"seed": 0, "train": {"epochs": 5, "eps": 0.1, "new": [1]}}
-    assert checkpoint.config_differences(saved, current) == ["gone", "train.epochs", "train.new"]
-    assert checkpoint.config_differences(saved, saved) == []
-    assert "config.train.epochs: 3 there, 5 now" in checkpoint.describe_differences(saved, current)
+    assert workdir.config_differences(saved, current) == ["gone", "train.epochs", "train.new"]
+    assert workdir.config_differences(saved, saved) == []
+    assert "config.train.epochs: 3 there, 5 now" in workdir.describe_differences(saved, current)
 
 
 def test_a_live_config_equals_its_saved_json(tmp_path):
     config = tiny_config()
     config.eval.sigma_grid = (0.0, 0.5)  # a tuple live, a list on disk
-    checkpoint.save_config(str(tmp_path), config)
-    assert checkpoint.config_differences(checkpoint.read_saved_config(str(tmp_path)), checkpoint.config_as_json(config)) == []
+    workdir.save_config(str(tmp_path), config)
+    assert (
+        workdir.config_differences(workdir.read_saved_config(str(tmp_path)), workdir.config_as_json(config))
+        == []
+    )

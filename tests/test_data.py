@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from advjax import data
+from advjax import data, download, idx
 
-IDX_NAMES = (data.TRAIN_IMAGES, data.TRAIN_LABELS, data.TEST_IMAGES, data.TEST_LABELS)
+IDX_NAMES = (idx.TRAIN_IMAGES, idx.TRAIN_LABELS, idx.TEST_IMAGES, idx.TEST_LABELS)
 GZ_NAMES = sorted(f"{name}.gz" for name in IDX_NAMES)
 NUM_TRAIN, NUM_TEST, NUM_VALIDATION = 60, 20, 10
 MIRRORS = ("https://a.example/mnist/", "https://b.example/mnist")
@@ -33,9 +33,7 @@ def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
     return struct.pack(">I", magic) + dims + array.astype(np.uint8).tobytes()
 
 
-def write(
-    path: pathlib.Path, content: bytes, *, compress: bool = False
-) -> pathlib.Path:
+def write(path: pathlib.Path, content: bytes, *, compress: bool = False) -> pathlib.Path:
     path.write_bytes(gzip.compress(content) if compress else content)
     return path
 
@@ -48,10 +46,10 @@ def synthetic_arrays() -> dict[str, np.ndarray]:
     """IDX name -> array, with every class present in each split."""
     rng = np.random.default_rng(0)
     return {
-        data.TRAIN_IMAGES: rng.integers(0, 256, (NUM_TRAIN, 28, 28), np.uint8),
-        data.TRAIN_LABELS: np.arange(NUM_TRAIN, dtype=np.uint8) % 10,
-        data.TEST_IMAGES: rng.integers(0, 256, (NUM_TEST, 28, 28), np.uint8),
-        data.TEST_LABELS: np.arange(NUM_TEST, dtype=np.uint8) % 10,
+        idx.TRAIN_IMAGES: rng.integers(0, 256, (NUM_TRAIN, 28, 28), np.uint8),
+        idx.TRAIN_LABELS: np.arange(NUM_TRAIN, dtype=np.uint8) % 10,
+        idx.TEST_IMAGES: rng.integers(0, 256, (NUM_TEST, 28, 28), np.uint8),
+        idx.TEST_LABELS: np.arange(NUM_TEST, dtype=np.uint8) % 10,
     }
 
 
@@ -92,7 +90,7 @@ class CopyFetch:
     def __call__(self, url: str, dest: pathlib.Path) -> None:
         self.urls.append(url)
         name = url.rsplit("/", 1)[-1].removesuffix(".gz")
-        shutil.copyfile(data._find_idx_file(self.source, name), dest)
+        shutil.copyfile(idx._find_idx_file(self.source, name), dest)
 
 
 def expect_error(fn, *args, must_contain: tuple[str, ...], **kwargs) -> str:
@@ -117,8 +115,8 @@ def synthetic_mirror(tmp_path, monkeypatch) -> pathlib.Path:
     for name, array in synthetic_arrays().items():
         content = idx_bytes(array)
         digest = hashlib.sha256(content).hexdigest()
-        specs.append(data.MnistFile(name, digest, len(content)))
-    monkeypatch.setattr(data, "MNIST_FILES", tuple(specs))
+        specs.append(download.MnistFile(name, digest, len(content)))
+    monkeypatch.setattr(download, "MNIST_FILES", tuple(specs))
     return write_gz_dir(tmp_path / "mirror")
 
 
@@ -126,14 +124,11 @@ def synthetic_mirror(tmp_path, monkeypatch) -> pathlib.Path:
 def real_mnist_dir() -> pathlib.Path:
     directory = os.environ.get(data.DATA_DIR_ENV)
     if not directory:
-        pytest.skip(
-            "ADVJAX_DATA_DIR is unset; point it at a directory holding the four"
-            " MNIST IDX files"
-        )
+        pytest.skip("ADVJAX_DATA_DIR is unset; point it at a directory holding the four MNIST IDX files")
     directory = pathlib.Path(directory)
     try:
         for name in IDX_NAMES:
-            data._find_idx_file(directory, name)
+            idx._find_idx_file(directory, name)
     except data.DataError as err:
         pytest.skip(f"ADVJAX_DATA_DIR lacks the MNIST IDX files: {err}")
     return directory
@@ -148,14 +143,14 @@ def real_mnist_dir() -> pathlib.Path:
 def test_read_idx_detects_gzip_by_content(tmp_path, compress, suffix):
     # The suffix is deliberately uninformative half the time.
     arrays = synthetic_arrays()
-    images, labels = arrays[data.TRAIN_IMAGES], arrays[data.TRAIN_LABELS]
+    images, labels = arrays[idx.TRAIN_IMAGES], arrays[idx.TRAIN_LABELS]
     images_path = tmp_path / f"images{suffix}"
     labels_path = tmp_path / f"labels{suffix}"
     write(images_path, idx_bytes(images), compress=compress)
     write(labels_path, idx_bytes(labels), compress=compress)
 
-    read_images = data.read_idx(images_path)
-    read_labels = data.read_idx(labels_path)
+    read_images = idx.read_idx(images_path)
+    read_labels = idx.read_idx(labels_path)
 
     chex.assert_shape([read_images, read_labels], [(NUM_TRAIN, 28, 28), (NUM_TRAIN,)])
     chex.assert_type([read_images, read_labels], np.uint8)
@@ -165,7 +160,7 @@ def test_read_idx_detects_gzip_by_content(tmp_path, compress, suffix):
 
 def test_load_idx_dir_shapes_dtypes_and_values(idx_dir):
     arrays = synthetic_arrays()
-    train, test = data.load_idx_dir(idx_dir)
+    train, test = idx.load_idx_dir(idx_dir)
 
     chex.assert_shape(
         [train.images, train.labels, test.images, test.labels],
@@ -173,43 +168,39 @@ def test_load_idx_dir_shapes_dtypes_and_values(idx_dir):
     )
     chex.assert_type([train.images, test.images], np.uint8)
     chex.assert_type([train.labels, test.labels], np.int32)
-    np.testing.assert_array_equal(train.images[..., 0], arrays[data.TRAIN_IMAGES])
-    np.testing.assert_array_equal(test.labels, arrays[data.TEST_LABELS])
+    np.testing.assert_array_equal(train.images[..., 0], arrays[idx.TRAIN_IMAGES])
+    np.testing.assert_array_equal(test.labels, arrays[idx.TEST_LABELS])
 
 
 def test_load_idx_dir_prefers_the_raw_file_when_both_exist(idx_dir):
     labels = np.full(NUM_TRAIN, 7, np.uint8)
-    write(idx_dir / data.TRAIN_LABELS, idx_bytes(labels))
-    train, _ = data.load_idx_dir(idx_dir)
+    write(idx_dir / idx.TRAIN_LABELS, idx_bytes(labels))
+    train, _ = idx.load_idx_dir(idx_dir)
     np.testing.assert_array_equal(train.labels, labels)
 
 
 def test_read_idx_missing_file(tmp_path):
-    expect_error(
-        data.read_idx, tmp_path / "absent-idx", must_contain=("absent-idx", "not found")
-    )
+    expect_error(idx.read_idx, tmp_path / "absent-idx", must_contain=("absent-idx", "not found"))
 
 
 def test_load_idx_dir_missing_directory(tmp_path):
     missing = tmp_path / "no-such-dir"
-    expect_error(
-        data.load_idx_dir, missing, must_contain=(str(missing), "does not exist")
-    )
+    expect_error(idx.load_idx_dir, missing, must_contain=(str(missing), "does not exist"))
 
 
 def test_load_idx_dir_missing_file_lists_both_names(idx_dir):
-    (idx_dir / f"{data.TEST_LABELS}.gz").unlink()
+    (idx_dir / f"{idx.TEST_LABELS}.gz").unlink()
     expect_error(
-        data.load_idx_dir,
+        idx.load_idx_dir,
         idx_dir,
-        must_contain=(str(idx_dir), data.TEST_LABELS, f"{data.TEST_LABELS}.gz"),
+        must_contain=(str(idx_dir), idx.TEST_LABELS, f"{idx.TEST_LABELS}.gz"),
     )
 
 
 def test_read_idx_wrong_magic(tmp_path):
     content = idx_bytes(np.zeros(3, np.uint8), magic=0x0802)
     path = write(tmp_path / "bad-magic", content)
-    expect_error(data.read_idx, path, must_contain=("bad-magic", "magic", "0x00000802"))
+    expect_error(idx.read_idx, path, must_contain=("bad-magic", "magic", "0x00000802"))
 
 
 @pytest.mark.parametrize(
@@ -226,7 +217,7 @@ def test_read_idx_payload_size_mismatch(tmp_path, array, edit, fault):
     content = idx_bytes(array)
     path = write(tmp_path / "sized-idx", edit(content))
     expect_error(
-        data.read_idx,
+        idx.read_idx,
         path,
         must_contain=("sized-idx", fault, str(len(content)), str(len(edit(content)))),
     )
@@ -241,21 +232,21 @@ def test_read_idx_payload_size_mismatch(tmp_path, array, edit, fault):
     ids=["truncated", "bad-crc"],
 )
 def test_read_idx_corrupt_gzip(tmp_path, corrupt):
-    compressed = gzip.compress(idx_bytes(synthetic_arrays()[data.TEST_IMAGES]))
+    compressed = gzip.compress(idx_bytes(synthetic_arrays()[idx.TEST_IMAGES]))
     path = write(tmp_path / "broken.gz", corrupt(compressed))
-    expect_error(data.read_idx, path, must_contain=("broken.gz", "corrupt gzip"))
+    expect_error(idx.read_idx, path, must_contain=("broken.gz", "corrupt gzip"))
 
 
 def test_load_idx_dir_count_mismatch(idx_dir):
     labels = np.zeros(7, np.uint8)
-    write(idx_dir / f"{data.TRAIN_LABELS}.gz", idx_bytes(labels), compress=True)
+    write(idx_dir / f"{idx.TRAIN_LABELS}.gz", idx_bytes(labels), compress=True)
     expect_error(
-        data.load_idx_dir,
+        idx.load_idx_dir,
         idx_dir,
         must_contain=(
             "mismatch",
-            data.TRAIN_IMAGES,
-            data.TRAIN_LABELS,
+            idx.TRAIN_IMAGES,
+            idx.TRAIN_LABELS,
             f"{NUM_TRAIN} images",
             "7 labels",
         ),
@@ -265,11 +256,11 @@ def test_load_idx_dir_count_mismatch(idx_dir):
 def test_load_idx_dir_label_out_of_range(idx_dir):
     labels = np.arange(NUM_TEST, dtype=np.uint8) % 10
     labels[3] = 10
-    write(idx_dir / f"{data.TEST_LABELS}.gz", idx_bytes(labels), compress=True)
+    write(idx_dir / f"{idx.TEST_LABELS}.gz", idx_bytes(labels), compress=True)
     expect_error(
-        data.load_idx_dir,
+        idx.load_idx_dir,
         idx_dir,
-        must_contain=(data.TEST_LABELS, "out of range", "[10]"),
+        must_contain=(idx.TEST_LABELS, "out of range", "[10]"),
     )
 
 
@@ -285,11 +276,11 @@ def test_download_checksum_mismatch_on_every_mirror_leaves_nothing(tmp_path, idx
         "https://b.example/mnist/train-images-idx3-ubyte.gz",
     ]
     expect_error(
-        data.download_mnist,
+        download.download_mnist,
         cache,
         mirrors=MIRRORS,
         fetch=fetch,
-        must_contain=(f"{data.TRAIN_IMAGES}.gz", *urls, "checksum mismatch"),
+        must_contain=(f"{idx.TRAIN_IMAGES}.gz", *urls, "checksum mismatch"),
     )
     assert fetch.urls == urls
     assert listing(cache) == []
@@ -302,11 +293,11 @@ def test_download_fetch_failure_midway_leaves_nothing(tmp_path):
 
     cache = tmp_path / "cache"
     message = expect_error(
-        data.download_mnist,
+        download.download_mnist,
         cache,
         mirrors=MIRRORS,
         fetch=failing_fetch,
-        must_contain=(f"{data.TRAIN_IMAGES}.gz", "connection reset"),
+        must_contain=(f"{idx.TRAIN_IMAGES}.gz", "connection reset"),
     )
     assert message.count("connection reset") == len(MIRRORS)
     assert listing(cache) == []
@@ -315,13 +306,13 @@ def test_download_fetch_failure_midway_leaves_nothing(tmp_path):
 def test_download_verifies_and_does_not_refetch(tmp_path, synthetic_mirror):
     cache, fetch = tmp_path / "cache", CopyFetch(synthetic_mirror)
 
-    assert data.download_mnist(cache, mirrors=MIRRORS, fetch=fetch) == cache
-    assert data.download_mnist(cache, mirrors=MIRRORS, fetch=fetch) == cache
+    assert download.download_mnist(cache, mirrors=MIRRORS, fetch=fetch) == cache
+    assert download.download_mnist(cache, mirrors=MIRRORS, fetch=fetch) == cache
 
     assert len(fetch.urls) == len(IDX_NAMES)
     assert listing(cache) == GZ_NAMES
-    train, _ = data.load_idx_dir(cache)
-    np.testing.assert_array_equal(train.labels, synthetic_arrays()[data.TRAIN_LABELS])
+    train, _ = idx.load_idx_dir(cache)
+    np.testing.assert_array_equal(train.labels, synthetic_arrays()[idx.TRAIN_LABELS])
 
 
 @pytest.mark.parametrize(
@@ -334,36 +325,36 @@ def test_download_verifies_and_does_not_refetch(tmp_path, synthetic_mirror):
 )
 def test_download_replaces_corrupted_cached_file(tmp_path, synthetic_mirror, corrupt):
     cache, fetch = tmp_path / "cache", CopyFetch(synthetic_mirror)
-    data.download_mnist(cache, mirrors=MIRRORS, fetch=fetch)
-    target = cache / f"{data.TEST_LABELS}.gz"
+    download.download_mnist(cache, mirrors=MIRRORS, fetch=fetch)
+    target = cache / f"{idx.TEST_LABELS}.gz"
     target.write_bytes(corrupt(target.read_bytes()))
     with pytest.raises(data.DataError):
-        data.verify_mnist_file(target)
+        download.verify_mnist_file(target)
 
-    data.download_mnist(cache, mirrors=MIRRORS, fetch=fetch)
+    download.download_mnist(cache, mirrors=MIRRORS, fetch=fetch)
 
     assert fetch.urls[len(IDX_NAMES) :] == [f"{MIRRORS[0]}{target.name}"]
-    data.verify_mnist_file(target)
+    download.verify_mnist_file(target)
     assert listing(cache) == GZ_NAMES
 
 
 def test_download_real_files_verify_and_are_not_refetched(tmp_path, real_mnist_dir):
     cache, fetch = tmp_path / "cache", CopyFetch(real_mnist_dir)
 
-    data.download_mnist(cache, fetch=fetch)
-    data.download_mnist(cache, fetch=fetch)  # verifies the cache, fetches nothing
+    download.download_mnist(cache, fetch=fetch)
+    download.download_mnist(cache, fetch=fetch)  # verifies the cache, fetches nothing
 
     assert len(fetch.urls) == len(IDX_NAMES)
-    assert all(url.startswith(data.MIRRORS[0]) for url in fetch.urls)
+    assert all(url.startswith(download.MIRRORS[0]) for url in fetch.urls)
     assert listing(cache) == GZ_NAMES
 
 
 def test_default_cache_dir_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert data.default_cache_dir() == tmp_path / "xdg" / "advjax" / "mnist"
+    assert download.default_cache_dir() == tmp_path / "xdg" / "advjax" / "mnist"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.default_cache_dir() == tmp_path / "home/.cache/advjax/mnist"
+    assert download.default_cache_dir() == tmp_path / "home/.cache/advjax/mnist"
 
 
 # ----------------------------------------------------------------------------
@@ -381,9 +372,7 @@ def id_split(num_examples: int) -> data.Split:
 def test_split_sizes_and_partition():
     train, validation = data.split_train_validation(id_split(1000), 200, seed=0)
 
-    chex.assert_shape(
-        [train.images, validation.images], [(800, 28, 28, 1), (200, 28, 28, 1)]
-    )
+    chex.assert_shape([train.images, validation.images], [(800, 28, 28, 1), (200, 28, 28, 1)])
     ids = np.concatenate([train.labels, validation.labels])
     np.testing.assert_array_equal(np.sort(ids), np.arange(1000))
     for split in (train, validation):  # images stay with their labels
@@ -441,9 +430,7 @@ def split_sizes(mnist: data.MNIST) -> list[int]:
 SYNTHETIC_SIZES = [NUM_TRAIN - NUM_VALIDATION, NUM_VALIDATION, NUM_TEST]
 
 
-def test_load_mnist_auto_prefers_configured_dir_over_env(
-    tmp_path, idx_dir, monkeypatch
-):
+def test_load_mnist_auto_prefers_configured_dir_over_env(tmp_path, idx_dir, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "not-this-one"))
     mnist = data.load_mnist(make_config(dir=str(idx_dir)))
     assert split_sizes(mnist) == SYNTHETIC_SIZES
@@ -466,12 +453,10 @@ def test_load_mnist_auto_does_not_fall_back_from_a_bad_dir(tmp_path):
     assert not cache.exists()
 
 
-def test_load_mnist_auto_without_dir_uses_verified_cache(
-    tmp_path, synthetic_mirror, monkeypatch
-):
+def test_load_mnist_auto_without_dir_uses_verified_cache(tmp_path, synthetic_mirror, monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     cache = tmp_path / "cache"
-    data.download_mnist(cache, fetch=CopyFetch(synthetic_mirror))
+    download.download_mnist(cache, fetch=CopyFetch(synthetic_mirror))
     # load_mnist uses the real network fetch; a verified cache needs no network.
     mnist = data.load_mnist(make_config(cache_dir=str(cache)))
     assert split_sizes(mnist) == SYNTHETIC_SIZES

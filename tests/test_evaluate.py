@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import attacks, evaluate, models, train
+from advjax import attacks, eval_fold, evaluate, models, noise, train
 from tests.conftest import tiny_config
 
 # 21 of 30 examples in batches of 8: 3 batches, the last with 3 padded slots,
@@ -45,7 +45,7 @@ def model_and_params():
 @jax.jit
 def _logits(params, images_u8):
     model, _ = model_and_params()
-    return model.apply({"params": params}, train.to_float_images(images_u8), train=False)
+    return model.apply({"params": params}, eval_fold.to_float_images(images_u8), train=False)
 
 
 def logits_fn_for(params):
@@ -76,7 +76,7 @@ def dataset(seed: int = 0, low: int = 0, high: int = 256) -> tuple[np.ndarray, n
 @jax.jit
 def _independent_fgsm(params, images_u8, attack_labels, eps):
     """FGSM on the whole set in one call: no batching, padding or masking."""
-    x = train.to_float_images(images_u8)
+    x = eval_fold.to_float_images(images_u8)
     return x, attacks.fgsm(logits_fn_for(params), x, attack_labels, eps)
 
 
@@ -103,14 +103,14 @@ def _logits_float(params, x):
 
 def eval_set(seed=0, low=0, high=256, num_examples=NUM_EXAMPLES):
     images, labels = dataset(seed, low, high)
-    return evaluate.make_eval_set(images, labels, num_examples, BATCH_SIZE)
+    return eval_fold.make_eval_set(images, labels, num_examples, BATCH_SIZE)
 
 
 @functools.cache
 def full_evaluator(form: str):
     """Every perturbation; chunks of 2 make the 3 batches a chunk of 2 and a remainder of 1."""
     model, _ = model_and_params()
-    return evaluate.make_evaluator(model.apply, form=form, chunk_size=2)
+    return evaluate.make_evaluator(models.eval_apply(model.apply), form=form, chunk_size=2)
 
 
 @functools.cache
@@ -131,7 +131,7 @@ def assert_count(accuracy: float, correct: int, num_examples: int = NUM_EXAMPLES
 
 def test_eval_set_is_batch_major_and_padded_to_whole_batches():
     images, labels = dataset()
-    es = evaluate.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
+    es = eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
     assert es.images.shape == (NUM_BATCHES, BATCH_SIZE, 28, 28, 1)
     assert es.labels.shape == es.mask.shape == (NUM_BATCHES, BATCH_SIZE)
     assert es.images.dtype == jnp.uint8 and es.labels.dtype == jnp.int32 and es.mask.dtype == jnp.bool_
@@ -146,7 +146,7 @@ def test_eval_set_is_batch_major_and_padded_to_whole_batches():
 
 def test_eval_set_mask_marks_exactly_the_real_examples():
     images, labels = dataset()
-    mask = np.asarray(evaluate.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE).mask)
+    mask = np.asarray(eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE).mask)
     expected = np.zeros(NUM_BATCHES * BATCH_SIZE, bool)
     expected[:NUM_EXAMPLES] = True
     np.testing.assert_array_equal(mask, expected.reshape(NUM_BATCHES, BATCH_SIZE))
@@ -155,7 +155,7 @@ def test_eval_set_mask_marks_exactly_the_real_examples():
 @pytest.mark.parametrize("num_examples,batch_size,num_batches", [(20, 4, 5), (30, 7, 5), (1, 4, 1), (30, 30, 1)])
 def test_eval_set_without_remainder_or_with_one_batch(num_examples, batch_size, num_batches):
     images, labels = dataset()
-    es = evaluate.make_eval_set(images, labels, num_examples, batch_size)
+    es = eval_fold.make_eval_set(images, labels, num_examples, batch_size)
     assert es.labels.shape == (num_batches, batch_size)
     assert int(np.sum(np.asarray(es.mask))) == num_examples
 
@@ -164,7 +164,7 @@ def test_eval_set_without_remainder_or_with_one_batch(num_examples, batch_size, 
 def test_eval_set_rejects_impossible_sizes(num_examples):
     images, labels = dataset()
     with pytest.raises(ValueError, match="cannot evaluate"):
-        evaluate.make_eval_set(images, labels, num_examples, BATCH_SIZE)
+        eval_fold.make_eval_set(images, labels, num_examples, BATCH_SIZE)
 
 
 # ----------------------------------------------------------------------------
@@ -177,9 +177,7 @@ def test_perturb_batch_returns_exactly_the_requested_perturbations():
     x = jnp.asarray(synthetic_images(0, n=3), jnp.float32) / 255.0
     y = jnp.array([0, 1, 2])
     key, eps, sigma = jax.random.key(1), jnp.float32(EPS), jnp.float32(SIGMA)
-    perturb = jax.jit(
-        lambda names: evaluate.perturb_batch(logits_fn, x, y, key, eps, sigma, names), static_argnums=0
-    )
+    perturb = jax.jit(lambda names: evaluate.perturb_batch(logits_fn, x, y, key, eps, sigma, names), static_argnums=0)
 
     # matched_gaussian needs the FGSM image but must not report it.
     out = perturb(("matched_gaussian", "clean"))
@@ -212,7 +210,7 @@ def test_summarize_divides_by_num_examples_and_leaves_out_clean_stats():
 def test_make_evaluator_rejects_unknown_perturbations(perturbations):
     model, _ = model_and_params()
     with pytest.raises(ValueError, match="unknown perturbations"):
-        evaluate.make_evaluator(model.apply, perturbations)
+        evaluate.make_evaluator(models.eval_apply(model.apply), perturbations)
 
 
 # ----------------------------------------------------------------------------
@@ -309,7 +307,7 @@ def test_attacking_predicted_labels_equals_the_independent_computation():
     with_true, true_stats = independent_fgsm(params, images, labels)
     assert with_predicted != with_true  # precondition: the two label choices are distinguishable
 
-    results = evaluate.make_evaluator(model.apply, ("clean", "fgsm"), use_predicted_labels=True, form="scan")(
+    results = evaluate.make_evaluator(models.eval_apply(model.apply), ("clean", "fgsm"), use_predicted_labels=True, form="scan")(
         params, eval_set(), jax.random.key(1), EPS, SIGMA
     )
     # Accuracy is still measured against the true labels.
@@ -335,7 +333,7 @@ def test_new_strengths_params_or_eval_set_do_not_recompile(form):
         calls.append(None)  # runs only while tracing, inside the compiled fold
         return model.apply(*args, **kwargs)
 
-    evaluator = evaluate.make_evaluator(counting_apply, form=form, chunk_size=2)
+    evaluator = evaluate.make_evaluator(models.eval_apply(counting_apply), form=form, chunk_size=2)
     first = evaluator(params, eval_set(), jax.random.key(1), EPS, SIGMA)
     traced = len(calls)
     assert traced > 0
@@ -359,7 +357,7 @@ def test_new_strengths_params_or_eval_set_do_not_recompile(form):
 def _sweep_inputs():
     model, params = model_and_params()
     images, labels = dataset()
-    return model, params, evaluate.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
+    return model, params, eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
 
 
 @pytest.mark.parametrize("form", ["scan", "chunked"])
@@ -367,27 +365,29 @@ def test_gaussian_sweep_equals_a_python_loop_over_the_same_sigmas_and_keys(form)
     model, params, eval_set = _sweep_inputs()
     sigmas = [0.0, 0.2, 0.5, 1.0]
     key = jax.random.key(7)
-    swept = evaluate.make_sweep(model.apply, "gaussian", form=form, chunk_size=2)(params, eval_set, key, sigmas)
+    swept = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form=form, chunk_size=2)(params, eval_set, key, sigmas)
     # The loop applies the same per-batch key, fold_in(key, batch), at each sigma,
     # to the same padded batches (noise is drawn for the padded shape), counting only real examples.
     looped = []
     for sigma in sigmas:
         correct = 0
         for b in range(NUM_BATCHES):
-            xb = train.to_float_images(eval_set.images[b])
-            noisy = attacks.gaussian(jax.random.fold_in(key, b), xb, sigma)
+            xb = eval_fold.to_float_images(eval_set.images[b])
+            noisy = noise.gaussian(jax.random.fold_in(key, b), xb, sigma)
             hits = np.argmax(logits_fn_for(params)(noisy), -1) == np.asarray(eval_set.labels[b])
             correct += int(np.sum(hits & np.asarray(eval_set.mask[b])))
         looped.append(correct / NUM_EXAMPLES)
     np.testing.assert_allclose(swept, looped, atol=1e-9)
-    assert swept[0] == pytest.approx(evaluate.make_evaluator(model.apply, ("clean",))(params, eval_set, key)["accuracy"]["clean"])
+    assert swept[0] == pytest.approx(
+        evaluate.make_evaluator(models.eval_apply(model.apply), ("clean",))(params, eval_set, key)["accuracy"]["clean"]
+    )
 
 
 def test_fgsm_sweep_equals_the_evaluator_at_each_eps():
     model, params, eval_set = _sweep_inputs()
     grid = [0.0, 0.05, 0.1, 0.3]
-    swept = evaluate.make_sweep(model.apply, "fgsm")(params, eval_set, jax.random.key(0), grid)
-    evaluator = evaluate.make_evaluator(model.apply, ("fgsm",))
+    swept = evaluate.make_sweep(models.eval_apply(model.apply), "fgsm")(params, eval_set, jax.random.key(0), grid)
+    evaluator = evaluate.make_evaluator(models.eval_apply(model.apply), ("fgsm",))
     expected = [evaluator(params, eval_set, jax.random.key(0), eps)["accuracy"]["fgsm"] for eps in grid]
     np.testing.assert_allclose(swept, expected, atol=1e-9)
     assert swept[0] > swept[-1]  # the model is attackable, so the curve is not flat
@@ -402,7 +402,7 @@ def test_a_new_grid_of_the_same_length_does_not_recompile(perturbation):
         traced.append(1)
         return model.apply(*args, **kwargs)
 
-    sweep = evaluate.make_sweep(counting_apply, perturbation, form="scan")
+    sweep = evaluate.make_sweep(models.eval_apply(counting_apply), perturbation, form="scan")
     sweep(params, eval_set, jax.random.key(0), [0.1, 0.2, 0.3])
     first = len(traced)
     sweep(params, eval_set, jax.random.key(1), [0.4, 0.5, 0.6])
@@ -414,13 +414,10 @@ def test_a_new_grid_of_the_same_length_does_not_recompile(perturbation):
 def test_sweep_memory_holds_one_batch_times_the_grid_not_the_split_times_the_grid():
     model, params, _ = _sweep_inputs()
     num, batch, grid = 5000, 250, jnp.linspace(0.0, 1.0, 21)
-    eval_set = evaluate.make_eval_set(np.zeros((num, 28, 28, 1), np.uint8), np.zeros(num, np.int32), num, batch)
-    sweep = evaluate.make_sweep(model.apply, "gaussian", form="scan")
+    eval_set = eval_fold.make_eval_set(np.zeros((num, 28, 28, 1), np.uint8), np.zeros(num, np.int32), num, batch)
+    sweep = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form="scan")
     # Ask XLA how much scratch memory the compiled sweep needs.
-    compiled = sweep.fold.lower(
-        num // batch, jnp.zeros(grid.shape, jnp.int32), params, eval_set.images, eval_set.labels,
-        eval_set.mask, jax.random.key(0), grid,
-    ).compile()
+    compiled = sweep.fold.lower(*sweep.fold_args(params, eval_set, jax.random.key(0), grid)).compile()
     one_batch_times_grid = 21 * batch * 28 * 28 * 4
     whole_split_times_grid = 21 * num * 28 * 28 * 4
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -439,7 +436,7 @@ def test_sweep_result_does_not_depend_on_how_many_grid_points_share_a_pass(pertu
     model, params, eval_set = _sweep_inputs()
     grid = [0.0, 0.1, 0.3, 0.6]
     results = [
-        evaluate.make_sweep(model.apply, perturbation, grid_chunk=chunk)(params, eval_set, jax.random.key(3), grid)
+        evaluate.make_sweep(models.eval_apply(model.apply), perturbation, grid_chunk=chunk)(params, eval_set, jax.random.key(3), grid)
         for chunk in (1, 2, 4)
     ]
     np.testing.assert_allclose(results[0], results[1], atol=1e-9)
@@ -449,14 +446,14 @@ def test_sweep_result_does_not_depend_on_how_many_grid_points_share_a_pass(pertu
 def test_matched_gaussian_sweep_equals_a_python_loop():
     model, params, eval_set = _sweep_inputs()
     grid, key = [0.05, 0.3], jax.random.key(11)
-    swept = evaluate.make_sweep(model.apply, "matched_gaussian")(params, eval_set, key, grid)
+    swept = evaluate.make_sweep(models.eval_apply(model.apply), "matched_gaussian")(params, eval_set, key, grid)
     logits_fn = logits_fn_for(params)
     looped = []
     for eps in grid:
         correct = 0
         for b in range(NUM_BATCHES):
-            xb, yb = train.to_float_images(eval_set.images[b]), eval_set.labels[b]
-            noisy = attacks.matched_gaussian(jax.random.fold_in(key, b), xb, attacks.fgsm(logits_fn, xb, yb, eps))
+            xb, yb = eval_fold.to_float_images(eval_set.images[b]), eval_set.labels[b]
+            noisy = noise.matched_gaussian(jax.random.fold_in(key, b), xb, attacks.fgsm(logits_fn, xb, yb, eps))
             hits = np.argmax(logits_fn(noisy), -1) == np.asarray(yb)
             correct += int(np.sum(hits & np.asarray(eval_set.mask[b])))
         looped.append(correct / NUM_EXAMPLES)

@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 
 import advjax
-from advjax import checkpoint, experiment
+from advjax import checkpoint, data, evaluators, experiment, fit, models, overfitting, seeds, train, workdir
 from configs import default
 from tests.conftest import synthetic_config
 
 TIMING_FIELDS = ("epoch_seconds", "examples_per_second", "evaluation_seconds")
 
 
-def _run(config, workdir, log=lambda message: None, **kwargs):
-    return experiment.train_and_evaluate(config, str(workdir), log=log, **kwargs)
+def _run(config, run_dir, log=lambda message: None, **kwargs):
+    return experiment.train_and_evaluate(config, str(run_dir), log=log, **kwargs)
 
 
-def _outputs(workdir) -> dict[str, bytes]:
+def _outputs(run_dir) -> dict[str, bytes]:
     """The files whose bytes must not depend on timing, interruption or resumption."""
-    return {name: (workdir / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "config.json")}
+    return {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "config.json")}
 
 
 class Interrupted(Exception):
@@ -76,7 +76,9 @@ def test_k_seeds_at_once_equal_k_separate_runs_and_differ_from_each_other(tmp_pa
         for split, by_perturbation in alone["accuracy"].items():
             for name, value in by_perturbation.items():
                 assert together["accuracy_per_seed"][split][name][i] == pytest.approx(value, abs=0.011), (split, name)
-        np.testing.assert_allclose(together["sweeps"]["gaussian"]["accuracy_per_seed"][i], alone["sweeps"]["gaussian"]["accuracy"], atol=0.011)
+        np.testing.assert_allclose(
+            together["sweeps"]["gaussian"]["accuracy_per_seed"][i], alone["sweeps"]["gaussian"]["accuracy"], atol=0.011
+        )
 
     first_layer = np.asarray(restored.params["Dense_0"]["kernel"])
     assert not np.allclose(first_layer[0], first_layer[1]) and not np.allclose(first_layer[1], first_layer[2])
@@ -120,7 +122,9 @@ def test_an_interrupted_run_resumes_and_ends_exactly_as_an_uninterrupted_one(tmp
     assert any(m.startswith("resumed after epoch 1/3") for m in second)
     assert not any(m.startswith("epoch 1/") for m in second)  # epoch 1 is not trained again
     assert _outputs(tmp_path / "cut") == _outputs(tmp_path / "whole")
-    chex.assert_trees_all_equal(advjax.restore(str(tmp_path / "cut")).params, advjax.restore(str(tmp_path / "whole")).params)
+    chex.assert_trees_all_equal(
+        advjax.restore(str(tmp_path / "cut")).params, advjax.restore(str(tmp_path / "whole")).params
+    )
     timings = json.loads((tmp_path / "cut" / "timings.json").read_text())
     assert [t["epoch"] for t in timings["epochs"]] == [1, 2, 3]
 
@@ -144,7 +148,7 @@ def test_a_workdir_of_another_config_is_refused_unless_overwritten(tmp_path, syn
     new = synthetic_config(synthetic_mnist_dir)
     new.train.epochs = 1
 
-    with pytest.raises(checkpoint.WorkdirError, match=r"config\.train\.epochs: 3 there, 1 now.*--overwrite"):
+    with pytest.raises(workdir.WorkdirError, match=r"config\.train\.epochs: 3 there, 1 now.*--overwrite"):
         _run(new, tmp_path / "run")
     summary = _run(new, tmp_path / "run", overwrite=True)
 
@@ -167,9 +171,9 @@ def test_overwrite_with_the_same_config_trains_afresh(tmp_path, synthetic_mnist_
 
 
 def test_seed_keys_for_k_seeds_are_those_of_each_seed_alone():
-    together = experiment.seed_keys(3, 2)
+    together = seeds.seed_keys(3, 2)
     for i in range(2):
-        alone = experiment.seed_keys(3 + i, 1)
+        alone = seeds.seed_keys(3 + i, 1)
         for key_together, key_alone in zip(together, alone):
             np.testing.assert_array_equal(jax.random.key_data(key_together[i]), jax.random.key_data(key_alone))
 
@@ -190,14 +194,16 @@ def test_adversarial_training_checks_robustness_each_epoch_and_reports_it(tmp_pa
     summary = _run(config, tmp_path, log=messages.append)
 
     for record in summary["epochs"]:
-        assert set(record["robust_check"]) == {"fgsm", "pgd"}
-        assert record["robust_check"]["pgd"] <= record["robust_check"]["fgsm"] + 1e-9
-    overfitting = summary["catastrophic_overfitting"]
-    assert len(overfitting["pgd_accuracy_by_epoch"]) == 2 and "rule" in overfitting
+        assert set(record["overfitting_check"]) == {"fgsm", "pgd"}
+        assert record["overfitting_check"]["pgd"] <= record["overfitting_check"]["fgsm"] + 1e-9
+    verdict = summary["overfitting_check"]
+    assert len(verdict["pgd_accuracy_by_epoch"]) == 2 and "rule" in verdict
     robust = summary["robustness"]
     assert robust["num_examples"] == 150
     assert robust["attacks"]["pgd"]["num_steps"] == 3 and robust["attacks"]["pgd"]["num_restarts"] == 2
-    assert all(w <= p + 1e-9 for w, p in zip(robust["worst_case"]["linf"]["accuracy"], robust["attacks"]["pgd"]["accuracy"]))
+    assert all(
+        w <= p + 1e-9 for w, p in zip(robust["worst_case"]["linf"]["accuracy"], robust["attacks"]["pgd"]["accuracy"])
+    )
     assert "seconds" not in robust  # wall-clock times live in timings.json
     assert "pgd" in json.loads((tmp_path / "timings.json").read_text())["robustness_seconds"]
 
@@ -205,8 +211,8 @@ def test_adversarial_training_checks_robustness_each_epoch_and_reports_it(tmp_pa
 def test_ordinary_training_has_no_robustness_check(tmp_path, synthetic_mnist_dir):
     config = synthetic_config(synthetic_mnist_dir)
     summary = _run(config, tmp_path)
-    assert "robust_check" not in summary["epochs"][0]
-    assert summary["catastrophic_overfitting"] is None and "robustness" not in summary
+    assert "overfitting_check" not in summary["epochs"][0]
+    assert summary["overfitting_check"] is None and "robustness" not in summary
 
 
 def test_changing_only_evaluation_settings_keeps_the_trained_model(tmp_path, synthetic_mnist_dir):
@@ -234,12 +240,12 @@ def test_the_fast_fgsm_gradient_leaves_bp_accuracies_unchanged(tmp_path, mnist_d
     config.train.overfitting_check_examples = 0
     summaries = {}
     for shared in (True, False):
-        original = experiment.models.is_deterministic
-        experiment.models.is_deterministic = lambda model_config, shared=shared: shared
+        original = models.is_deterministic
+        models.is_deterministic = lambda model_config, shared=shared: shared
         try:
             summaries[shared] = _run(config, tmp_path / str(shared))
         finally:
-            experiment.models.is_deterministic = original
+            models.is_deterministic = original
     for split in ("validation", "test"):
         for perturbation in ("clean", "fgsm", "matched_gaussian"):
             fast, general = (summaries[s]["accuracy"][split][perturbation] for s in (True, False))
@@ -252,7 +258,7 @@ class ScriptedCheck:
     def __init__(self, pgd: list, first_epoch: int = 1):
         self.pgd, self.epoch = pgd, first_epoch
 
-    def __call__(self, config, model, mnist):
+    def __call__(self, config, apply_fn, validation):
         def check(params, key):
             value = self.pgd[self.epoch - 1]
             self.epoch += 1
@@ -261,7 +267,9 @@ class ScriptedCheck:
         return check
 
 
-def test_keep_best_evaluates_each_seeds_epoch_of_best_pgd_check_and_keeps_its_checkpoint(tmp_path, synthetic_mnist_dir, monkeypatch):
+def test_keep_best_evaluates_each_seeds_epoch_of_best_pgd_check_and_keeps_its_checkpoint(
+    tmp_path, synthetic_mnist_dir, monkeypatch
+):
     config = synthetic_config(synthetic_mnist_dir, "bp", "fast")
     config.train.epochs = 4
     config.num_seeds = 2
@@ -270,33 +278,44 @@ def test_keep_best_evaluates_each_seeds_epoch_of_best_pgd_check_and_keeps_its_ch
     # Seed 0 is best at epoch 2; seed 1 ties at epochs 3 and 4: the latest is taken.
     pgd = [[0.5, 0.1], [0.9, 0.2], [0.2, 0.3], [0.1, 0.3]]
     evaluated = {}
-    original_evaluate = experiment.evaluate_trained
+    original_evaluate = evaluators.evaluate_trained
 
-    def capture(config, model, params, mnist, mesh=None):
+    def capture(config, apply_fn, params, mnist, mesh=None):
         evaluated["params"] = params
-        return original_evaluate(config, model, params, mnist, mesh)
+        return original_evaluate(config, apply_fn, params, mnist, mesh)
 
-    monkeypatch.setattr(experiment, "make_overfitting_check", ScriptedCheck(pgd))
-    monkeypatch.setattr(experiment, "evaluate_trained", capture)
+    monkeypatch.setattr(overfitting, "make_configured_check", ScriptedCheck(pgd))
+    monkeypatch.setattr(evaluators, "evaluate_trained", capture)
     # Interrupted after epoch 3 and resumed: the kept best checkpoints and their metrics survive the reopening.
     messages = []
     with pytest.raises(Interrupted):
         _run(config, tmp_path, log=interrupt_after_epoch(3, messages))
-    monkeypatch.setattr(experiment, "make_overfitting_check", ScriptedCheck(pgd, first_epoch=4))
+    monkeypatch.setattr(overfitting, "make_configured_check", ScriptedCheck(pgd, first_epoch=4))
     summary = _run(config, tmp_path, log=messages.append)
 
     assert summary["evaluated_epochs"] == [2, 4]
     assert any("best held-out PGD accuracy: 2, 4" in m for m in messages), messages
     with checkpoint.open_manager(str(tmp_path)) as manager:
         assert checkpoint.saved_epochs(manager) == [2, 4]
-        state = experiment.fit(config, experiment.models.build_model(config.model), experiment.data.load_mnist(config.data), str(tmp_path), lambda m: None).state
+        state = fit.fit(
+            config,
+            models.build_model(config.model),
+            data.load_mnist(config.data),
+            str(tmp_path),
+            lambda m: None,
+        ).state
         epoch_params = {e: checkpoint.restore_epoch(manager, e, state, config).state.params for e in (2, 4)}
     for seed, epoch in enumerate([2, 4]):
         chex.assert_trees_all_equal(
-            jax.tree.map(lambda leaf: leaf[seed], evaluated["params"]), jax.tree.map(lambda leaf: leaf[seed], epoch_params[epoch])
+            jax.tree.map(lambda leaf: leaf[seed], evaluated["params"]),
+            jax.tree.map(lambda leaf: leaf[seed], epoch_params[epoch]),
         )
     # Seed 0's params are not the last epoch's.
-    last = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a[0]) - np.asarray(b[0])).max()), evaluated["params"], state.params))
+    last = jax.tree.leaves(
+        jax.tree.map(
+            lambda a, b: float(np.abs(np.asarray(a[0]) - np.asarray(b[0])).max()), evaluated["params"], state.params
+        )
+    )
     assert max(last) > 0.0
 
 
@@ -309,12 +328,16 @@ def test_without_keep_best_the_last_epoch_is_evaluated(tmp_path, synthetic_mnist
 
 
 def test_best_epochs_take_the_latest_of_ties_and_the_last_epoch_needs_no_restore(tmp_path):
-    records = [{"robust_check": {"pgd": [0.2, 0.5]}}, {"robust_check": {"pgd": [0.7, 0.5]}}, {"robust_check": {"pgd": [0.7, 0.6]}}]
-    assert experiment.best_epochs(records, 2) == [3, 3]
-    assert experiment.best_epochs([{"robust_check": {"pgd": 0.9}}, {"robust_check": {"pgd": 0.4}}], 1) == [1]
+    records = [
+        {"overfitting_check": {"pgd": [0.2, 0.5]}},
+        {"overfitting_check": {"pgd": [0.7, 0.5]}},
+        {"overfitting_check": {"pgd": [0.7, 0.6]}},
+    ]
+    assert overfitting.best_epochs(records, 2) == [3, 3]
+    assert overfitting.best_epochs([{"overfitting_check": {"pgd": 0.9}}, {"overfitting_check": {"pgd": 0.4}}], 1) == [1]
     # Every seed best at the last epoch: the final state's params, with no checkpoint read (there is none here).
     config = synthetic_config(tmp_path, "bp", "fast")
     config.num_seeds = 2
-    last = experiment.train.TrainState(step=0, apply_fn=None, params={"w": np.zeros(2)}, tx=None, opt_state=None)
-    params, epochs = experiment.restore_best_params(str(tmp_path / "no_run"), last, config, records)
+    last = train.TrainState(step=0, apply_fn=None, params={"w": np.zeros(2)}, tx=None, opt_state=None)
+    params, epochs = fit.restore_best_params(str(tmp_path / "no_run"), last, config, records)
     assert epochs == [3, 3] and params is last.params

@@ -210,7 +210,9 @@ def test_a_run_killed_after_an_epoch_resumes_and_ends_as_an_uninterrupted_one(tm
     overrides, whole = kill_test_setup
     workdir = tmp_path / "run"
 
-    killed = kill_after_first_checkpoint(launch_command("bp_adv", workdir, *overrides), workdir, tmp_path / "killed.log")
+    killed = kill_after_first_checkpoint(
+        launch_command("bp_adv", workdir, *overrides), workdir, tmp_path / "killed.log"
+    )
     log = (tmp_path / "killed.log").read_text()
     assert killed.returncode == -signal.SIGKILL, (
         f"the run ended (status {killed.returncode}) before it could be killed: give it more "
@@ -223,7 +225,7 @@ def test_a_run_killed_after_an_epoch_resumes_and_ends_as_an_uninterrupted_one(tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed after epoch {max(done)}/3" in resumed.stderr
     assert f"] epoch {max(done)}/3 " not in resumed.stderr  # the checkpointed epochs are not trained again
-    assert f"] epoch 3/3 " in resumed.stderr
+    assert "] epoch 3/3 " in resumed.stderr
     for name in ("summary.json", "metrics.jsonl"):
         assert (workdir / name).read_bytes() == (whole / name).read_bytes(), name
 
@@ -255,7 +257,10 @@ def test_launch_on_four_simulated_devices_equals_one_device(tmp_path, synthetic_
     # config.num_devices=0 and trains, evaluates and sweeps on it; the results
     # must be those of one device (the library-level checks are in test_sharding.py).
     overrides = synthetic_overrides(
-        synthetic_mnist_dir, "--config.train.epochs=2", "--config.train.max_examples=512", "--config.train.batch_size=64",
+        synthetic_mnist_dir,
+        "--config.train.epochs=2",
+        "--config.train.max_examples=512",
+        "--config.train.batch_size=64",
         "--config.eval.sigma_grid=(0.0,0.5)",
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
@@ -274,7 +279,9 @@ def test_launch_on_four_simulated_devices_equals_one_device(tmp_path, synthetic_
     for split, accuracy in runs[1]["accuracy"].items():
         assert runs[4]["accuracy"][split] == pytest.approx(accuracy, abs=0.02), split
         assert runs[4]["accuracy"][split]["clean"] == accuracy["clean"], split
-    assert runs[4]["sweeps"]["gaussian"]["accuracy"] == pytest.approx(runs[1]["sweeps"]["gaussian"]["accuracy"], abs=0.02)
+    assert runs[4]["sweeps"]["gaussian"]["accuracy"] == pytest.approx(
+        runs[1]["sweeps"]["gaussian"]["accuracy"], abs=0.02
+    )
     for sharded, single in zip(runs[4]["epochs"], runs[1]["epochs"], strict=True):
         assert sharded["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)  # sums in another order
         assert sharded["validation_accuracy"] == single["validation_accuracy"]
@@ -283,7 +290,9 @@ def test_launch_on_four_simulated_devices_equals_one_device(tmp_path, synthetic_
 
 def test_a_batch_the_devices_cannot_split_is_refused(tmp_path, synthetic_mnist_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    command = launch_command("bp", tmp_path / "run", *synthetic_overrides(synthetic_mnist_dir, "--config.train.batch_size=30"))
+    command = launch_command(
+        "bp", tmp_path / "run", *synthetic_overrides(synthetic_mnist_dir, "--config.train.batch_size=30")
+    )
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
     assert "train.batch_size=30 is not divisible by the 4 devices" in result.stderr

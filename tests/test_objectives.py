@@ -1,4 +1,4 @@
-"""Tests for advjax.objectives and the training objectives of train.make_objective."""
+"""Tests for advjax.objectives and the training objectives of objectives.make_objective."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import attacks, models, objectives, train
+from advjax import attacks, losses, models, noise, norms, objectives, train
 from configs import default
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -42,7 +42,7 @@ def test_cross_entropy_equals_negative_log_softmax_at_the_label():
     rng = np.random.default_rng(0)
     logits = (3.0 * rng.standard_normal((6, 10))).astype(np.float32)
     labels = np.array([0, 9, 3, 3, 5, 1])
-    loss = objectives.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    loss = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
     chex.assert_shape(loss, (6,))  # per example, not reduced
     chex.assert_trees_all_close(loss, numpy_cross_entropy(logits, labels).astype(np.float32), rtol=1e-5, atol=1e-6)
 
@@ -51,14 +51,14 @@ def test_cross_entropy_is_finite_and_exact_for_huge_logits():
     # exp(1e4) overflows float32; a naive log(softmax) gives inf or NaN.
     logits = jnp.array([[1e4, -1e4, 0.0], [1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]], jnp.float32)
     labels = jnp.array([0, 1, 0])
-    loss = objectives.cross_entropy(logits, labels)
+    loss = losses.cross_entropy(logits, labels)
     chex.assert_tree_all_finite(loss)
     # Closed forms: the argmax costs log(1 + e^-1e4 + e^-2e4) = 0 in float32; a
     # label 2e4 below the max costs 2e4.
     chex.assert_trees_all_close(loss, jnp.array([0.0, 2e4, 2e4]), rtol=1e-6, atol=1e-6)
 
     # Its gradient, softmax - onehot, is finite too.
-    gradient = jax.jit(jax.grad(lambda z: jnp.sum(objectives.cross_entropy(z, labels))))(logits)
+    gradient = jax.jit(jax.grad(lambda z: jnp.sum(losses.cross_entropy(z, labels))))(logits)
     chex.assert_tree_all_finite(gradient)
     expected = np.array([[0.0, 0.0, 0.0], [1.0, -1.0, 0.0], [-1.0, 0.0, 1.0]], np.float32)
     chex.assert_trees_all_close(gradient, expected, atol=1e-6)
@@ -67,18 +67,18 @@ def test_cross_entropy_is_finite_and_exact_for_huge_logits():
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.9, 1.0])
 def test_combined_adversarial_loss_is_alpha_clean_plus_one_minus_alpha_adversarial(alpha):
     clean, adversarial = jnp.float32(1.25), jnp.float32(4.5)
-    combined = objectives.combined_adversarial_loss(clean, adversarial, alpha)
+    combined = losses.combined_adversarial_loss(clean, adversarial, alpha)
     chex.assert_trees_all_close(combined, jnp.float32(alpha * 1.25 + (1 - alpha) * 4.5), rtol=1e-6)
 
 
 def test_combined_adversarial_loss_endpoints_select_one_loss_exactly():
     clean, adversarial = jnp.array([1.25, 0.3]), jnp.array([4.5, 7.0])
-    chex.assert_trees_all_equal(objectives.combined_adversarial_loss(clean, adversarial, 1.0), clean)
-    chex.assert_trees_all_equal(objectives.combined_adversarial_loss(clean, adversarial, 0.0), adversarial)
+    chex.assert_trees_all_equal(losses.combined_adversarial_loss(clean, adversarial, 1.0), clean)
+    chex.assert_trees_all_equal(losses.combined_adversarial_loss(clean, adversarial, 0.0), adversarial)
 
 
 # ----------------------------------------------------------------------------
-# train.make_objective on the BP net (no dropout, so train and eval logits agree).
+# objectives.make_objective on the BP net (no dropout, so train and eval logits agree).
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def make_objective(model, mode: str, **train_overrides):
     config = default.experiment("bp", mode).train
     config.update(train_overrides)
     # Jitted only for speed on a CPU; the objective is a pure function of its arguments.
-    return jax.jit(train.make_objective(model.apply, config)), config
+    return jax.jit(objectives.make_objective(model.apply, config)), config
 
 
 @functools.cache
@@ -103,7 +103,7 @@ def fgsm_value_and_grad(model, alpha: float):
     """(loss, logits), grads of the 'fgsm' objective: one compile serves both tests per alpha."""
     config = default.experiment("bp", "fgsm").train
     config.alpha = alpha
-    return jax.jit(jax.value_and_grad(train.make_objective(model.apply, config), has_aux=True)), config
+    return jax.jit(jax.value_and_grad(objectives.make_objective(model.apply, config), has_aux=True)), config
 
 
 def logits_of(model, params, images):
@@ -162,12 +162,12 @@ def test_gaussian_objective_equals_cross_entropy_on_noise_from_the_first_split_k
     loss, _ = objective(params, images, labels, rng)
 
     noise_rng, _ = jax.random.split(rng)
-    noisy = attacks.gaussian(noise_rng, images, config.sigma)
+    noisy = noise.gaussian(noise_rng, images, config.sigma)
     expected = numpy_cross_entropy(logits_of(model, params, noisy), labels).mean()
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
     # The check separates the keys and the noise: the unsplit rng, or no noise, give other losses.
-    unsplit = numpy_cross_entropy(logits_of(model, params, attacks.gaussian(rng, images, config.sigma)), labels)
+    unsplit = numpy_cross_entropy(logits_of(model, params, noise.gaussian(rng, images, config.sigma)), labels)
     clean = numpy_cross_entropy(logits_of(model, params, images), labels)
     assert abs(unsplit.mean() - expected) > 1e-4
     assert abs(clean.mean() - expected) > 1e-4
@@ -196,7 +196,7 @@ def test_ordinary_objective_on_cnn_trains_with_dropout_from_the_rng():
     labels = jnp.array([4, 8])
     rng = jax.random.key(5)
 
-    loss, logits = jax.jit(train.make_objective(model.apply, config.train))(params, images, labels, rng)
+    loss, logits = jax.jit(objectives.make_objective(model.apply, config.train))(params, images, labels, rng)
     train_logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
     chex.assert_trees_all_close(logits, train_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, numpy_cross_entropy(train_logits, labels).mean(), rtol=1e-5)
@@ -209,7 +209,7 @@ def test_unknown_training_mode_raises_value_error(bp_batch):
     config = default.experiment("bp", "ordinary").train
     config.mode = "madry"
     with pytest.raises(ValueError, match="madry"):
-        train.make_objective(model.apply, config)
+        objectives.make_objective(model.apply, config)
 
 
 def test_kl_divergence_matches_its_definition_and_is_zero_only_for_equal_predictions():
@@ -217,21 +217,21 @@ def test_kl_divergence_matches_its_definition_and_is_zero_only_for_equal_predict
     q_logits = jnp.array([[0.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
     p, q = jax.nn.softmax(p_logits), jax.nn.softmax(q_logits)
     expected = jnp.sum(p * jnp.log(p / q), axis=-1)
-    np.testing.assert_allclose(objectives.kl_divergence(p_logits, q_logits), expected, rtol=1e-6)
-    assert float(objectives.kl_divergence(p_logits, q_logits)[0]) > 0.1
-    assert float(objectives.kl_divergence(p_logits, q_logits)[1]) == pytest.approx(0.0, abs=1e-7)
+    np.testing.assert_allclose(losses.kl_divergence(p_logits, q_logits), expected, rtol=1e-6)
+    assert float(losses.kl_divergence(p_logits, q_logits)[0]) > 0.1
+    assert float(losses.kl_divergence(p_logits, q_logits)[1]) == pytest.approx(0.0, abs=1e-7)
     # Logits that differ by a constant give the same prediction.
-    np.testing.assert_allclose(objectives.kl_divergence(p_logits, p_logits + 3.0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(losses.kl_divergence(p_logits, p_logits + 3.0), 0.0, atol=1e-6)
 
 
 def test_trades_loss_weights_the_kl_by_beta():
     clean = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     adversarial = jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     labels = jnp.array([0, 1])
-    ce = jnp.mean(objectives.cross_entropy(clean, labels))
-    kl = jnp.mean(objectives.kl_divergence(clean, adversarial))
-    np.testing.assert_allclose(objectives.trades_loss(clean, adversarial, labels, 0.0), ce, rtol=1e-6)
-    np.testing.assert_allclose(objectives.trades_loss(clean, adversarial, labels, 6.0), ce + 6.0 * kl, rtol=1e-6)
+    ce = jnp.mean(losses.cross_entropy(clean, labels))
+    kl = jnp.mean(losses.kl_divergence(clean, adversarial))
+    np.testing.assert_allclose(losses.trades_loss(clean, adversarial, labels, 0.0), ce, rtol=1e-6)
+    np.testing.assert_allclose(losses.trades_loss(clean, adversarial, labels, 6.0), ce + 6.0 * kl, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -273,11 +273,15 @@ def linear_logits(weights, bias):
 def test_gradient_misalignment_is_the_mean_one_minus_cosine_of_input_gradients(linear_problem):
     weights, bias, images, perturbed, labels = linear_problem
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    penalty = objectives.gradient_misalignment(linear_logits(f32(weights), f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels))
+    penalty = losses.gradient_misalignment(
+        linear_logits(f32(weights), f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels)
+    )
     expected = numpy_misalignment(weights, weights, bias, images, perturbed, labels)
     assert expected > 0.01  # the perturbation turns the gradients
     np.testing.assert_allclose(penalty, expected, rtol=1e-4)
-    same = objectives.gradient_misalignment(linear_logits(f32(weights), f32(bias)), f32(images), f32(images), jnp.asarray(labels))
+    same = losses.gradient_misalignment(
+        linear_logits(f32(weights), f32(bias)), f32(images), f32(images), jnp.asarray(labels)
+    )
     np.testing.assert_allclose(same, 0.0, atol=1e-6)
 
 
@@ -285,7 +289,9 @@ def test_gradient_misalignment_differentiates_only_the_perturbed_gradient(linear
     weights, bias, images, perturbed, labels = linear_problem
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     grad = jax.grad(
-        lambda w: objectives.gradient_misalignment(linear_logits(w, f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels))
+        lambda w: losses.gradient_misalignment(
+            linear_logits(w, f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels)
+        )
     )(f32(weights))
     # Central differences in float64, moving only the weights behind the perturbed gradient.
     h, numeric = 1e-6, np.zeros_like(weights)
@@ -306,16 +312,16 @@ def test_gradient_misalignment_leaves_out_examples_without_a_gradient(linear_pro
     mask = f32([1, 1, 0, 1, 1, 1])[:, None]  # example 2's logits do not depend on its pixels
     masked_logits = lambda w: lambda x: (x.reshape(x.shape[0], -1) * mask) @ w + f32(bias)
     args = (f32(images), f32(perturbed), jnp.asarray(labels))
-    penalty = objectives.gradient_misalignment(masked_logits(f32(weights)), *args)
+    penalty = losses.gradient_misalignment(masked_logits(f32(weights)), *args)
     keep = np.array([0, 1, 3, 4, 5])
     expected = numpy_misalignment(weights, weights, bias, images[keep], perturbed[keep], labels[keep])
     np.testing.assert_allclose(penalty, expected, rtol=1e-4)
-    grad = jax.grad(lambda w: objectives.gradient_misalignment(masked_logits(w), *args))(f32(weights))
+    grad = jax.grad(lambda w: losses.gradient_misalignment(masked_logits(w), *args))(f32(weights))
     assert bool(jnp.all(jnp.isfinite(grad)))
     # No example with a gradient at all: 0, with a finite (zero) parameter gradient.
     constant = lambda w: lambda x: 0.0 * x.reshape(x.shape[0], -1) @ w + f32(bias)
-    assert float(objectives.gradient_misalignment(constant(f32(weights)), *args)) == 0.0
-    grad = jax.grad(lambda w: objectives.gradient_misalignment(constant(w), *args))(f32(weights))
+    assert float(losses.gradient_misalignment(constant(f32(weights)), *args)) == 0.0
+    grad = jax.grad(lambda w: losses.gradient_misalignment(constant(w), *args))(f32(weights))
     assert bool(jnp.all(grad == 0.0))
 
 
@@ -326,9 +332,9 @@ def test_grad_align_adds_its_weighted_penalty_at_a_uniform_draw_to_the_mode_obje
     base, _ = make_objective(model, mode, eps=0.3)
     aligned, _ = make_objective(model, mode, eps=0.3, grad_align=0.5)
     base_key, align_key = jax.random.split(key)
-    perturbed = attacks.uniform_in_ball(align_key, images, 0.3, "linf", clip=False)
+    perturbed = norms.uniform_in_ball(align_key, images, 0.3, "linf", clip=False)
     assert float(jnp.min(perturbed)) < 0.0  # not clipped to [0, 1]
-    penalty = objectives.gradient_misalignment(functools.partial(logits_of, model, params), images, perturbed, labels)
+    penalty = losses.gradient_misalignment(functools.partial(logits_of, model, params), images, perturbed, labels)
     assert float(penalty) > 0.01
     loss, logits = aligned(params, images, labels, key)
     base_loss, base_logits = base(params, images, labels, base_key)
@@ -341,7 +347,9 @@ def test_grad_align_adds_its_weighted_penalty_at_a_uniform_draw_to_the_mode_obje
     assert max(jax.tree.leaves(difference)) > 1e-5
     # Weight 0 is the mode's objective itself.
     unaligned, _ = make_objective(model, mode, eps=0.3, grad_align=0.0)
-    np.testing.assert_allclose(unaligned(params, images, labels, key)[0], base(params, images, labels, key)[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        unaligned(params, images, labels, key)[0], base(params, images, labels, key)[0], rtol=1e-6
+    )
 
 
 def test_gradient_misalignment_leaves_out_confident_examples_and_stays_finite(linear_problem):
@@ -352,8 +360,8 @@ def test_gradient_misalignment_leaves_out_confident_examples_and_stays_finite(li
     margin = 60.0 * jax.nn.one_hot(labels, 5) * f32([1, 1, 1, 0, 0, 0])[:, None]
     logits = lambda w: lambda x: x.reshape(x.shape[0], -1) @ w + f32(bias) + margin
     args = (f32(images), f32(perturbed), jnp.asarray(labels))
-    assert float(jnp.max(objectives.cross_entropy(logits(f32(weights))(args[0]), args[2])[:3])) < 1e-20
-    penalty, grad = jax.value_and_grad(lambda w: objectives.gradient_misalignment(logits(w), *args))(f32(weights))
+    assert float(jnp.max(losses.cross_entropy(logits(f32(weights))(args[0]), args[2])[:3])) < 1e-20
+    penalty, grad = jax.value_and_grad(lambda w: losses.gradient_misalignment(logits(w), *args))(f32(weights))
     assert bool(jnp.all(jnp.isfinite(grad)))
     keep = np.array([3, 4, 5])
     expected = numpy_misalignment(weights, weights, bias, images[keep], perturbed[keep], labels[keep])

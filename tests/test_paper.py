@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from advjax import paper
+from advjax import paper, workdir
 from configs import paper as paper_config
 from tests.conftest import synthetic_config
 
@@ -35,10 +35,17 @@ def test_paper_writes_all_tables_and_figures_and_reuses_finished_runs(tmp_path, 
         assert heading in text
     assert "### eps = 0.1" in text and "### eps = 0.3" in text
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
-    assert figures == sorted([
-        "fig1_digits.png", "fig3_gaussian_noise.png", "fig4_fgsm.png", "fig6_noise_bp_vs_cnn.png",
-        "fig7_noise_cnn_ord_vs_adv.png", "fig8_noise_bp_ord_vs_adv.png", "fig_eps_all_models.png",
-    ])
+    assert figures == sorted(
+        [
+            "fig1_digits.png",
+            "fig3_gaussian_noise.png",
+            "fig4_fgsm.png",
+            "fig6_noise_bp_vs_cnn.png",
+            "fig7_noise_cnn_ord_vs_adv.png",
+            "fig8_noise_bp_ord_vs_adv.png",
+            "fig_eps_all_models.png",
+        ]
+    )
     for name in figures:
         assert f"figures/{name}" in text
         assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,9 +68,9 @@ def test_a_changed_run_config_is_retrained_not_reused(tmp_path, synthetic_mnist_
     from advjax import experiment
 
     experiment.train_and_evaluate(run, str(tmp_path / "bp"), log=lambda m: None)
-    assert paper._saved_summary(str(tmp_path / "bp"), run) is not None
+    assert workdir.read_finished_summary(str(tmp_path / "bp"), run) is not None
     run.train.epochs = 2
-    assert paper._saved_summary(str(tmp_path / "bp"), run) is None
+    assert workdir.read_finished_summary(str(tmp_path / "bp"), run) is None
 
 
 def test_every_run_is_validated_before_any_trains(tmp_path, synthetic_mnist_dir):

@@ -5,21 +5,21 @@ import os
 
 import pytest
 
-from advjax import report
+from advjax import report, workdir
 
 
 def test_write_json_round_trips_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "summary.json"
-    report.write_json(str(path), {"accuracy": {"test": {"clean": 0.99}}})
+    workdir.write_json(str(path), {"accuracy": {"test": {"clean": 0.99}}})
     assert json.loads(path.read_text()) == {"accuracy": {"test": {"clean": 0.99}}}
     assert os.listdir(tmp_path) == ["summary.json"]
 
 
 def test_failed_write_keeps_the_old_file_intact(tmp_path):
     path = tmp_path / "summary.json"
-    report.write_json(str(path), {"old": 1})
+    workdir.write_json(str(path), {"old": 1})
     with pytest.raises(TypeError):
-        report.write_json(str(path), {"new": object()})  # not serializable: fails midway
+        workdir.write_json(str(path), {"new": object()})  # not serializable: fails midway
     assert json.loads(path.read_text()) == {"old": 1}
     assert os.listdir(tmp_path) == ["summary.json"]
 
@@ -27,14 +27,12 @@ def test_failed_write_keeps_the_old_file_intact(tmp_path):
 def test_write_jsonl_writes_one_object_per_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
-    report.write_jsonl(str(path), records)
+    workdir.write_jsonl(str(path), records)
     assert [json.loads(line) for line in path.read_text().splitlines()] == records
 
 
 def test_accuracy_table_orders_splits_and_formats_cells():
-    table = report.accuracy_table(
-        {"test": {"clean": 0.98765, "fgsm": 0.1}, "train": {"clean": 0.5, "fgsm": 0.25}}
-    )
+    table = report.accuracy_table({"test": {"clean": 0.98765, "fgsm": 0.1}, "train": {"clean": 0.5, "fgsm": 0.25}})
     lines = table.splitlines()
     assert lines[0] == "| split | clean | fgsm |"
     assert lines[2] == "| train | 0.5000 | 0.2500 |"

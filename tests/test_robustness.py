@@ -16,8 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from advjax import attacks, evaluate, robustness
-from advjax.train import to_float_images
+from advjax import attack_specs, attacks, eval_fold, evaluate, models, norms, overfitting, restarts, robustness, validation
+from advjax.eval_fold import to_float_images
 from configs import default
 
 SIDE, HIDDEN, CLASSES = 6, 16, 4
@@ -73,12 +73,12 @@ def dataset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def eval_set(labels=None) -> evaluate.EvalSet:
+def eval_set(labels=None) -> eval_fold.EvalSet:
     images, default_labels = dataset()
-    return evaluate.make_eval_set(images, default_labels if labels is None else labels, NUM_EXAMPLES, BATCH_SIZE)
+    return eval_fold.make_eval_set(images, default_labels if labels is None else labels, NUM_EXAMPLES, BATCH_SIZE)
 
 
-def direct_correct(params, es: evaluate.EvalSet, key, grid, attack) -> np.ndarray:
+def direct_correct(params, es: eval_fold.EvalSet, key, grid, attack) -> np.ndarray:
     """[G, N]: `attack(logits_fn, x, y, eps, batch_key)` per batch and eps, unbatched and unfolded."""
 
     @jax.jit  # one compile serves every batch and eps
@@ -96,13 +96,13 @@ def direct_correct(params, es: evaluate.EvalSet, key, grid, attack) -> np.ndarra
     return np.stack(rows)
 
 
-PGD = robustness.AttackSpec("pgd", num_steps=4, num_restarts=3, step_size=0.04)
+PGD = attack_specs.AttackSpec("pgd", num_steps=4, num_restarts=3, step_size=0.04)
 
 
 @functools.cache
 def pgd_result(form: str) -> robustness.RobustResult:
     # 3 batches x 3 restarts x 4 steps = 36 ticks: chunks of 5 leave a remainder of 1.
-    sweep = robustness.make_robust_sweep(mlp_apply, PGD, form=form, chunk_size=5)
+    sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), PGD, form=form, chunk_size=5)
     return sweep(random_params(), eval_set(), jax.random.key(3), GRID)
 
 
@@ -125,45 +125,55 @@ def test_tick_fold_pgd_equals_attacks_pgd_per_batch_with_the_same_keys(form):
 def test_wong_et_al_protocol_fold_equals_their_loop_written_out():
     # Their evaluation: each restart stops an example at its first success, and the
     # restart with the highest loss is kept, fooled or not.
-    steps, restarts, step_size = 10, 5, 0.03
+    steps, num_restarts, step_size = 10, 5, 0.03
 
     def wong_pgd(logits_fn, x, y, eps, key):
         best = None
-        for restart in range(restarts):
-            adversarial = attacks.uniform_in_ball(jax.random.fold_in(key, restart), x, eps, "linf")
+        for restart in range(num_restarts):
+            adversarial = norms.uniform_in_ball(jax.random.fold_in(key, restart), x, eps, "linf")
             for _ in range(steps):
                 adversarial = attacks.ascent_step(logits_fn, x, y, adversarial, eps, step_size, stop_on_success=True)
-            candidate = (adversarial, attacks.attack_outcome(logits_fn, adversarial, y))
-            best = candidate if best is None else attacks.keep_highest_loss(best, candidate)
+            candidate = (adversarial, restarts.attack_outcome(logits_fn, adversarial, y))
+            best = candidate if best is None else restarts.keep_highest_loss(best, candidate)
         return best[0]
 
     params, es = trained()
     key, grid = jax.random.key(0), (0.3,)
-    strict_spec = robustness.AttackSpec("pgd", num_steps=steps, num_restarts=restarts, step_size=step_size)
+    strict_spec = attack_specs.AttackSpec("pgd", num_steps=steps, num_restarts=num_restarts, step_size=step_size)
     wong_spec = strict_spec._replace(restart_selection="highest_loss", stop_on_success=True)
-    swept = robustness.make_robust_sweep(mlp_apply, wong_spec, form="chunked", chunk_size=5)(params, es, key, grid)
+    swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), wong_spec, form="chunked", chunk_size=5)(params, es, key, grid)
     np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, grid, wong_pgd))
     library = lambda f, x, y, eps, k: attacks.pgd(
-        f, x, y, eps, k, num_steps=steps, num_restarts=restarts, step_size=step_size,
-        restart_selection="highest_loss", stop_on_success=True,
+        f,
+        x,
+        y,
+        eps,
+        k,
+        num_steps=steps,
+        num_restarts=num_restarts,
+        step_size=step_size,
+        restart_selection="highest_loss",
+        stop_on_success=True,
     )
     np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, grid, library))
     # The strict protocol fools every example this one does, and here a few more.
-    strict = robustness.make_robust_sweep(mlp_apply, strict_spec, form="scan")(params, es, key, grid)
+    strict = robustness.make_robust_sweep(models.eval_apply(mlp_apply), strict_spec, form="scan")(params, es, key, grid)
     assert np.all(strict.correct <= swept.correct) and strict.correct.sum() < swept.correct.sum()
 
 
 def test_restarts_keep_the_worst_case_per_example():
     # Fewer restarts (a subset of the same draws) can only leave more examples correct.
-    one = robustness.make_robust_sweep(mlp_apply, PGD._replace(num_restarts=1), form="scan")
+    one = robustness.make_robust_sweep(models.eval_apply(mlp_apply), PGD._replace(num_restarts=1), form="scan")
     single = one(random_params(), eval_set(), jax.random.key(3), GRID)
     assert np.all(pgd_result("scan").correct <= single.correct)
 
 
 def test_l2_pgd_on_predicted_labels_and_one_step_attacks_equal_direct_calls():
     params, es, key = random_params(), eval_set(), jax.random.key(4)
-    spec = robustness.AttackSpec("pgd_l2", num_steps=3, num_restarts=2, relative_step_size=0.5, use_predicted_labels=True)
-    swept = robustness.make_robust_sweep(mlp_apply, spec, form="scan")(params, es, key, (0.5, 1.5))
+    spec = attack_specs.AttackSpec(
+        "pgd_l2", num_steps=3, num_restarts=2, relative_step_size=0.5, use_predicted_labels=True
+    )
+    swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="scan")(params, es, key, (0.5, 1.5))
 
     def pgd_l2(f, x, y, eps, k):
         predicted = attacks.predicted_labels(f, x)
@@ -172,7 +182,8 @@ def test_l2_pgd_on_predicted_labels_and_one_step_attacks_equal_direct_calls():
     np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, (0.5, 1.5), pgd_l2))
 
     for name in ("fgsm", "fgsm_random_start", "bim", "deepfool"):
-        swept = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec(name, num_steps=None), form="chunked", chunk_size=3)
+        swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec(name, num_steps=None), form="chunked", chunk_size=3
+        )
         grid = (0.5, 2.0) if name == "deepfool" else GRID
         expected = direct_correct(params, es, key, grid, attacks.make_attack(name))
         np.testing.assert_array_equal(swept(params, es, key, grid).correct, expected, err_msg=name)
@@ -182,23 +193,23 @@ def test_l2_pgd_on_predicted_labels_and_one_step_attacks_equal_direct_calls():
 def test_a_tick_holds_no_while_loop(name):
     # On XLA:CPU the CNN's input-gradient convolutions take a ~4x slower path
     # inside any while loop; the chunked form exists to keep them out of one.
-    spec = robustness.AttackSpec(name, num_steps=None if name in ("fgsm_random_start", "fgsm") else 3)
-    sweep = robustness.make_robust_sweep(mlp_apply, spec, form="chunked")
+    spec = attack_specs.AttackSpec(name, num_steps=None if name in ("fgsm_random_start", "fgsm") else 3)
+    sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked")
     es, grid = eval_set(), jnp.asarray(GRID)
-    args = (sweep.initial_carry(len(GRID), es), 0, random_params(), es.images, es.labels, jax.random.key(0), grid)
+    args = (sweep.initial_carry(len(GRID), es), 0, (random_params(), jax.random.key(0)), ((es.images, es.labels, es.mask), grid))
     # Checked in the jaxpr: there a loop is a scan or while primitive, while the
     # PRNG's own (harmless, convolution-free) round loop is still one random_bits.
     # A one-step fori_loop, even with unroll=True, is a scan that lowers to a while loop.
     jaxpr = str(jax.make_jaxpr(sweep.body)(*args))
     assert not re.search(r"\b(scan|while)\[", jaxpr)
     assert ("cond[" in jaxpr) == (name in ("pgd", "bim"))  # starts and scoring only on the ticks that need them
-    deepfool = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("deepfool"), form="chunked")
-    args = (deepfool.initial_carry(len(GRID), es), *args[1:])
-    assert re.search(r"\bwhile\[", str(jax.make_jaxpr(deepfool.body)(*args)))  # the check can fail: DeepFool loops
+    deepfool_sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("deepfool"), form="chunked")
+    args = (deepfool_sweep.initial_carry(len(GRID), es), *args[1:])
+    assert re.search(r"\bwhile\[", str(jax.make_jaxpr(deepfool_sweep.body)(*args)))  # the check can fail: DeepFool loops
 
 
 def test_vmapped_grid_equals_one_call_per_eps():
-    sweep = robustness.make_robust_sweep(mlp_apply, PGD, form="scan")
+    sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), PGD, form="scan")
     params, es, key = random_params(), eval_set(), jax.random.key(3)
     grid = (0.05, 0.1, 0.3)
     together = sweep(params, es, key, grid)
@@ -214,7 +225,7 @@ def test_new_grid_key_or_params_of_the_same_shapes_do_not_recompile():
         traces.append(None)  # runs only while tracing
         return mlp_apply(*args, **kwargs)
 
-    sweep = robustness.make_robust_sweep(counting_apply, PGD._replace(num_restarts=1), form="scan")
+    sweep = robustness.make_robust_sweep(models.eval_apply(counting_apply), PGD._replace(num_restarts=1), form="scan")
     first = sweep(random_params(), eval_set(), jax.random.key(0), (0.1, 0.2))
     traced = len(traces)
     assert traced > 0
@@ -233,8 +244,10 @@ def test_padding_never_counts():
     wrong = ((top + 1) % CLASSES).astype(np.int32)
     es = eval_set(wrong)
     assert int(np.argmax(np.asarray(logits_fn_for(random_params())(jnp.zeros((1, SIDE, SIDE, 1)))))) == 0
-    for spec in (robustness.AttackSpec("clean"), PGD._replace(num_restarts=1)):
-        result = robustness.make_robust_sweep(mlp_apply, spec, form="chunked")(random_params(), es, jax.random.key(0), GRID)
+    for spec in (attack_specs.AttackSpec("clean"), PGD._replace(num_restarts=1)):
+        result = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked")(
+            random_params(), es, jax.random.key(0), GRID
+        )
         assert result.correct.shape == (len(GRID), NUM_EXAMPLES)
         np.testing.assert_array_equal(result.accuracy, np.zeros(len(GRID)))
 
@@ -243,9 +256,11 @@ def test_several_seeds_equal_each_seed_alone():
     params = jax.tree.map(lambda a, b: jnp.stack([a, b]), random_params(0), random_params(1))
     keys = jnp.stack([jax.random.key(5), jax.random.key(6)])
     spec = PGD._replace(num_restarts=2)
-    both = robustness.make_robust_sweep(mlp_apply, spec, form="chunked", chunk_size=3, num_seeds=2)(params, eval_set(), keys, GRID)
+    both = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked", chunk_size=3, num_seeds=2)(
+        params, eval_set(), keys, GRID
+    )
     assert both.correct.shape == (2, len(GRID), NUM_EXAMPLES) and both.accuracy.shape == (2, len(GRID))
-    single = robustness.make_robust_sweep(mlp_apply, spec, form="chunked", chunk_size=3)
+    single = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked", chunk_size=3)
     for s, seed_params in enumerate((random_params(0), random_params(1))):
         np.testing.assert_array_equal(both.correct[s], single(seed_params, eval_set(), keys[s], GRID).correct)
 
@@ -253,19 +268,19 @@ def test_several_seeds_equal_each_seed_alone():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        (robustness.AttackSpec("cw"), "unknown attack"),
-        (robustness.AttackSpec("fgsm", num_restarts=2), "restarts need a random start"),
-        (robustness.AttackSpec("pgd", num_restarts=3, random_start=False), "restarts need a random start"),
-        (robustness.AttackSpec("fgsm", step_size=0.1), "takes no step size"),
-        (robustness.AttackSpec("pgd", step_size=0.1, relative_step_size=0.1), "not both"),
-        (robustness.AttackSpec("fgm_l2", num_steps=5), "one-step attack"),
-        (robustness.AttackSpec("pgd", restart_selection="max"), "restart_selection must be one of"),
-        (robustness.AttackSpec("fgsm", stop_on_success=True), "one-step attack"),
+        (attack_specs.AttackSpec("cw"), "unknown attack"),
+        (attack_specs.AttackSpec("fgsm", num_restarts=2), "restarts need a random start"),
+        (attack_specs.AttackSpec("pgd", num_restarts=3, random_start=False), "restarts need a random start"),
+        (attack_specs.AttackSpec("fgsm", step_size=0.1), "takes no step size"),
+        (attack_specs.AttackSpec("pgd", step_size=0.1, relative_step_size=0.1), "not both"),
+        (attack_specs.AttackSpec("fgm_l2", num_steps=5), "one-step attack"),
+        (attack_specs.AttackSpec("pgd", restart_selection="max"), "restart_selection must be one of"),
+        (attack_specs.AttackSpec("fgsm", stop_on_success=True), "one-step attack"),
     ],
 )
 def test_specs_that_would_compute_something_else_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
-        robustness.make_robust_sweep(mlp_apply, spec)
+        robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec)
 
 
 # ----------------------------------------------------------------------------
@@ -289,7 +304,7 @@ def test_worst_case_is_the_per_example_and():
 
 def test_worst_case_of_real_attacks_is_below_each_and_equals_the_and():
     params, es, key = random_params(), eval_set(), jax.random.key(3)
-    fgsm = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("fgsm"), form="chunked")(params, es, key, GRID)
+    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="chunked")(params, es, key, GRID)
     pgd = pgd_result("chunked")
     worst = robustness.worst_case({"fgsm": fgsm.correct, "pgd": pgd.correct})
     assert np.all(worst <= fgsm.accuracy) and np.all(worst <= pgd.accuracy)
@@ -301,7 +316,7 @@ def test_worst_case_of_real_attacks_is_below_each_and_equals_the_and():
 
 
 @functools.cache
-def trained() -> tuple[dict, evaluate.EvalSet]:
+def trained() -> tuple[dict, eval_fold.EvalSet]:
     """The MLP trained for a few hundred full-batch Adam steps on separable blocks (class c lights block c)."""
     rng = np.random.default_rng(0)
     n = 256
@@ -324,16 +339,17 @@ def trained() -> tuple[dict, evaluate.EvalSet]:
         return jax.lax.scan(step, (params, optimizer.init(params)), length=200)[0][0]
 
     start = jax.tree.map(lambda a: 0.3 * a, random_params(2))
-    return fit(start), evaluate.make_eval_set(images, labels, 200, 100)
+    return fit(start), eval_fold.make_eval_set(images, labels, 200, 100)
 
 
 def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model():
     params, es = trained()
     grid, key = (0.1, 0.2, 0.3), jax.random.key(0)
-    clean = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("clean"), form="scan")(params, es, key, (0.0,))
-    fgsm = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("fgsm"), form="scan")(params, es, key, grid)
-    pgd = robustness.make_robust_sweep(
-        mlp_apply, robustness.AttackSpec("pgd", num_steps=10, num_restarts=2), form="scan"
+    clean = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("clean"), form="scan")(
+        params, es, key, (0.0,)
+    )
+    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="scan")(params, es, key, grid)
+    pgd = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("pgd", num_steps=10, num_restarts=2), form="scan"
     )(params, es, key, grid)
     assert clean.accuracy[0] > 0.95  # the model learned the task
     assert fgsm.accuracy[-1] < clean.accuracy[0]  # FGSM bites, so the comparison is informative
@@ -352,16 +368,22 @@ def small_section():
     return section
 
 
+def validate_robust(section):
+    config = default.get_config()
+    config.robust = section
+    validation.validate(config)
+
+
 def test_config_section_defaults_are_valid():
     section = default.get_config().robust
-    robustness.check_section(section)
+    validate_robust(section)
     assert section.enabled is False and section.split in ("train", "validation", "test")
-    assert set(robustness.attack_specs(section)) == set(section.attacks)
+    assert set(attack_specs.attack_specs(section)) == set(section.attacks)
 
 
 def test_report_states_each_attack_and_the_label_leaking_check():
     params, es = random_params(), eval_set()
-    report = robustness.robustness_report(mlp_apply, params, es, jax.random.key(0), small_section(), "chunked")
+    report = robustness.robustness_report(models.eval_apply(mlp_apply), params, es, jax.random.key(0), small_section(), "chunked")
     assert set(report["attacks"]) == {"fgsm", "pgd", "fgm_l2"}
     pgd = report["attacks"]["pgd"]
     assert (pgd["num_steps"], pgd["num_restarts"], pgd["step_size"], pgd["num_examples"]) == (3, 2, 0.01, NUM_EXAMPLES)
@@ -388,26 +410,29 @@ def test_report_states_each_attack_and_the_label_leaking_check():
 
 def test_pgd_protocol_selects_wong_et_al_s_evaluation_and_the_report_states_it():
     section = small_section()
-    assert robustness.attack_specs(section)["pgd"].restart_selection == "success_first"
+    assert attack_specs.attack_specs(section)["pgd"].restart_selection == "success_first"
     section.pgd_protocol = "wong2020"
-    spec = robustness.attack_specs(section)["pgd"]
+    spec = attack_specs.attack_specs(section)["pgd"]
     assert (spec.restart_selection, spec.stop_on_success) == ("highest_loss", True)
-    report = robustness.robustness_report(mlp_apply, random_params(), eval_set(), jax.random.key(0), section, "chunked")
-    assert (report["attacks"]["pgd"]["restart_selection"], report["attacks"]["pgd"]["stop_on_success"]) == ("highest_loss", True)
+    report = robustness.robustness_report(models.eval_apply(mlp_apply), random_params(), eval_set(), jax.random.key(0), section, "chunked")
+    assert (report["attacks"]["pgd"]["restart_selection"], report["attacks"]["pgd"]["stop_on_success"]) == (
+        "highest_loss",
+        True,
+    )
     section.pgd_protocol = "madry"
     with pytest.raises(ValueError, match="config.robust.pgd_protocol='madry'"):
-        robustness.check_section(section)
+        validate_robust(section)
 
 
 def test_report_rejects_bad_sections():
     section = small_section()
     section.attacks = ("pgd", "cw")
     with pytest.raises(ValueError, match="config.robust.attacks"):
-        robustness.check_section(section)
+        validate_robust(section)
     section = small_section()
     section.l2_eps_grid = ()
     with pytest.raises(ValueError, match="l2_eps_grid"):
-        robustness.check_section(section)
+        validate_robust(section)
 
 
 # ----------------------------------------------------------------------------
@@ -415,29 +440,31 @@ def test_report_rejects_bad_sections():
 
 
 def test_catastrophic_overfitting_epoch_finds_the_first_collapse():
-    assert robustness.catastrophic_overfitting_epoch([]) is None
-    assert robustness.catastrophic_overfitting_epoch([0.5]) is None
-    assert robustness.catastrophic_overfitting_epoch([0.5, 0.6, 0.55, 0.7]) is None  # small wiggles are not a collapse
-    assert robustness.catastrophic_overfitting_epoch([0.5, 0.8, 0.7, 0.1, 0.0]) == 4
-    assert robustness.catastrophic_overfitting_epoch([0.5, 0.29]) == 2
+    assert overfitting.catastrophic_overfitting_epoch([]) is None
+    assert overfitting.catastrophic_overfitting_epoch([0.5]) is None
+    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.6, 0.55, 0.7]) is None  # small wiggles are not a collapse
+    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.8, 0.7, 0.1, 0.0]) == 4
+    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.29]) == 2
     # Per seed: one seed collapsing is enough.
-    assert robustness.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.3]]) == 2
-    assert robustness.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.5]]) is None
+    assert overfitting.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.3]]) == 2
+    assert overfitting.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.5]]) is None
 
 
 def test_overfitting_check_is_fgsm_and_single_start_pgd_at_eps():
     params, es, key = random_params(), eval_set(), jax.random.key(5)
-    check = robustness.make_overfitting_check(mlp_apply, 0.3, 3, form="chunked")(params, es, key)
-    fgsm = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("fgsm"), form="scan")(params, es, key, (0.3,))
-    pgd = robustness.make_robust_sweep(mlp_apply, robustness.AttackSpec("pgd", num_steps=3), form="scan")(params, es, key, (0.3,))
+    check = overfitting.make_check(models.eval_apply(mlp_apply), 0.3, 3, form="chunked")(params, es, key)
+    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="scan")(params, es, key, (0.3,))
+    pgd = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("pgd", num_steps=3), form="scan")(
+        params, es, key, (0.3,)
+    )
     assert check == {"fgsm": pytest.approx(float(fgsm.accuracy[0])), "pgd": pytest.approx(float(pgd.accuracy[0]))}
     assert check["pgd"] <= check["fgsm"]
 
 
 def test_gradient_masking_epochs_are_those_with_a_wide_fgsm_pgd_gap():
-    assert robustness.gradient_masking_epochs([0.6, 0.9], [0.5, 0.5]) == []
+    assert overfitting.gradient_masking_epochs([0.6, 0.9], [0.5, 0.5]) == []
     # Fast training of BP at eps 0.3 (measured): FGSM high, PGD near zero from the first epoch on.
-    assert robustness.gradient_masking_epochs([0.62, 0.76], [0.02, 0.006]) == [1, 2]
+    assert overfitting.gradient_masking_epochs([0.62, 0.76], [0.02, 0.006]) == [1, 2]
     # Fast training of the CNN (measured): the gap closes as PGD accuracy rises.
-    assert robustness.gradient_masking_epochs([0.924, 0.906, 0.914], [0.032, 0.458, 0.728]) == [1]
-    assert robustness.gradient_masking_epochs([[0.5, 0.5], [0.5, 0.95]], [[0.4, 0.4], [0.4, 0.4]]) == [2]
+    assert overfitting.gradient_masking_epochs([0.924, 0.906, 0.914], [0.032, 0.458, 0.728]) == [1]
+    assert overfitting.gradient_masking_epochs([[0.5, 0.5], [0.5, 0.95]], [[0.4, 0.4], [0.4, 0.4]]) == [2]

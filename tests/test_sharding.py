@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from advjax import evaluate, models, sharding, train
+from advjax import evaluate, models, objectives, sharding, train
 from tests.conftest import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -44,7 +44,11 @@ def reports() -> dict[int, dict]:
     runs = {
         n: subprocess.Popen(
             [sys.executable, "-m", "tests.sharding_equivalence", str(n)] + (["--quick"] if n in QUICK else []),
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for n in DEVICE_COUNTS
     }
@@ -57,8 +61,11 @@ def reports() -> dict[int, dict]:
 
 
 TRAIN_CASES = [
-    (4, "ordinary_chunked"), (4, "fgsm_scan"), (4, "ordinary_chunked_2_seeds"),
-    (8, "fgsm_scan"), (8, "ordinary_chunked_2_seeds"),
+    (4, "ordinary_chunked"),
+    (4, "fgsm_scan"),
+    (4, "ordinary_chunked_2_seeds"),
+    (8, "fgsm_scan"),
+    (8, "ordinary_chunked_2_seeds"),
 ]
 EVALUATE_CASES = [(4, "chunked"), (4, "scan_2_seeds"), (8, "scan_2_seeds")]
 SWEEP_CASES = [(4, "gaussian_chunked"), (4, "fgsm_scan_2_seeds"), (8, "gaussian_chunked")]
@@ -121,7 +128,11 @@ def test_data_parallel_evaluation_matches_one_device(reports, devices, case):
         assert_same_accuracy(single, result["accuracy_mesh"][perturbation])
     assert result["stats_max_difference"] < 1e-5
     # The eval set lives split along its batch dimension, 1/N per device.
-    assert result["eval_images_sharding"] == {"spec": "P(None, 'data')", "num_devices": devices, "fully_replicated": False}
+    assert result["eval_images_sharding"] == {
+        "spec": "P(None, 'data')",
+        "num_devices": devices,
+        "fully_replicated": False,
+    }
 
 
 @pytest.mark.parametrize("devices, case", SWEEP_CASES)
@@ -155,7 +166,11 @@ def test_two_processes_run_as_one_data_parallel_program():
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.multihost_check", str(i), str(num_processes), str(port)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(num_processes)
     ]
@@ -194,7 +209,9 @@ def fast_compiles():
     [(100, 3, "e.g. 99 or 102"), (6, 4, "e.g. 4 or 8"), (2, 4, "e.g. 4")],
 )
 def test_check_batch_size_names_the_field_and_suggests_sizes(batch_size, devices, suggestion):
-    with pytest.raises(ValueError, match=f"eval.batch_size={batch_size} is not divisible by the {devices} devices") as e:
+    with pytest.raises(
+        ValueError, match=f"eval.batch_size={batch_size} is not divisible by the {devices} devices"
+    ) as e:
         sharding.check_batch_size(batch_size, devices, "eval.batch_size")
     assert str(e.value).endswith(suggestion)
 
@@ -216,7 +233,9 @@ def test_data_mesh_has_one_auto_axis_over_all_devices():
 def test_one_device_gets_no_mesh_and_too_many_devices_are_refused():
     assert sharding.data_mesh_for(0) is None if jax.device_count() == 1 else True
     assert sharding.data_mesh_for(1) is None
-    with pytest.raises(ValueError, match=f"cannot use {jax.device_count() + 1} devices: there are {jax.device_count()}"):
+    with pytest.raises(
+        ValueError, match=f"cannot use {jax.device_count() + 1} devices: there are {jax.device_count()}"
+    ):
         sharding.data_mesh_for(jax.device_count() + 1)
 
 
@@ -231,7 +250,7 @@ def test_a_one_device_mesh_computes_what_no_mesh_computes(fast_compiles):
     config = tiny_config("bp")
     config.model.hidden = (16,)
     model = models.build_model(config.model)
-    objective = train.make_objective(model.apply, config.train)
+    objective = objectives.make_objective(model.apply, config.train)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (32, 28, 28, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, 32).astype(np.int32)

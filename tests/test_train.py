@@ -11,11 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from advjax import attacks, loops, models, objectives, train
+from advjax import attacks, eval_fold, loops, losses, models, objectives, train
 from configs import default
 from tests.conftest import tiny_config
 
-MODES = train.TRAINING_MODES
+MODES = objectives.TRAINING_MODES
 # (form, chunk_size) for a 3-step epoch: one while loop; one step per chunk;
 # a chunk of 2 plus a remainder of 1; one chunk shorter than chunk_size.
 FORMS = [("scan", 8), ("chunked", 1), ("chunked", 2), ("chunked", 8)]
@@ -66,12 +66,17 @@ class Setup:
     """A model, an objective, and fresh initial states (the epoch donates its carry)."""
 
     def __init__(
-        self, model: str = "bp", mode: str = "ordinary", schedule: str = "constant", steps_per_epoch: int = 4,
-        hidden: tuple = (32,), deterministic: bool = False,
+        self,
+        model: str = "bp",
+        mode: str = "ordinary",
+        schedule: str = "constant",
+        steps_per_epoch: int = 4,
+        hidden: tuple = (32,),
+        deterministic: bool = False,
     ):
         self.config = config(model, mode, schedule, hidden)
         self.model = models.build_model(self.config.model)
-        self.objective = train.make_objective(self.model.apply, self.config.train, deterministic=deterministic)
+        self.objective = objectives.make_objective(self.model.apply, self.config.train, deterministic=deterministic)
         self.steps_per_epoch = steps_per_epoch
 
     def state(self, step: int = 0) -> train.TrainState:
@@ -89,9 +94,7 @@ def python_epoch(setup, state, images, labels, permutation, rng, batch_size):
     converting outside changes how XLA fuses it with the Gaussian noise and
     moves the result by float rounding.
     """
-    step_fn = jax.jit(
-        lambda s, x_u8, y, key: train.train_step(s, setup.objective, train.to_float_images(x_u8), y, key)
-    )
+    step_fn = jax.jit(lambda s, x_u8, y, key: train.train_step(s, setup.objective, eval_fold.to_float_images(x_u8), y, key))
     permutation = np.asarray(permutation)
     loss, correct = np.float32(0.0), 0
     num_steps = len(permutation) // batch_size
@@ -154,7 +157,7 @@ def test_create_train_state_depends_on_the_key():
 
 def test_to_float_images_scales_uint8_to_unit_interval():
     images = np.array([0, 1, 128, 254, 255], np.uint8).reshape(5, 1, 1, 1)
-    out = train.to_float_images(jnp.asarray(images))
+    out = eval_fold.to_float_images(jnp.asarray(images))
     assert out.dtype == jnp.float32
     # XLA:CPU's float division may differ from numpy's by 1 ulp (254/255
     # does), so only the endpoints are compared exactly.
@@ -217,7 +220,7 @@ def test_train_state_optimizer_follows_the_schedule(schedule, moves_at_the_end):
 def test_unknown_mode_raises():
     cfg = config(mode="madry")
     with pytest.raises(ValueError, match="mode"):
-        train.make_objective(models.build_model(cfg.model).apply, cfg.train)
+        objectives.make_objective(models.build_model(cfg.model).apply, cfg.train)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -256,7 +259,7 @@ def test_fgsm_objective_is_the_weighted_loss_on_frozen_adversarial_images():
     setup = Setup(mode="fgsm")
     cfg = setup.config.train
     cfg.alpha, cfg.eps = 0.3, 0.1  # alpha != 0.5, so swapping the weights shows
-    objective = train.make_objective(setup.model.apply, cfg)
+    objective = objectives.make_objective(setup.model.apply, cfg)
     params = setup.state().params
     images, labels = synthetic_data(8, seed=2)
     x, y, key = jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(0)
@@ -288,13 +291,13 @@ def test_gaussian_objective_uses_sigma():
     ordinary = Setup(mode="ordinary")
     params = ordinary.state().params
     clean_loss = float(ordinary.objective(params, x, y, key)[0])
-    losses = {}
+    loss_by_form = {}
     for sigma in (0.0, 0.3):
         cfg = config(mode="gaussian")
         cfg.train.sigma = sigma
-        losses[sigma] = float(train.make_objective(ordinary.model.apply, cfg.train)(params, x, y, key)[0])
-    assert losses[0.0] == pytest.approx(clean_loss, rel=1e-6)
-    assert losses[0.3] != pytest.approx(clean_loss, rel=1e-3)
+        loss_by_form[sigma] = float(objectives.make_objective(ordinary.model.apply, cfg.train)(params, x, y, key)[0])
+    assert loss_by_form[0.0] == pytest.approx(clean_loss, rel=1e-6)
+    assert loss_by_form[0.3] != pytest.approx(clean_loss, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------
@@ -358,8 +361,12 @@ def test_epoch_records_the_first_step_whose_loss_is_not_finite(num_seeds):
     if num_seeds > 1:
         stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * num_seeds), tree)
         state, permutation, rng = stack(state), stack(permutation), jax.random.split(rng, num_seeds)
-    _, totals = epoch(state, train.EpochTotals.zeros(num_seeds), jnp.asarray(images), jnp.asarray(labels), permutation, rng)
-    np.testing.assert_array_equal(totals.first_nonfinite_step, np.full((num_seeds,) if num_seeds > 1 else (), INITIAL_STEP + 2))
+    _, totals = epoch(
+        state, train.EpochTotals.zeros(num_seeds), jnp.asarray(images), jnp.asarray(labels), permutation, rng
+    )
+    np.testing.assert_array_equal(
+        totals.first_nonfinite_step, np.full((num_seeds,) if num_seeds > 1 else (), INITIAL_STEP + 2)
+    )
 
 
 # A later epoch's starting step: the keys must come from the optimizer step
@@ -424,7 +431,9 @@ def test_bp_default_epoch_is_bit_identical_to_one_jitted_step_per_batch():
     # 0.9182 against 0.9233). So this runs with full optimizations, on the
     # paper's 784-256-256-10 net, in FGSM mode, where sign() amplifies any
     # rounding difference.
-    setup = Setup(mode="fgsm", hidden=(256, 256), deterministic=True)  # the shared-pass FGSM gradient, as launch.py uses
+    setup = Setup(
+        mode="fgsm", hidden=(256, 256), deterministic=True
+    )  # the shared-pass FGSM gradient, as launch.py uses
     num_examples, batch_size = 160, 16  # 10 steps: more than a chunk of 8
     images, labels = synthetic_data(num_examples, seed=3)
     permutation = train.epoch_permutation(jax.random.key(1), 0, num_examples)
@@ -436,7 +445,9 @@ def test_bp_default_epoch_is_bit_identical_to_one_jitted_step_per_batch():
         state, totals = epoch(
             setup.state(), train.EpochTotals.zeros(), jnp.asarray(images), jnp.asarray(labels), permutation, rng
         )
-        expected_state, (loss, correct, _) = python_epoch(setup, setup.state(), images, labels, permutation, rng, batch_size)
+        expected_state, (loss, correct, _) = python_epoch(
+            setup, setup.state(), images, labels, permutation, rng, batch_size
+        )
     finally:
         jax.config.update("jax_disable_most_optimizations", previous)
     chex.assert_trees_all_equal(state.params, expected_state.params)
@@ -453,7 +464,14 @@ def test_epoch_ignores_the_dropped_examples():
     epoch = train.make_epoch_fn(setup.objective, NUM_EXAMPLES, BATCH_SIZE, form="chunked", chunk_size=4)
 
     def final_params(imgs, lbls):
-        state, _ = epoch(setup.state(), train.EpochTotals.zeros(), jnp.asarray(imgs), jnp.asarray(lbls), permutation, jax.random.key(2))
+        state, _ = epoch(
+            setup.state(),
+            train.EpochTotals.zeros(),
+            jnp.asarray(imgs),
+            jnp.asarray(lbls),
+            permutation,
+            jax.random.key(2),
+        )
         return state.params
 
     reference = final_params(images, labels)
@@ -505,7 +523,14 @@ def test_epoch_forms_agree_for_a_tiny_cnn():
 
     def run(form, chunk_size):
         epoch = train.make_epoch_fn(setup.objective, 8, 4, form=form, chunk_size=chunk_size)
-        return epoch(setup.state(), train.EpochTotals.zeros(), jnp.asarray(images), jnp.asarray(labels), permutation, jax.random.key(2))
+        return epoch(
+            setup.state(),
+            train.EpochTotals.zeros(),
+            jnp.asarray(images),
+            jnp.asarray(labels),
+            permutation,
+            jax.random.key(2),
+        )
 
     scan_state, scan_totals = run("scan", 8)
     chunked_state, chunked_totals = run("chunked", 2)
@@ -539,7 +564,7 @@ def _defense_setup(mode: str, **train_fields):
     setup = Setup(mode=mode)
     for field, value in train_fields.items():
         setup.config.train[field] = value
-    setup.objective = train.make_objective(setup.model.apply, setup.config.train)
+    setup.objective = objectives.make_objective(setup.model.apply, setup.config.train)
     images, labels = synthetic_data(8, seed=11)
     return setup, jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(4)
 
@@ -601,33 +626,37 @@ def test_nfgsm_objective_is_the_loss_at_the_frozen_noisy_fgsm_image():
 def test_eps_warmup_ramps_linearly_to_eps_then_stays():
     config = default.get_config().train
     config.eps, config.eps_warmup_epochs = 0.3, 2.5
-    eps_at = train.attack_eps_schedule(config, steps_per_epoch=40)  # ramp over 100 steps
+    eps_at = objectives.attack_eps_schedule(config, steps_per_epoch=40)  # ramp over 100 steps
     np.testing.assert_allclose([eps_at(s) for s in (0, 25, 50, 100, 1000)], [0.0, 0.075, 0.15, 0.3, 0.3], rtol=1e-6)
     assert eps_at(None) == 0.3  # no step given: the full eps
     config.eps_warmup_epochs = 0.0
-    assert train.attack_eps_schedule(config, None)(0) == 0.3
+    assert objectives.attack_eps_schedule(config, None)(0) == 0.3
     config.eps_warmup_epochs = 1.0
     with pytest.raises(ValueError, match="steps per epoch"):
-        train.attack_eps_schedule(config, None)
+        objectives.attack_eps_schedule(config, None)
 
 
 @pytest.mark.parametrize("mode", ["fast", "fgsm"])
 def test_objective_during_eps_warmup_attacks_with_the_ramped_eps(mode):
     setup, x, y, key = _defense_setup(mode, eps=0.3, alpha=0.0)
     setup.config.train.eps_warmup_epochs = 1.0
-    setup.objective = train.make_objective(
+    setup.objective = objectives.make_objective(
         setup.model.apply, setup.config.train, deterministic=True, steps_per_epoch=10
     )
     params = setup.state().params
-    value_and_grad = getattr(setup.objective, "value_and_grad", None) or jax.value_and_grad(setup.objective, has_aux=True)
+    value_and_grad = getattr(setup.objective, "value_and_grad", None) or jax.value_and_grad(
+        setup.objective, has_aux=True
+    )
     loss_at = lambda step: float(value_and_grad(params, x, y, key, step)[0][0])
     clean = float(_mean_ce(setup, params, x, y, key))
     # Step 0 of the ramp: eps 0, so the attack leaves the images as they are.
     np.testing.assert_allclose(loss_at(jnp.asarray(0)), clean, rtol=1e-5)
     # Halfway: the loss at eps 0.15, which is that of a no-warmup objective at 0.15.
     half = _defense_setup(mode, eps=0.15, alpha=0.0)[0]
-    half.objective = train.make_objective(setup.model.apply, half.config.train, deterministic=True)
-    half_value_and_grad = getattr(half.objective, "value_and_grad", None) or jax.value_and_grad(half.objective, has_aux=True)
+    half.objective = objectives.make_objective(setup.model.apply, half.config.train, deterministic=True)
+    half_value_and_grad = getattr(half.objective, "value_and_grad", None) or jax.value_and_grad(
+        half.objective, has_aux=True
+    )
     np.testing.assert_allclose(loss_at(jnp.asarray(5)), float(half_value_and_grad(params, x, y, key)[0][0]), rtol=1e-5)
     assert loss_at(jnp.asarray(5)) > clean + 1e-3
     # From the end of the ramp on, and with no step, the full eps.
@@ -638,9 +667,9 @@ def test_trades_adversary_stays_in_the_ball_and_raises_the_kl():
     setup, x, y, key = _defense_setup("trades")
     params = setup.state().params
     eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    kl = lambda z: float(jnp.mean(objectives.kl_divergence(eval_logits(x), eval_logits(z))))
-    near = train.trades_adversary(eval_logits, x, key, 0.3, 0.05, 0)  # no steps: the tiny random start
-    far = train.trades_adversary(eval_logits, x, key, 0.3, 0.05, 10)
+    kl = lambda z: float(jnp.mean(losses.kl_divergence(eval_logits(x), eval_logits(z))))
+    near = objectives.trades_adversary(eval_logits, x, key, 0.3, 0.05, 0)  # no steps: the tiny random start
+    far = objectives.trades_adversary(eval_logits, x, key, 0.3, 0.05, 10)
     assert float(jnp.max(jnp.abs(far - x))) <= 0.3 + 1e-6
     assert 0.0 <= float(jnp.min(far)) and float(jnp.max(far)) <= 1.0
     assert kl(far) > 100 * max(kl(near), 1e-9)
@@ -651,10 +680,12 @@ def test_trades_objective_is_clean_ce_plus_beta_kl():
     params = setup.state().params
     attack_rng, dropout_rng = jax.random.split(key)
     eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    adversarial = train.trades_adversary(eval_logits, x, attack_rng, 0.3, 0.1, 3)
+    adversarial = objectives.trades_adversary(eval_logits, x, attack_rng, 0.3, 0.1, 3)
     clean = setup.model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
     adv = setup.model.apply({"params": params}, adversarial, train=True, rngs={"dropout": dropout_rng})
-    expected = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(clean, y) + 4.0 * objectives.kl_divergence(clean, adv))
+    expected = jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(clean, y) + 4.0 * losses.kl_divergence(clean, adv)
+    )
 
     loss, logits = setup.objective(params, x, y, key)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -662,12 +693,12 @@ def test_trades_objective_is_clean_ce_plus_beta_kl():
 
 
 def test_attack_unroll_setting():
-    assert train.attack_unroll("auto", "cpu") is True
-    assert train.attack_unroll("auto", "gpu") is False
-    assert train.attack_unroll("loop", "cpu") is False
-    assert train.attack_unroll("unrolled", "tpu") is True
+    assert objectives.attack_unroll("auto", "cpu") is True
+    assert objectives.attack_unroll("auto", "gpu") is False
+    assert objectives.attack_unroll("loop", "cpu") is False
+    assert objectives.attack_unroll("unrolled", "tpu") is True
     with pytest.raises(ValueError, match="attack_unroll"):
-        train.attack_unroll("sometimes")
+        objectives.attack_unroll("sometimes")
 
 
 @pytest.mark.parametrize(
@@ -681,7 +712,7 @@ def test_shared_pass_fgsm_gradient_equals_the_objective_gradient(model_name, alp
     cfg.train.alpha, cfg.train.eps = alpha, 0.1
     assert models.is_deterministic(cfg.model)
     model = models.build_model(cfg.model)
-    shared = train.make_objective(model.apply, cfg.train, deterministic=True)
+    shared = objectives.make_objective(model.apply, cfg.train, deterministic=True)
     assert hasattr(shared, "value_and_grad")
     params = train.init_params(jax.random.key(0), model)
     images, labels = synthetic_data(8, seed=12)
@@ -698,5 +729,5 @@ def test_models_with_dropout_keep_the_general_fgsm_gradient():
     cfg = config("cnn", "fgsm")
     assert cfg.model.dropout > 0 and not models.is_deterministic(cfg.model)
     assert models.is_deterministic(config("bp", "fgsm").model)
-    objective = train.make_objective(models.build_model(cfg.model).apply, cfg.train)
+    objective = objectives.make_objective(models.build_model(cfg.model).apply, cfg.train)
     assert not hasattr(objective, "value_and_grad")

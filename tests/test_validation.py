@@ -66,8 +66,11 @@ def _with(path, value):
     return config
 
 
-SHIPPED = sorted(p.stem for p in pathlib.Path(__file__).resolve().parents[1].joinpath("configs").glob("*.py")
-                 if p.stem not in ("__init__", "default", "paper"))
+SHIPPED = sorted(
+    p.stem
+    for p in pathlib.Path(__file__).resolve().parents[1].joinpath("configs").glob("*.py")
+    if p.stem not in ("__init__", "default", "paper")
+)
 
 
 def test_every_experiment_config_is_checked():
@@ -82,8 +85,18 @@ def test_shipped_configs_are_valid(name):
 
 def test_small_cnn_fast_is_wong_et_al_s_recipe_with_the_measured_changes():
     config = __import__("configs.small_cnn_fast", fromlist=["get_config"]).get_config()
-    assert (config.model.name, config.train.mode, config.train.eps, config.train.fast_step_size) == ("small_cnn", "fast", 0.3, 1.25)
-    assert (config.train.epochs, config.train.batch_size, config.train.learning_rate, config.train.schedule) == (10, 100, 5e-3, "cyclic")
+    assert (config.model.name, config.train.mode, config.train.eps, config.train.fast_step_size) == (
+        "small_cnn",
+        "fast",
+        0.3,
+        1.25,
+    )
+    assert (config.train.epochs, config.train.batch_size, config.train.learning_rate, config.train.schedule) == (
+        10,
+        100,
+        5e-3,
+        "cyclic",
+    )
     assert config.train.fast_clip_start is False and config.robust.enabled
     assert config.model.init == "torch_default"  # PyTorch's layer init, as in their code
     # Measured to lift it to 85% on average (the config's docstring): 59k images, eps warmup, early stopping.
@@ -134,10 +147,13 @@ def test_boundary_values_are_accepted():
     validation.validate(config)
 
 
-@pytest.mark.parametrize("mode, check_examples, message", [
-    ("ordinary", 500, "needs an adversarial train.mode"),
-    ("fast", 0, "overfitting_check_examples > 0"),
-])
+@pytest.mark.parametrize(
+    "mode, check_examples, message",
+    [
+        ("ordinary", 500, "needs an adversarial train.mode"),
+        ("fast", 0, "overfitting_check_examples > 0"),
+    ],
+)
 def test_keep_best_needs_the_per_epoch_pgd_check(mode, check_examples, message):
     config = default.experiment("bp", mode)
     config.train.keep_best = True

@@ -1,0 +1,150 @@
+"""Attacks as the robustness evaluation runs them: a spec per attack (steps, restarts, step
+size, labels, restart protocol), checked before anything compiles, and built from config.robust."""
+
+import inspect
+from typing import NamedTuple
+
+import jax
+
+from advjax import attacks, restarts
+
+# The norm each attack's eps is measured in: a worst case is only taken over
+# attacks of the same norm, since their eps grids mean different things.
+ATTACK_NORMS: dict[str, str] = {
+    "fgsm": "linf",
+    "fgsm_random_start": "linf",
+    "bim": "linf",
+    "pgd": "linf",
+    "fgm_l2": "l2",
+    "pgd_l2": "l2",
+    "deepfool": "l2",
+}
+# Attacks run as projected steps, one per tick; the rest take one tick per batch.
+ITERATIVE = ("bim", "pgd", "pgd_l2")
+# 'clean' is the zero perturbation: inside every eps ball, so every worst case includes it.
+NAMES = ("clean",) + tuple(attacks.ATTACKS)
+
+# How PGD keeps its restarts and whether an example stops once fooled (AttackSpec).
+# 'strict' is the stronger attack; 'wong2020' reproduces Wong et al.'s MNIST
+# evaluation, to compare with their published figures.
+PGD_PROTOCOLS = {
+    "strict": {"restart_selection": "success_first", "stop_on_success": False},
+    "wong2020": {"restart_selection": "highest_loss", "stop_on_success": True},
+}
+
+
+class AttackSpec(NamedTuple):
+    """One attack as evaluated. Step sizes: give at most one of `step_size` and
+    `relative_step_size`; neither means the attack's default (2.5 eps / steps
+    for BIM and PGD, 1.25 eps for fgsm_random_start).
+
+    >>> AttackSpec("pgd", num_steps=50, num_restarts=10, step_size=0.01)
+    """
+
+    name: str  # a key of attacks.ATTACKS, or 'clean'
+    num_steps: int | None = None  # iterative: steps per restart; deepfool: max_iter; None: the attack's default
+    num_restarts: int = 1  # pgd / pgd_l2 only; the per-example worst restart is kept
+    step_size: float | None = None  # absolute, per step (pixels for L-inf)
+    relative_step_size: float | None = None  # per step, as a multiple of eps
+    random_start: bool = True  # pgd / pgd_l2 only (bim starts at the clean image, fgsm_random_start always draws)
+    use_predicted_labels: bool = False  # attack the model's own labels (docs/design.md, "Label leaking")
+    # pgd / pgd_l2: which restart is kept per example (restarts.RESTART_SELECTIONS), and
+    # whether an example stops once fooled. The defaults are the stronger choices;
+    # 'highest_loss' with stop_on_success=True is Wong et al.'s (2020) evaluation.
+    restart_selection: str = "success_first"
+    stop_on_success: bool = False
+
+
+def _attack_default(name: str, parameter: str):
+    """An attack's own default for a keyword, read from attacks.ATTACKS, so the defaults live in one place."""
+    return inspect.signature(attacks.ATTACKS[name]).parameters[parameter].default
+
+
+def num_steps(spec: AttackSpec) -> int:
+    """The steps the attack takes (for deepfool its max_iter; 1 for one-step attacks)."""
+    if spec.num_steps is not None:
+        return spec.num_steps
+    if spec.name in ITERATIVE:
+        return _attack_default(spec.name, "num_steps")
+    return _attack_default("deepfool", "max_iter") if spec.name == "deepfool" else 1
+
+
+def _check_step_size(spec: AttackSpec) -> None:
+    if spec.step_size is not None and spec.relative_step_size is not None:
+        raise ValueError(f"{spec.name}: give step_size or relative_step_size, not both")
+    takes_step = spec.name in ITERATIVE or spec.name == "fgsm_random_start"
+    if not takes_step and (spec.step_size is not None or spec.relative_step_size is not None):
+        raise ValueError(f"{spec.name} takes no step size")
+
+
+def _check_restarts(spec: AttackSpec) -> None:
+    if spec.num_restarts < 1:
+        raise ValueError(f"{spec.name}: num_restarts must be at least 1, got {spec.num_restarts}")
+    if spec.restart_selection not in restarts.RESTART_SELECTIONS:
+        raise ValueError(
+            f"{spec.name}: restart_selection must be one of {tuple(restarts.RESTART_SELECTIONS)}, "
+            f"got {spec.restart_selection!r}"
+        )
+    if spec.name not in ITERATIVE and (spec.stop_on_success or spec.restart_selection != "success_first"):
+        raise ValueError(
+            f"{spec.name} is a one-step attack: stop_on_success and restart_selection apply to bim, pgd and pgd_l2"
+        )
+    restartable = spec.name in ("pgd", "pgd_l2") and spec.random_start
+    if spec.num_restarts > 1 and not restartable:
+        # Without a random draw every restart repeats the same deterministic attack.
+        raise ValueError(f"{spec.name}: restarts need a random start (pgd or pgd_l2 with random_start=True)")
+
+
+def check_spec(spec: AttackSpec) -> None:
+    """Raises ValueError for a spec that would silently compute something else than it says."""
+    if spec.name not in NAMES:
+        raise ValueError(f"unknown attack {spec.name!r}; choose from {NAMES}")
+    steps = num_steps(spec)
+    if steps < 1:
+        raise ValueError(f"{spec.name}: num_steps must be at least 1, got {steps}")
+    if spec.name not in ITERATIVE + ("deepfool",) and steps != 1:
+        raise ValueError(f"{spec.name} is a one-step attack; num_steps must be 1 or None, got {steps}")
+    _check_step_size(spec)
+    _check_restarts(spec)
+
+
+def step_size(spec: AttackSpec, eps: jax.Array) -> jax.Array | float:
+    """The step at `eps`: the spec's absolute or relative step, else 2.5 eps / steps."""
+    if spec.step_size is not None:
+        return spec.step_size
+    if spec.relative_step_size is not None:
+        return spec.relative_step_size * eps
+    return attacks.default_step_size(eps, num_steps(spec))
+
+
+def describe_step_size(spec: AttackSpec) -> float | str | None:
+    """The step size as a report states it: a number, or its rule in terms of eps."""
+    if spec.name not in ITERATIVE and spec.name != "fgsm_random_start":
+        return None
+    if spec.step_size is not None:
+        return float(spec.step_size)
+    if spec.relative_step_size is not None:
+        return f"{spec.relative_step_size} * eps"
+    return "2.5 * eps / num_steps" if spec.name in ITERATIVE else "1.25 * eps"
+
+
+def attack_specs(section) -> dict[str, AttackSpec]:
+    """config.robust's attacks as specs. All attack the true labels; the label-leaking check adds predicted labels."""
+    specs = {}
+    for name in section.attacks:
+        if name in ITERATIVE:
+            # The absolute step is in L-inf pixels; L2 PGD keeps its relative default.
+            absolute = section.pgd_step_size if section.pgd_step_size > 0 and ATTACK_NORMS[name] == "linf" else None
+            specs[name] = AttackSpec(
+                name,
+                num_steps=section.pgd_steps,
+                num_restarts=1 if name == "bim" else section.pgd_restarts,
+                step_size=absolute,
+                random_start=name != "bim",
+                **(PGD_PROTOCOLS[section.pgd_protocol] if name != "bim" else {}),
+            )
+        elif name == "deepfool":
+            specs[name] = AttackSpec(name, num_steps=section.deepfool_max_iter)
+        else:
+            specs[name] = AttackSpec(name)
+    return specs
