@@ -61,7 +61,10 @@ def _attack_default(name: str, parameter: str):
 
 
 def num_steps(spec: AttackSpec) -> int:
-    """The steps the attack takes (for deepfool its max_iter; 1 for one-step attacks)."""
+    """The steps the attack takes (for deepfool its max_iter; 1 for one-step attacks).
+
+    >>> num_steps(AttackSpec("deepfool"))  # 50, DeepFool's max_iter
+    """
     if spec.num_steps is not None:
         return spec.num_steps
     if spec.name in ITERATIVE:
@@ -96,7 +99,10 @@ def _check_restarts(spec: AttackSpec) -> None:
 
 
 def check_spec(spec: AttackSpec) -> None:
-    """Raises ValueError for a spec that would silently compute something else than it says."""
+    """Raises ValueError for a spec that would silently compute something else than it says.
+
+    >>> check_spec(AttackSpec("fgsm", num_restarts=2))  # ValueError: restarts need a random start
+    """
     if spec.name not in NAMES:
         raise ValueError(f"unknown attack {spec.name!r}; choose from {NAMES}")
     steps = num_steps(spec)
@@ -109,7 +115,10 @@ def check_spec(spec: AttackSpec) -> None:
 
 
 def step_size(spec: AttackSpec, eps: jax.Array) -> jax.Array | float:
-    """The step at `eps`: the spec's absolute or relative step, else 2.5 eps / steps."""
+    """The step at `eps`: the spec's absolute or relative step, else 2.5 eps / steps.
+
+    >>> step_size(AttackSpec("pgd", num_steps=40), 0.3)  # 0.01875
+    """
     if spec.step_size is not None:
         return spec.step_size
     if spec.relative_step_size is not None:
@@ -118,7 +127,10 @@ def step_size(spec: AttackSpec, eps: jax.Array) -> jax.Array | float:
 
 
 def describe_step_size(spec: AttackSpec) -> float | str | None:
-    """The step size as a report states it: a number, or its rule in terms of eps."""
+    """The step size as a report states it: a number, or its rule in terms of eps.
+
+    >>> describe_step_size(AttackSpec("pgd"))  # '2.5 * eps / num_steps'
+    """
     if spec.name not in ITERATIVE and spec.name != "fgsm_random_start":
         return None
     if spec.step_size is not None:
@@ -129,7 +141,10 @@ def describe_step_size(spec: AttackSpec) -> float | str | None:
 
 
 def attack_specs(section) -> dict[str, AttackSpec]:
-    """config.robust's attacks as specs. All attack the true labels; the label-leaking check adds predicted labels."""
+    """config.robust's attacks as specs. All attack the true labels; the label-leaking check adds predicted labels.
+
+    >>> attack_specs(config.robust)["pgd"].num_restarts  # 10
+    """
     specs = {}
     for name in section.attacks:
         if name in ITERATIVE:

@@ -45,7 +45,10 @@ from advjax.restarts import RESTART_SELECTIONS, attack_outcome
 
 
 def predicted_labels(logits_fn: LogitsFn, images: jax.Array) -> jax.Array:
-    """The model's own labels: attacking them avoids label leaking (docs/design.md, "Label leaking")."""
+    """The model's own labels: attacking them avoids label leaking (docs/design.md, "Label leaking").
+
+    >>> labels = predicted_labels(logits_fn, images)  # [B]
+    """
     return jnp.argmax(logits_fn(images), axis=-1)
 
 
@@ -54,6 +57,8 @@ def input_gradient(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array) ->
 
     The batch loss is a sum, not a mean, so each example's gradient is its own
     and does not shrink with the batch size.
+
+    >>> gradient = input_gradient(logits_fn, images, labels)  # like images
     """
 
     def summed_loss(x):
@@ -67,6 +72,8 @@ def ascent_gradient(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, t
 
     A targeted attack descends the loss of its target class, so that every
     attack can take the same ascent step.
+
+    >>> gradient = ascent_gradient(logits_fn, images, targets, targeted=True)
     """
     gradient = input_gradient(logits_fn, images, labels)
     return -gradient if targeted else gradient
@@ -76,6 +83,8 @@ def fgsm_direction(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, *,
     """sign(grad_x J): independent of eps, so one gradient serves a whole eps sweep.
 
     Pixels whose gradient is exactly zero do not move (sign(0) = 0; docs/design.md, "Zero gradients").
+
+    >>> adversarial = clip_to_pixels(images + 0.1 * fgsm_direction(logits_fn, images, labels))
     """
     return jnp.sign(ascent_gradient(logits_fn, images, labels, targeted))
 
@@ -88,12 +97,18 @@ def fgsm(
     *,
     targeted: bool = False,
 ) -> jax.Array:
-    """Fast gradient sign method: x + eps * sign(grad_x J), clipped to [0, 1]."""
+    """Fast gradient sign method: x + eps * sign(grad_x J), clipped to [0, 1].
+
+    >>> adversarial = fgsm(logits_fn, images, labels, 0.1)
+    """
     return clip_to_pixels(images + eps * fgsm_direction(logits_fn, images, labels, targeted=targeted))
 
 
 def least_likely_labels(logits: jax.Array) -> jax.Array:
-    """The class the model finds least likely: Kurakin et al.'s target for a targeted attack."""
+    """The class the model finds least likely: Kurakin et al.'s target for a targeted attack.
+
+    >>> targets = least_likely_labels(logits_fn(images))
+    """
     return jnp.argmin(logits, axis=-1)
 
 
@@ -105,13 +120,19 @@ def fgm_l2(
     *,
     targeted: bool = False,
 ) -> jax.Array:
-    """Fast gradient method in L2: x + eps * g / ||g||_2 per example, clipped to [0, 1]."""
+    """Fast gradient method in L2: x + eps * g / ||g||_2 per example, clipped to [0, 1].
+
+    >>> adversarial = fgm_l2(logits_fn, images, labels, 2.0)
+    """
     step = l2_unit(ascent_gradient(logits_fn, images, labels, targeted))
     return clip_to_pixels(images + eps * step)
 
 
 def default_step_size(eps: jax.Array | float, num_steps: int) -> jax.Array | float:
-    """2.5 eps / steps (Madry et al.): enough to reach the ball's edge and still move along it."""
+    """2.5 eps / steps (Madry et al.): enough to reach the ball's edge and still move along it.
+
+    >>> default_step_size(0.3, 40)  # 0.01875
+    """
     return 2.5 * eps / num_steps
 
 
@@ -130,6 +151,8 @@ def ascent_step(
 
     With `stop_on_success` (untargeted), examples no longer classified as `labels`
     stay where they are, as in Wong et al.'s (2020) evaluation.
+
+    >>> adversarial = ascent_step(logits_fn, images, labels, adversarial, 0.3, 0.01)
     """
     gradient = ascent_gradient(logits_fn, adversarial, labels, targeted)
     stepped = project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
@@ -150,6 +173,8 @@ def repeat(
     slowly inside a loop (docs/design.md, "Convolutions in XLA:CPU loops"), and
     lax.fori_loop keeps even a one-trip or `unroll=True` loop as a while loop.
     The price is a compile that grows with the steps.
+
+    >>> x = repeat(lambda i, x: x + 1.0, 3, jnp.zeros(2))  # [3., 3.]
     """
     if unroll or num_steps == 1:
         for index in range(num_steps):
@@ -171,7 +196,10 @@ def iterate(
     unroll: bool = False,
     stop_on_success: bool = False,
 ) -> jax.Array:
-    """`num_steps` projected steepest-ascent steps from `start`: the core of BIM and PGD (see `repeat` for `unroll`)."""
+    """`num_steps` projected steepest-ascent steps from `start`: the core of BIM and PGD (see `repeat` for `unroll`).
+
+    >>> adversarial = iterate(logits_fn, images, labels, images, 0.3, 0.01, 40)
+    """
     check_norm(norm)
     step = lambda _, adversarial: ascent_step(
         logits_fn, images, labels, adversarial, eps, step_size, norm, targeted, stop_on_success
@@ -201,6 +229,8 @@ def fgsm_random_start(
     ball's corner, as plain FGSM's does; unclipped, it ends anywhere in
     [0.25 eps, eps]. Which start trains better depends on the network
     (docs/results.md, "Where the random start begins matters").
+
+    >>> adversarial = fgsm_random_start(logits_fn, images, labels, 0.3, jax.random.key(0))
     """
     step_size = 1.25 * eps if step_size is None else step_size
     start = uniform_in_ball(key, images, eps, "linf", clip=clip_start)
@@ -227,6 +257,8 @@ def noisy_fgsm(
     training from catastrophic overfitting where Wong et al.'s start does not,
     and skipping the projection keeps the step's full size. Not an evaluation
     attack: it leaves the threat model (hence not in ATTACKS).
+
+    >>> adversarial = noisy_fgsm(logits_fn, images, labels, 0.3, jax.random.key(0))  # up to 0.9 from images
     """
     step_size = eps if step_size is None else step_size
     start = uniform_in_ball(key, images, noise * eps, "linf")
@@ -246,7 +278,10 @@ def bim(
     unroll: bool = False,
 ) -> jax.Array:
     """Basic iterative method (I-FGSM, Kurakin et al.): sign steps from the clean image,
-    each projected onto the L-inf eps ball and [0, 1]."""
+    each projected onto the L-inf eps ball and [0, 1].
+
+    >>> adversarial = bim(logits_fn, images, labels, 0.3, num_steps=10)
+    """
     step_size = default_step_size(eps, num_steps) if step_size is None else step_size
     return iterate(logits_fn, images, labels, images, eps, step_size, num_steps, "linf", targeted, unroll)
 
@@ -277,6 +312,8 @@ def pgd(
     kept, so more restarts never make the attack weaker.
     `restart_selection="highest_loss", stop_on_success=True` is Wong et al.'s
     (2020) weaker evaluation instead (untargeted only), for comparing with their figures.
+
+    >>> adversarial = pgd(logits_fn, images, labels, 0.3, jax.random.key(0), num_steps=50, num_restarts=10)
     """
     check_norm(norm)
     if random_start and key is None:
@@ -350,6 +387,8 @@ def least_likely_attack(attack: Attack) -> Attack:
     """The attack, targeted at each image's least-likely class on the clean image.
 
     The caller's labels are ignored: the targets come from the model.
+
+    >>> adversarial = least_likely_attack(make_attack("bim"))(logits_fn, images, labels, 0.3)
     """
 
     def attacked(logits_fn, images, labels, eps, key=None):
@@ -367,6 +406,8 @@ def make_attack(name: str, *, least_likely: bool = False, relative_step_size: fl
     `relative_step_size` sets the step to that multiple of eps, so one attack
     keeps its shape across an eps sweep. `least_likely=True` targets each
     image's least-likely class. Deterministic attacks ignore `key`.
+
+    >>> adversarial = make_attack("pgd", num_steps=40, relative_step_size=0.1)(logits_fn, images, labels, 0.3, key)
     """
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -184,16 +183,6 @@ def restore_latest(
     return None
 
 
-def pick_per_seed(params_by_epoch: dict[int, dict], epochs: list[int], num_seeds: int) -> dict:
-    """Seed i's params from the epoch epochs[i], stacked along the seed axis as in training."""
-    if num_seeds == 1:
-        return params_by_epoch[epochs[0]]
-    pick = lambda *per_epoch: jnp.stack(
-        [per_epoch[sorted(params_by_epoch).index(e)][seed] for seed, e in enumerate(epochs)]
-    )
-    return jax.tree.map(pick, *(params_by_epoch[e] for e in sorted(params_by_epoch)))
-
-
 # Notebooks ----------------------------------------------------------------------
 
 
@@ -242,4 +231,6 @@ def restore(run_dir: str, epoch: int | None = None) -> Restored:
             )
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
         by_epoch = {e: manager.restore(e, args=args)[STATE_ITEM].params for e in sorted(set(epochs))}
-    return Restored(config, pick_per_seed(by_epoch, epochs, config.num_seeds), models.eval_apply(model.apply), epochs)
+    return Restored(
+        config, seeds.pick_per_seed(by_epoch, epochs, config.num_seeds), models.eval_apply(model.apply), epochs
+    )

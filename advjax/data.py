@@ -2,7 +2,7 @@
 
 With no directory configured, the default is to download the four official IDX
 files into a cache and verify them. TFDS can only *prepare* MNIST through
-TensorFlow, a ~600 MB dependency we do not otherwise need, while a download
+TensorFlow, a large dependency we do not otherwise need, while a download
 needs only the standard library. TFDS remains available (``source='tfds'``)
 for a dataset that was already prepared.
 
@@ -14,6 +14,8 @@ import os
 import types
 from typing import NamedTuple, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from advjax import download
@@ -27,6 +29,14 @@ class MNIST(NamedTuple):
     train: Split  # 50,000
     validation: Split  # 10,000
     test: Split  # 10,000
+
+
+def to_float_images(images: jax.Array) -> jax.Array:
+    """uint8 images -> float32 in [0, 1], on the device: data stays uint8 until it is there.
+
+    >>> x = to_float_images(jnp.asarray(mnist.test.images[:100]))  # float32 [100, 28, 28, 1]
+    """
+    return images.astype(jnp.float32) / 255.0
 
 
 class DataConfig(Protocol):

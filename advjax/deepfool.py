@@ -15,6 +15,8 @@ def class_gradients(logits_fn: LogitsFn, images: jax.Array) -> tuple[jax.Array, 
     One backward pass per class through a single forward pass; it assumes, as
     every eval-mode model here does, that an example's logits depend on that
     example alone.
+
+    >>> logits, gradients = class_gradients(logits_fn, images)  # [B, K], [B, K, D]
     """
     logits, vjp = jax.vjp(logits_fn, images)
     num_classes = logits.shape[-1]
@@ -29,6 +31,8 @@ def deepfool_step(logits: jax.Array, gradients: jax.Array, labels: jax.Array) ->
     Linearised, class k overtakes `labels` at distance |f_k - f_y| / ||w_k - w_y||
     along w_k - w_y; the step goes to the nearest such boundary, plus 1e-4 in L2
     so that it does not land exactly on it (as in the authors' code).
+
+    >>> step = deepfool_step(*class_gradients(logits_fn, images), labels)  # [B, D]
     """
     rows = jnp.arange(logits.shape[0])
     margins = logits - logits[rows, labels][:, None]

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from advjax import loops, seeds, sharding
+from advjax.data import to_float_images
 from advjax.losses import LogitsFn
 from advjax.models import ApplyFn
 
@@ -63,17 +64,14 @@ def shard_eval_set(eval_set: EvalSet, mesh: Mesh | None) -> EvalSet:
     (1/N of the memory) and indexing a batch in the fold moves no data. The
     training images are replicated instead, because a fresh shuffle each
     epoch would make a sharded copy exchange images between devices every step.
+
+    >>> eval_set = shard_eval_set(make_eval_set(images, labels, 1000, 500), sharding.make_data_mesh())
     """
     if mesh is None:
         return eval_set
     sharding.check_batch_size(eval_set.labels.shape[1], mesh, "eval.batch_size")
     images, labels, mask = sharding.shard_batch_major((eval_set.images, eval_set.labels, eval_set.mask), mesh)
     return eval_set._replace(images=images, labels=labels, mask=mask)
-
-
-def to_float_images(images: jax.Array) -> jax.Array:
-    """uint8 images -> float32 in [0, 1]; data stays uint8 until it is on the device."""
-    return images.astype(jnp.float32) / 255.0
 
 
 class Batch(NamedTuple):

@@ -34,7 +34,10 @@ def perturb_batch(
     sigma: jax.Array,
     perturbations: Sequence[str],
 ) -> dict[str, jax.Array]:
-    """Each requested perturbation of one batch of float images."""
+    """Each requested perturbation of one batch of float images.
+
+    >>> perturb_batch(logits_fn, x, y, key, 0.1, 0.3, ("clean", "fgsm"))["fgsm"]
+    """
     out = {"clean": images}
     if "fgsm" in perturbations or "matched_gaussian" in perturbations:
         out["fgsm"] = attacks.fgsm(logits_fn, images, attack_labels, eps)
@@ -46,7 +49,10 @@ def perturb_batch(
 
 
 def attack_labels(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, use_predicted_labels: bool) -> jax.Array:
-    """The labels an attack climbs away from: the true ones, or the model's own prediction."""
+    """The labels an attack climbs away from: the true ones, or the model's own prediction.
+
+    >>> attack_labels(logits_fn, x, y, use_predicted_labels=True)  # the model's own labels
+    """
     return attacks.predicted_labels(logits_fn, images) if use_predicted_labels else labels
 
 
@@ -113,6 +119,8 @@ def summarize(totals: dict, num_examples: int) -> dict:
     Totals may carry a leading seed axis. "accuracy" is then the mean over
     seeds, "accuracy_std" the standard deviation (0 for one seed), and
     "accuracy_per_seed" lists every seed's value.
+
+    >>> summarize({"correct": {"clean": 90}, "stats": {"clean": jnp.zeros(4)}}, 100)["accuracy"]  # {'clean': 0.9}
     """
     per_seed = {p: np.atleast_1d(np.asarray(c)) / num_examples for p, c in totals["correct"].items()}
     stats = {
@@ -195,7 +203,9 @@ def make_sweep(
 
     def fold_args(params, eval_set: EvalSet, key, grid) -> tuple:
         grid = jnp.asarray(grid, jnp.float32)
-        return run.fold_args(params, eval_set, key, jnp.zeros(seeds.seed_shape(num_seeds) + grid.shape, jnp.int32), grid)
+        return run.fold_args(
+            params, eval_set, key, jnp.zeros(seeds.seed_shape(num_seeds) + grid.shape, jnp.int32), grid
+        )
 
     def sweep(params, eval_set: EvalSet, key, grid) -> np.ndarray:
         return np.asarray(run.fold(*fold_args(params, eval_set, key, grid))) / eval_set.num_examples

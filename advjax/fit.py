@@ -213,4 +213,4 @@ def restore_best_params(
         return last.params, epochs
     with checkpoint.open_manager(run_dir) as manager:
         by_epoch = {e: checkpoint.restore_epoch(manager, e, last, config).state.params for e in sorted(set(epochs))}
-    return checkpoint.pick_per_seed(by_epoch, epochs, config.num_seeds), epochs
+    return seeds.pick_per_seed(by_epoch, epochs, config.num_seeds), epochs

@@ -116,7 +116,7 @@ class CNN(nn.Module):
 
 class SmallCNN(nn.Module):
     """Wong et al.'s (2020) MNIST network for fast adversarial training, not the paper's:
-    conv4x4x16/2-conv4x4x32/2-dense100-dense10, ReLU, about 20x cheaper than the CNN.
+    conv4x4x16/2-conv4x4x32/2-dense100-dense10, ReLU, far cheaper than the CNN.
 
     Strided convolutions (PyTorch's padding 1) instead of pooling; it is the
     network their 88.8% PGD accuracy at eps = 0.3 was measured on.

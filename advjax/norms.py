@@ -17,17 +17,26 @@ L2_EPSILON = 1e-12
 
 
 def clip_to_pixels(images: jax.Array) -> jax.Array:
-    """Back into [0, 1]: every perturbed image must be a valid image (docs/design.md, "Pixels in [0, 1]")."""
+    """Back into [0, 1]: every perturbed image must be a valid image (docs/design.md, "Pixels in [0, 1]").
+
+    >>> clip_to_pixels(jnp.array([-0.5, 0.5, 1.5]))  # [0., 0.5, 1.]
+    """
     return jnp.clip(images, 0.0, 1.0)
 
 
 def per_image(fn, x: jax.Array) -> jax.Array:
-    """`fn` (a reduction such as jnp.sum) over all but the batch axis, [B]."""
+    """`fn` (a reduction such as jnp.sum) over all but the batch axis, [B].
+
+    >>> per_image(jnp.sum, jnp.ones((2, 28, 28, 1)))  # [784., 784.]
+    """
     return fn(x.reshape((x.shape[0], -1)), axis=1)
 
 
 def per_example(values: jax.Array, like: jax.Array) -> jax.Array:
-    """[B] -> [B, 1, 1, ...], to scale each example of `like` by its own value."""
+    """[B] -> [B, 1, 1, ...], to scale each example of `like` by its own value.
+
+    >>> images * per_example(jnp.array([0.5, 2.0]), images)  # scales image 0 by 0.5, image 1 by 2
+    """
     return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
@@ -45,6 +54,8 @@ def l2_unit(x: jax.Array) -> jax.Array:
     The rescaling by max|x| first matters: a confidently classified example has
     gradients of ~1e-8 whose squares sum to far below the constant under the
     square root, which would otherwise shrink the step instead of normalising it.
+
+    >>> l2_norms(l2_unit(gradient))  # 1 for every nonzero example
     """
     scale = per_example(per_image(jnp.max, jnp.abs(x)), x)
     x = x / jnp.where(scale > 0, scale, 1.0)
@@ -52,12 +63,19 @@ def l2_unit(x: jax.Array) -> jax.Array:
 
 
 def check_norm(norm: str) -> None:
+    """Refuses a norm other than NORMS.
+
+    >>> check_norm("l1")  # ValueError: unknown norm 'l1'; choose from ('linf', 'l2')
+    """
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
 
 
 def steepest_ascent(gradient: jax.Array, norm: Norm) -> jax.Array:
-    """The unit-norm direction that most increases a linearised loss: sign for L-inf, g/||g|| for L2."""
+    """The unit-norm direction that most increases a linearised loss: sign for L-inf, g/||g|| for L2.
+
+    >>> step = 0.01 * steepest_ascent(gradient, "linf")
+    """
     check_norm(norm)
     return jnp.sign(gradient) if norm == "linf" else l2_unit(gradient)
 
@@ -67,6 +85,8 @@ def project_linf(adversarial: jax.Array, images: jax.Array, eps: jax.Array | flo
 
     Both sets are boxes, so clipping to one and then the other is the exact
     projection onto their intersection.
+
+    >>> project_linf(images + 0.5, images, 0.1)  # images + 0.1, clipped to [0, 1]
     """
     return clip_to_pixels(jnp.clip(adversarial, images - eps, images + eps))
 
@@ -76,6 +96,8 @@ def project_l2(adversarial: jax.Array, images: jax.Array, eps: jax.Array | float
 
     Clipping only moves pixels back toward `images` (which lie in [0, 1]), so
     it cannot leave the ball.
+
+    >>> l2_norms(project_l2(adversarial, images, 2.0) - images)  # at most 2.0
     """
     delta = adversarial - images
     norms = l2_norms(delta)

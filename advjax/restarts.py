@@ -25,7 +25,10 @@ class AttackOutcome(NamedTuple):
 def attack_outcome(
     logits_fn: LogitsFn, adversarial: jax.Array, labels: jax.Array, targeted: bool = False
 ) -> AttackOutcome:
-    """Success is a wrong prediction (untargeted) or the target's (targeted)."""
+    """Success is a wrong prediction (untargeted) or the target's (targeted).
+
+    >>> attack_outcome(logits_fn, adversarial, labels).success  # [B] bool
+    """
     logits = logits_fn(adversarial)
     loss = losses.cross_entropy(logits, labels)
     predicted = jnp.argmax(logits, axis=-1)
@@ -47,6 +50,8 @@ def keep_worst(
 
     Success ranks first because a restart that fools the model matters more to
     a robust accuracy than one with a higher loss that does not.
+
+    >>> adversarial, outcome = keep_worst((a, attack_outcome(logits_fn, a, y)), (b, attack_outcome(logits_fn, b, y)))
     """
     (_, best_outcome), (_, outcome) = best, candidate
     better = (outcome.success & ~best_outcome.success) | (
@@ -62,6 +67,8 @@ def keep_highest_loss(
     restart selection, which ignores success. A restart that fooled the model can
     lose to a later one with a higher loss that did not, so it is weaker than
     `keep_worst`; it exists to reproduce their published evaluation.
+
+    >>> adversarial, outcome = keep_highest_loss(best, (b, attack_outcome(logits_fn, b, y)))
     """
     return _keep_where(candidate[1].objective >= best[1].objective, best, candidate)
 

@@ -213,7 +213,10 @@ def make_robust_sweep(
 
 
 def worst_case_correct(correct_by_attack: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Per example, robust only if every attack failed: the AND of the correctness arrays (broadcast)."""
+    """Per example, robust only if every attack failed: the AND of the correctness arrays (broadcast).
+
+    >>> worst_case_correct({"fgsm": fgsm.correct, "pgd": pgd.correct})  # bool [G, N]
+    """
     if not correct_by_attack:
         raise ValueError("a worst case needs at least one attack")
     return np.logical_and.reduce(np.broadcast_arrays(*(np.asarray(c, bool) for c in correct_by_attack.values())))
@@ -235,7 +238,10 @@ def worst_case(correct_by_attack: Mapping[str, np.ndarray]) -> np.ndarray | floa
 
 
 def robust_eval_set(images, labels, section) -> EvalSet:
-    """The first config.robust.num_examples of a split (all of it if fewer), in batches of config.robust.batch_size."""
+    """The first config.robust.num_examples of a split (all of it if fewer), in batches of config.robust.batch_size.
+
+    >>> eval_set = robust_eval_set(mnist.test.images, mnist.test.labels, config.robust)
+    """
     return make_eval_set(images, labels, min(section.num_examples, len(labels)), section.batch_size)
 
 

@@ -72,3 +72,13 @@ def as_reported(values, num_seeds: int):
 def select_seed(tree, index: int, num_seeds: int):
     """Seed `index` of a per-seed pytree (the tree itself for one seed)."""
     return tree if num_seeds == 1 else jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+def pick_per_seed(params_by_epoch: dict[int, dict], epochs: list[int], num_seeds: int) -> dict:
+    """Seed i's params from the epoch epochs[i], stacked along the seed axis as in training."""
+    if num_seeds == 1:
+        return params_by_epoch[epochs[0]]
+    pick = lambda *per_epoch: jnp.stack(
+        [per_epoch[sorted(params_by_epoch).index(e)][seed] for seed, e in enumerate(epochs)]
+    )
+    return jax.tree.map(pick, *(params_by_epoch[e] for e in sorted(params_by_epoch)))

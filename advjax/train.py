@@ -12,7 +12,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from advjax import loops, seeds, sharding
-from advjax.eval_fold import to_float_images
+from advjax.data import to_float_images
 from advjax.objectives import Objective
 
 TrainState = train_state.TrainState

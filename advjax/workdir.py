@@ -203,20 +203,6 @@ def clear_run(workdir: str) -> None:
             os.remove(path)
 
 
-def read_finished_summary(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
-    """The summary.json of a finished run of exactly `config`; None when absent, unreadable or of another config."""
-    path = os.path.join(workdir, SUMMARY_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-        same = json.dumps(summary["config"], sort_keys=True) == json.dumps(config_as_json(config), sort_keys=True)
-    except (OSError, ValueError, KeyError, TypeError):  # unreadable: not trusted, the run is resumed or redone
-        return None
-    return summary if same else None
-
-
 def read_summary(workdir: str) -> dict | None:
     """summary.json as written, or None when the run has not finished."""
     try:
@@ -224,6 +210,16 @@ def read_summary(workdir: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def read_finished_summary(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+    """The summary.json of a finished run of exactly `config`; None when absent, unreadable or of another config."""
+    summary = read_summary(workdir)
+    try:
+        same = json.dumps(summary["config"], sort_keys=True) == json.dumps(config_as_json(config), sort_keys=True)
+    except (KeyError, TypeError):  # not a summary: not trusted, the run is resumed or redone
+        return None
+    return summary if same else None
 
 
 # Metrics, timings and the summary ---------------------------------------------------

@@ -91,7 +91,7 @@ def _epoch_times(run_epoch, epochs: int) -> tuple[float, float]:
 def train_worker(spec: dict) -> dict:
     import jax
 
-    from advjax import models, runtime, train
+    from advjax import models, objectives, runtime, train
     from configs import default
 
     cache = runtime.enable_compilation_cache(spec.get("cache_dir") or "none")
@@ -104,7 +104,9 @@ def train_worker(spec: dict) -> dict:
     steps = n // batch
 
     if spec["impl"] == "ours":
-        objective = objectives.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
+        objective = objectives.make_objective(
+            model.apply, config.train, deterministic=models.is_deterministic(config.model)
+        )
         epoch_fn = train.make_epoch_fn(
             objective,
             n,
@@ -173,7 +175,7 @@ def sweep_worker(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from advjax import evaluate, models, runtime, train
+    from advjax import eval_fold, evaluate, models, runtime, train
     from configs import default
 
     runtime.enable_compilation_cache("none")
@@ -186,7 +188,9 @@ def sweep_worker(spec: dict) -> dict:
     b = config.eval.batch_size
     if spec["impl"] == "ours":
         eval_set = eval_fold.make_eval_set(images, labels, len(labels), b)
-        sweep = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form=config.eval.loop, chunk_size=config.eval.chunk_size)
+        sweep = evaluate.make_sweep(
+            models.eval_apply(model.apply), "gaussian", form=config.eval.loop, chunk_size=config.eval.chunk_size
+        )
         run = lambda key, g: sweep(params, eval_set, jax.random.key(key), g)
     else:
         # A Python loop over sigmas, each a jitted accuracy call over host batches.
@@ -252,12 +256,14 @@ def profile_worker(spec: dict) -> dict:
 
     import jax
 
-    from advjax import models, train
+    from advjax import models, objectives, train
     from configs import default
 
     config = default.experiment(spec["model"], spec["mode"])
     model = models.build_model(config.model)
-    objective = objectives.make_objective(model.apply, config.train, deterministic=models.is_deterministic(config.model))
+    objective = objectives.make_objective(
+        model.apply, config.train, deterministic=models.is_deterministic(config.model)
+    )
     step = jax.jit(lambda s, x, y, r: train.train_step(s, objective, x, y, r))
     state = train.create_train_state(jax.random.key(0), model, config.train, 10)
     images, labels = synthetic(spec["batch_size"])
@@ -396,7 +402,8 @@ def main(argv):
             save_partial(results)
             log(
                 f"{name} {mode}: ours {best_ours:.0f} ex/s, baseline {best_base:.0f} ex/s "
-                f"({r['speedup']:.2f}x); compile cold {r['compile_seconds']['cold']:.1f}s, warm {r['compile_seconds']['warm']:.1f}s"
+                f"({r['speedup']:.2f}x); compile cold {r['compile_seconds']['cold']:.1f}s, "
+                f"warm {r['compile_seconds']['warm']:.1f}s"
             )
         sweep_spec = {"kind": "sweep", "model": name, "images": _SWEEP_IMAGES.value, "points": _SWEEP_POINTS.value}
         ours = run_worker({**sweep_spec, "impl": "ours"})
