@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import jax
 
-from advjax import attacks, restarts
+from advjax import attack_registry, attacks, restarts
 
 # The norm each attack's eps is measured in: a worst case is only taken over
 # attacks of the same norm, since their eps grids mean different things.
@@ -22,7 +22,7 @@ ATTACK_NORMS: dict[str, str] = {
 # Attacks run as projected steps, one per tick; the rest take one tick per batch.
 ITERATIVE = ("bim", "pgd", "pgd_l2")
 # 'clean' is the zero perturbation: inside every eps ball, so every worst case includes it.
-NAMES = ("clean",) + tuple(attacks.ATTACKS)
+NAMES = ("clean",) + tuple(attack_registry.ATTACKS)
 
 # How PGD keeps its restarts and whether an example stops once fooled (AttackSpec).
 # 'strict' is the stronger attack; 'wong2020' reproduces Wong et al.'s MNIST
@@ -41,7 +41,7 @@ class AttackSpec(NamedTuple):
     >>> AttackSpec("pgd", num_steps=50, num_restarts=10, step_size=0.01)
     """
 
-    name: str  # a key of attacks.ATTACKS, or 'clean'
+    name: str  # a key of attack_registry.ATTACKS, or 'clean'
     num_steps: int | None = None  # iterative: steps per restart; deepfool: max_iter; None: the attack's default
     num_restarts: int = 1  # pgd / pgd_l2 only; the per-example worst restart is kept
     step_size: float | None = None  # absolute, per step (pixels for L-inf)
@@ -56,8 +56,8 @@ class AttackSpec(NamedTuple):
 
 
 def _attack_default(name: str, parameter: str):
-    """An attack's own default for a keyword, read from attacks.ATTACKS, so the defaults live in one place."""
-    return inspect.signature(attacks.ATTACKS[name]).parameters[parameter].default
+    """An attack's own default for a keyword, read from attack_registry.ATTACKS, so the defaults live in one place."""
+    return inspect.signature(attack_registry.ATTACKS[name]).parameters[parameter].default
 
 
 def num_steps(spec: AttackSpec) -> int:

@@ -200,6 +200,10 @@ def epochs_to_restore(run_dir: str, saved: list[int], num_seeds: int, epoch: int
         return [epoch] * num_seeds
     summary = workdir.read_summary(run_dir)
     evaluated = summary["evaluated_epochs"] if summary and "evaluated_epochs" in summary else None
+    if evaluated and len(evaluated) != num_seeds:
+        raise WorkdirError(
+            f"{workdir.SUMMARY_FILE} of {run_dir} names {len(evaluated)} evaluated epochs for {num_seeds} seeds"
+        )
     return [int(e) for e in evaluated] if evaluated else [saved[-1]] * num_seeds
 
 

@@ -26,7 +26,7 @@ Key scheme (so a direct call can be matched): batch b uses
 `batch_key = fold_in(key, b)`. An iterative attack's restart r starts from
 `uniform_in_ball(fold_in(batch_key, r), ...)`, exactly what
 `attacks.pgd(..., key=batch_key)` draws; a one-step attack gets `batch_key`
-itself, as `attacks.make_attack(name)(..., key=batch_key)` would. Every grid
+itself, as `attack_registry.make_attack(name)(..., key=batch_key)` would. Every grid
 point uses the same keys (common random numbers).
 """
 
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from advjax import attacks, restarts, seeds
+from advjax import attack_registry, attacks, restarts, seeds
 from advjax.attack_specs import (
     ATTACK_NORMS,
     ITERATIVE,
@@ -64,7 +64,7 @@ class RobustResult(NamedTuple):
     correct: np.ndarray  # bool [G, N] per real example (padding removed), for worst cases across attacks
 
 
-def _one_tick_attack(spec: AttackSpec) -> attacks.Attack:
+def _one_tick_attack(spec: AttackSpec) -> attack_registry.Attack:
     """`attack(logits_fn, images, labels, eps, key)` for an attack that needs one tick per batch."""
     if spec.name == "clean":
         return lambda logits_fn, images, labels, eps, key: images
@@ -77,7 +77,7 @@ def _one_tick_attack(spec: AttackSpec) -> attacks.Attack:
         return fgsm_random_start
     # fgsm, fgm_l2 and deepfool (deepfool_within eps) from the registry; they take no step size.
     params = {"max_iter": num_steps(spec)} if spec.name == "deepfool" else {}
-    return attacks.make_attack(spec.name, **params)
+    return attack_registry.make_attack(spec.name, **params)
 
 
 class _Carry(NamedTuple):

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from advjax import attacks, data, loops, models, objectives, sharding, train
+from advjax import attack_registry, data, loops, models, objectives, sharding, train
 from advjax.attack_specs import ATTACK_NORMS, PGD_PROTOCOLS
 
 
@@ -122,7 +122,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "robust.l2_eps_grid": sequence_of(lambda x: _is_number(x) and x >= 0, "non-negative numbers"),
     "robust.attacks": sequence_of(
-        lambda n: n in attacks.ATTACKS, f"attack names, each one of {tuple(attacks.ATTACKS)}"
+        lambda n: n in attack_registry.ATTACKS, f"attack names, each one of {tuple(attack_registry.ATTACKS)}"
     ),
     "robust.pgd_steps": positive_int(),
     "robust.pgd_restarts": positive_int(),

@@ -1,18 +1,29 @@
-"""Shared fixtures: the real MNIST directory, and a config shrunk to seconds."""
+"""Shared fixtures: the persistent compilation cache, real and synthetic MNIST directories, compile settings.
+
+Plain helpers (configs, synthetic data, linear models) are in tests/helpers.py.
+"""
 
 import atexit
-import gzip
+import hashlib
 import os
 import pathlib
 import shutil
-import struct
 import tempfile
 
+import chex
 import jax
 import numpy as np
 import pytest
 
-from configs import default
+from advjax import download
+from tests.helpers import (
+    IMAGE_SHAPE,
+    idx_bytes,
+    optimizations_disabled,
+    synthetic_arrays,
+    write_gz_dir,
+    write_synthetic_mnist,
+)
 
 # Compilation dominates these tests: each train_and_evaluate builds fresh jits
 # of the same programs. A persistent compilation cache, fresh per session (so
@@ -38,6 +49,29 @@ MNIST_FILES = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _fresh_trace_counters():
+    # chex keys its trace counters by call stack, so parametrized cases would share one.
+    chex.clear_trace_counter()
+    yield
+    chex.clear_trace_counter()
+
+
+@pytest.fixture
+def quick_compile():
+    """Skip most of XLA's optimisation passes: for these tiny programs with loops,
+    compiling costs several times more than running (about 3x per PGD test on 2 cores)."""
+    with optimizations_disabled():
+        yield
+
+
+@pytest.fixture(scope="module")
+def quick_compile_module():
+    """quick_compile for a whole module (`pytestmark = pytest.mark.usefixtures("quick_compile_module")`)."""
+    with optimizations_disabled():
+        yield
+
+
 @pytest.fixture
 def mnist_dir() -> pathlib.Path:
     """$ADVJAX_DATA_DIR holding the four MNIST IDX files, or the test is skipped saying why."""
@@ -51,57 +85,32 @@ def mnist_dir() -> pathlib.Path:
     return path
 
 
-def tiny_config(model: str = "bp", mode: str = "ordinary"):
-    """A config that trains and evaluates in seconds: few examples, one epoch."""
-    config = default.experiment(model, mode)
-    config.train.epochs = 1
-    config.train.max_examples = 512
-    config.train.batch_size = 64
-    config.eval.num_train = 200
-    config.eval.num_validation = 200
-    config.eval.num_test = 300
-    config.eval.batch_size = 100
-    config.train.attack_steps = 3  # the defenses' inner attacks (pgd, trades): a few steps test the same code
-    return config
-
-
-def _idx(array: np.ndarray) -> bytes:
-    magic = {3: 2051, 1: 2049}[array.ndim]
-    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
-
-
-def synthetic_digits(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable fake digits: each class lights its own 4x4 block, over noise."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, num).astype(np.uint8)
-    images = rng.integers(0, 60, (num, 28, 28)).astype(np.uint8)
-    for i, label in enumerate(labels):
-        row, col = divmod(int(label), 5)
-        images[i, 4 + 10 * row : 8 + 10 * row, 2 + 5 * col : 6 + 5 * col] = 230
-    return images, labels
-
-
-def write_synthetic_mnist(path: pathlib.Path, num_train: int = 1200, num_test: int = 300) -> pathlib.Path:
-    """Writes the four gzipped IDX files of synthetic digits into `path`."""
-    path.mkdir(parents=True, exist_ok=True)
-    for prefix, num, seed in (("train", num_train, 0), ("t10k", num_test, 1)):
-        images, labels = synthetic_digits(num, seed)
-        (path / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images), compresslevel=1))
-        (path / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels), compresslevel=1))
-    return path
-
-
 @pytest.fixture(scope="session")
 def synthetic_mnist_dir(tmp_path_factory) -> pathlib.Path:
     """A directory of IDX files in MNIST's format: 1200 training and 300 test images."""
     return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic_mnist"))
 
 
-def synthetic_config(data_dir: pathlib.Path, model: str = "bp", mode: str = "ordinary"):
-    """tiny_config reading the synthetic directory (200 of its 1200 training images for validation)."""
-    config = tiny_config(model, mode)
-    config.data.source = "idx"
-    config.data.dir = str(data_dir)
-    config.data.num_validation = 200
-    config.train.max_examples = 0
-    return config
+@pytest.fixture
+def idx_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """The four gzipped IDX files of helpers.synthetic_arrays."""
+    return write_gz_dir(tmp_path / "idx")
+
+
+@pytest.fixture
+def synthetic_mirror(tmp_path, monkeypatch) -> pathlib.Path:
+    """Synthetic .gz files, declared to be the official ones for this test."""
+    specs = []
+    for name, array in synthetic_arrays().items():
+        content = idx_bytes(array)
+        digest = hashlib.sha256(content).hexdigest()
+        specs.append(download.MnistFile(name, digest, len(content)))
+    monkeypatch.setattr(download, "MNIST_FILES", tuple(specs))
+    return write_gz_dir(tmp_path / "mirror")
+
+
+@pytest.fixture
+def saturated_images() -> jax.Array:
+    """A checkerboard of pixels exactly at 0 and at 1."""
+    board = (np.indices((28, 28)).sum(axis=0) % 2).astype(np.float32)
+    return jax.numpy.asarray(np.broadcast_to(board[None, :, :, None], (3, *IMAGE_SHAPE)).copy())

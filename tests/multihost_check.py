@@ -19,10 +19,10 @@ if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)  # before anything touches a device
     jax.config.update("jax_disable_most_optimizations", True)
 
-import numpy as np
+import numpy as np  # noqa: E402
 
-from advjax import eval_fold, evaluate, models, objectives, sharding, train
-from tests.sharding_equivalence import (
+from advjax import eval_fold, evaluate, models, objectives, sharding, train  # noqa: E402
+from tests.sharding_equivalence import (  # noqa: E402
     EPS,
     EVAL_BATCH,
     NUM_EVAL,
@@ -51,7 +51,9 @@ def run(mesh) -> dict:
         eval_set = eval_fold.shard_eval_set(eval_set, mesh)
     *epoch_inputs, eval_key = inputs
     state, totals = epoch(*epoch_inputs)
-    results = evaluate.make_evaluator(models.eval_apply(model.apply), form="scan", mesh=mesh)(state.params, eval_set, eval_key, EPS, SIGMA)
+    results = evaluate.make_evaluator(models.eval_apply(model.apply), form="scan", mesh=mesh)(
+        state.params, eval_set, eval_key, EPS, SIGMA
+    )
     sweep = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form="chunked", mesh=mesh)(
         state.params, eval_set, eval_key, (0.0, 0.3)
     )

@@ -21,8 +21,8 @@ if __name__ == "__main__":
 import jax.numpy as jnp
 import numpy as np
 
-from advjax import eval_fold, evaluate, loops, models, objectives, seeds, sharding, train
-from tests.conftest import synthetic_digits, tiny_config
+from advjax import eval_fold, evaluate, models, objectives, seeds, sharding, train
+from tests.helpers import synthetic_digits, tiny_config
 
 NUM_TRAIN, TRAIN_BATCH = 512, 64  # 8 steps
 NUM_EVAL, EVAL_BATCH = 150, 40  # 4 batches, the last with 10 padded slots
@@ -115,7 +115,9 @@ def eval_set():
 
 def evaluate_case(model, params, form: str, num_seeds: int, mesh) -> dict:
     key = seed_keys(num_seeds, 5)
-    build = lambda mesh: evaluate.make_evaluator(models.eval_apply(model.apply), form=form, num_seeds=num_seeds, mesh=mesh)
+    build = lambda mesh: evaluate.make_evaluator(
+        models.eval_apply(model.apply), form=form, num_seeds=num_seeds, mesh=mesh
+    )
     single = build(None)(params, eval_set(), key, EPS, SIGMA)
     sharded_set = eval_fold.shard_eval_set(eval_set(), mesh)
     on_mesh = build(mesh)(sharding.replicate(params, mesh), sharded_set, sharding.replicate(key, mesh), EPS, SIGMA)
@@ -134,10 +136,15 @@ def evaluate_case(model, params, form: str, num_seeds: int, mesh) -> dict:
 def sweep_case(model, params, perturbation: str, form: str, num_seeds: int, mesh) -> dict:
     key = seed_keys(num_seeds, 6)
     grid = (0.0, 0.3, 0.6) if perturbation == "gaussian" else (0.0, 0.01, 0.02)
-    build = lambda mesh: evaluate.make_sweep(models.eval_apply(model.apply), perturbation, form=form, num_seeds=num_seeds, mesh=mesh)
+    build = lambda mesh: evaluate.make_sweep(
+        models.eval_apply(model.apply), perturbation, form=form, num_seeds=num_seeds, mesh=mesh
+    )
     single = build(None)(params, eval_set(), key, grid)
     on_mesh = build(mesh)(
-        sharding.replicate(params, mesh), eval_fold.shard_eval_set(eval_set(), mesh), sharding.replicate(key, mesh), grid
+        sharding.replicate(params, mesh),
+        eval_fold.shard_eval_set(eval_set(), mesh),
+        sharding.replicate(key, mesh),
+        grid,
     )
     return {"accuracy_single": single.tolist(), "accuracy_mesh": on_mesh.tolist()}
 

@@ -1,6 +1,6 @@
-"""Tests for advjax.attacks: FGSM, FGM-L2, random-start FGSM, BIM, PGD, targeted
-and least-likely attacks and DeepFool against closed forms on linear models;
-noise, clipping, statistics, traced strengths, and PGD against FGSM on a trained MLP."""
+"""Tests for advjax.attacks: FGSM, FGM-L2, random-start FGSM, N-FGSM, BIM, PGD, targeted and least-likely
+attacks against closed forms on linear models; clipping, traced strengths, the registry, and PGD against FGSM
+on a trained MLP. The registry's one signature is tests/test_attack_registry.py."""
 
 from __future__ import annotations
 
@@ -11,59 +11,36 @@ import numpy as np
 import optax
 import pytest
 
-from advjax import attacks, losses, models, noise, norms, objectives, restarts
+from advjax import attack_registry, attacks, losses, models, norms
 from advjax import deepfool as deepfool_module
 from configs import default
+from tests.helpers import (
+    IMAGE_SHAPE,
+    L2_ATTACKS,
+    LINF_ATTACKS,
+    NUM_PIXELS,
+    assert_in_unit_interval,
+    closed_form_input_gradient,
+    fgsm,
+    l2_norms,
+    linear_logits_fn,
+    linf_norms,
+    numpy_cross_entropy,
+    numpy_logits,
+    per_image,
+    random_linear_model,
+    target_margin,
+    uniform_images,
+)
 
-IMAGE_SHAPE = (28, 28, 1)
-NUM_PIXELS = 28 * 28
-
-# Jitted only for speed: eagerly, every new shape compiles each op of the
-# gradient on its own (about a second per call on a 2-core CPU). Strengths and
-# keys stay traced arguments; the logits function is static.
-fgsm = jax.jit(attacks.fgsm, static_argnums=0, static_argnames="targeted")
+# Jitted only for speed (see tests/helpers.py, where `fgsm` is jitted the same way).
 fgm_l2 = jax.jit(attacks.fgm_l2, static_argnums=0, static_argnames="targeted")
 fgsm_random_start = jax.jit(attacks.fgsm_random_start, static_argnums=0, static_argnames=("targeted", "clip_start"))
-bim = jax.jit(attacks.bim, static_argnums=0, static_argnames=("num_steps", "targeted"))
 pgd = jax.jit(
     attacks.pgd, static_argnums=0, static_argnames=("norm", "num_steps", "num_restarts", "random_start", "targeted")
 )
-deepfool = jax.jit(deepfool_module.deepfool, static_argnums=0, static_argnames="max_iter")
 input_gradient = jax.jit(attacks.input_gradient, static_argnums=0)
 predicted_labels = jax.jit(attacks.predicted_labels, static_argnums=0)
-gaussian = jax.jit(noise.gaussian)
-matched_gaussian = jax.jit(noise.matched_gaussian)
-perturbation_stats = jax.jit(noise.perturbation_stats)
-
-
-# ----------------------------------------------------------------------------
-# A linear model, whose input gradient is known in closed form.
-
-
-def linear_logits_fn(weights: np.ndarray, bias: np.ndarray):
-    """logits = x.reshape(B, -1) @ W + b, as the attacks see a model."""
-    w, b = jnp.asarray(weights, jnp.float32), jnp.asarray(bias, jnp.float32)
-    return lambda x: x.reshape((x.shape[0], -1)) @ w + b
-
-
-def closed_form_input_gradient(weights, bias, images, labels) -> np.ndarray:
-    """d/dx sum_i CE(x_i W + b, y_i) = (softmax - onehot) @ W^T, in float64 numpy."""
-    x = np.asarray(images, np.float64).reshape(len(labels), -1)
-    w, b = np.asarray(weights, np.float64), np.asarray(bias, np.float64)
-    logits = x @ w + b
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    onehot = np.eye(w.shape[1])[labels]
-    return ((p - onehot) @ w.T).reshape(np.shape(images))
-
-
-def uniform_images(batch: int, low: float = 0.0, high: float = 1.0, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.uniform(low, high, (batch, *IMAGE_SHAPE)).astype(np.float32)
-
-
-def per_image(x) -> np.ndarray:
-    return np.asarray(x, np.float64).reshape(np.shape(x)[0], -1)
 
 
 # ----------------------------------------------------------------------------
@@ -153,22 +130,6 @@ def test_fgsm_leaves_pixels_with_zero_gradient_unmoved():
     np.testing.assert_allclose(np.abs(moved[:, ~dead]), eps, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------
-# Clipping to [0, 1].
-
-
-@pytest.fixture
-def saturated_images() -> jax.Array:
-    """A checkerboard of pixels exactly at 0 and at 1."""
-    board = (np.indices((28, 28)).sum(axis=0) % 2).astype(np.float32)
-    return jnp.asarray(np.broadcast_to(board[None, :, :, None], (3, *IMAGE_SHAPE)).copy())
-
-
-def assert_in_unit_interval(x):
-    x = np.asarray(x)
-    assert x.min() >= 0.0 and x.max() <= 1.0, (x.min(), x.max())
-
-
 def test_fgsm_clips_to_unit_interval(saturated_images):
     rng = np.random.default_rng(8)
     logits_fn = linear_logits_fn(rng.standard_normal((NUM_PIXELS, 10)), np.zeros(10))
@@ -178,100 +139,8 @@ def test_fgsm_clips_to_unit_interval(saturated_images):
     assert set(np.unique(np.asarray(adversarial))) <= {0.0, 1.0}
 
 
-@pytest.mark.parametrize("sigma", [0.5, 5.0])
-def test_gaussian_clips_to_unit_interval(saturated_images, sigma):
-    noisy = np.asarray(gaussian(jax.random.key(0), saturated_images, sigma))
-    assert_in_unit_interval(noisy)
-    # Half of the noise pushes each saturated pixel outwards, where it is clipped
-    # back onto its boundary (more land on one when sigma is large).
-    assert np.mean((noisy == 0.0) | (noisy == 1.0)) > 0.45
-
-
-def test_matched_gaussian_clips_to_unit_interval(saturated_images):
-    # An (unrealistic) reference far outside [0, 1]: its perturbation has std ~3.
-    reference = saturated_images + 3.0 * jax.random.normal(jax.random.key(1), saturated_images.shape)
-    noisy = matched_gaussian(jax.random.key(2), saturated_images, reference)
-    assert_in_unit_interval(noisy)
-
-
 # ----------------------------------------------------------------------------
-# Gaussian noise.
-
-
-def test_gaussian_with_zero_sigma_is_identity():
-    images = jnp.asarray(uniform_images(2, seed=9))
-    chex.assert_trees_all_equal(gaussian(jax.random.key(0), images, 0.0), images)
-
-
-def test_gaussian_noise_depends_on_the_key_only():
-    images = jnp.full((2, *IMAGE_SHAPE), 0.5, jnp.float32)
-    first = gaussian(jax.random.key(0), images, 0.1)
-    chex.assert_trees_all_equal(gaussian(jax.random.key(0), images, 0.1), first)
-    other = gaussian(jax.random.key(1), images, 0.1)
-    assert np.mean(np.asarray(other) != np.asarray(first)) > 0.99
-
-
-def test_gaussian_noise_has_the_requested_std_before_clipping():
-    # At 0.5 with sigma 0.05, clipping needs a 10-sigma draw: the std is sigma.
-    images = jnp.full((4, *IMAGE_SHAPE), 0.5, jnp.float32)
-    drawn = np.asarray(gaussian(jax.random.key(3), images, 0.05)) - 0.5
-    n = drawn.size
-    np.testing.assert_allclose(drawn.mean(), 0.0, atol=4 * 0.05 / np.sqrt(n))
-    np.testing.assert_allclose(drawn.std(), 0.05, atol=4 * 0.05 / np.sqrt(2 * n))
-
-
-def test_matched_gaussian_matches_per_image_mean_and_std():
-    batch = 4
-    images = jnp.full((batch, *IMAGE_SHAPE), 0.5, jnp.float32)
-    means = np.array([0.02, -0.03, 0.0, 0.05])
-    stds = np.array([0.05, 0.08, 0.1, 0.03])
-    # A delta with exactly these per-image moments: standardise a draw, then scale.
-    z = per_image(np.random.default_rng(10).standard_normal((batch, NUM_PIXELS)))
-    z = (z - z.mean(axis=1, keepdims=True)) / z.std(axis=1, keepdims=True)
-    delta = (means[:, None] + stds[:, None] * z).reshape(batch, *IMAGE_SHAPE)
-    reference = images + jnp.asarray(delta, jnp.float32)
-    assert_in_unit_interval(reference)
-
-    noisy = np.asarray(matched_gaussian(jax.random.key(11), images, reference))
-    # Far enough from 0 and 1 that nothing was clipped (so the moments are unbiased).
-    assert 0.0 < noisy.min() and noisy.max() < 1.0
-    drawn = per_image(noisy) - 0.5
-    # Standard errors over 784 pixels: sigma/sqrt(n) for the mean, sigma/sqrt(2n) for the std.
-    n = NUM_PIXELS
-    np.testing.assert_array_less(np.abs(drawn.mean(axis=1) - means), 4 * stds / np.sqrt(n))
-    np.testing.assert_array_less(np.abs(drawn.std(axis=1) - stds), 4 * stds / np.sqrt(2 * n))
-    # Independent drawn, not a copy of the reference's perturbation.
-    for image_drawn, image_delta in zip(drawn, per_image(delta)):
-        assert abs(np.corrcoef(image_drawn, image_delta)[0, 1]) < 0.2
-
-
-# ----------------------------------------------------------------------------
-# Statistics and labels.
-
-
-def test_perturbation_stats_match_numpy():
-    images = uniform_images(3, seed=12)
-    perturbed = np.clip(images + np.random.default_rng(13).normal(0.02, 0.2, images.shape), 0, 1).astype(np.float32)
-    stats = perturbation_stats(jnp.asarray(images), jnp.asarray(perturbed))
-    delta = per_image(perturbed) - per_image(images)
-    expected = noise.PerturbationStats(
-        mean=delta.mean(axis=1).astype(np.float32),
-        std=delta.std(axis=1).astype(np.float32),  # population std (ddof=0) of this one image
-        linf=np.abs(delta).max(axis=1).astype(np.float32),
-        l2=np.sqrt((delta**2).sum(axis=1)).astype(np.float32),
-    )
-    chex.assert_shape(list(stats), (3,))
-    chex.assert_trees_all_close(stats, expected, rtol=1e-4, atol=1e-6)
-
-
-def test_perturbation_stats_of_an_fgsm_step_are_eps():
-    # An unclipped FGSM step moves every pixel by +-eps: linf = eps, l2 = eps*sqrt(784).
-    rng = np.random.default_rng(14)
-    logits_fn = linear_logits_fn(0.05 * rng.standard_normal((NUM_PIXELS, 10)), np.zeros(10))
-    images = jnp.asarray(uniform_images(2, 0.2, 0.8, seed=15))
-    stats = perturbation_stats(images, fgsm(logits_fn, images, jnp.array([0, 1]), 0.1))
-    chex.assert_trees_all_close(stats.linf, jnp.full(2, 0.1), rtol=1e-5)
-    chex.assert_trees_all_close(stats.l2, jnp.full(2, 0.1 * 28.0), rtol=1e-5)
+# Labels.
 
 
 def test_predicted_labels_is_argmax_of_logits():
@@ -304,15 +173,6 @@ def test_fgsm_vmapped_over_eps_equals_separate_calls(linear_setup):
     separate = jnp.stack([fgsm(logits_fn, images, labels, float(eps)) for eps in eps_values])
     chex.assert_trees_all_close(batched, separate, atol=1e-7)
     chex.assert_trees_all_equal(batched[0], images)  # eps = 0 moves nothing
-
-
-def test_gaussian_vmapped_over_sigma_equals_separate_calls():
-    images = jnp.asarray(uniform_images(2, seed=20))
-    key = jax.random.key(4)
-    sigmas = jnp.array([0.0, 0.1, 0.3])
-    batched = jax.vmap(lambda sigma: gaussian(key, images, sigma))(sigmas)
-    separate = jnp.stack([gaussian(key, images, float(sigma)) for sigma in sigmas])
-    chex.assert_trees_all_close(batched, separate, atol=1e-7)
 
 
 def test_jitted_fgsm_does_not_retrace_for_a_new_eps(linear_setup):
@@ -392,67 +252,6 @@ def test_fgsm_on_cnn_in_eval_mode_is_deterministic_and_follows_the_eval_gradient
 
 
 # ----------------------------------------------------------------------------
-# Beyond FGSM: helpers.
-
-
-def linf_norms(delta) -> np.ndarray:
-    return np.abs(per_image(delta)).max(axis=1)
-
-
-def l2_norms(delta) -> np.ndarray:
-    return np.sqrt((per_image(delta) ** 2).sum(axis=1))
-
-
-def random_linear_model(seed: int, num_classes: int = 10, scale: float = 0.05, bias_scale: float = 0.0):
-    rng = np.random.default_rng(seed)
-    weights = scale * rng.standard_normal((NUM_PIXELS, num_classes))
-    bias = bias_scale * rng.standard_normal(num_classes)
-    return weights, bias, linear_logits_fn(weights, bias)
-
-
-def numpy_logits(weights, bias, images) -> np.ndarray:
-    return per_image(images) @ np.asarray(weights, np.float64) + np.asarray(bias, np.float64)
-
-
-def numpy_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return -log_p[np.arange(len(labels)), labels]
-
-
-def target_margin(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """logit_target - max other logit: positive exactly when the target is predicted."""
-    rows = np.arange(len(targets))
-    others = logits.copy()
-    others[rows, targets] = -np.inf
-    return logits[rows, targets] - others.max(axis=1)
-
-
-@pytest.fixture
-def quick_compile():
-    """Skip most of XLA's optimisation passes: for these tiny programs with loops,
-    compiling costs several times more than running (about 3x per PGD test on 2 cores)."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-# Small settings for every registered attack.
-LINF_ATTACKS = {
-    "fgsm": {},
-    "fgsm_random_start": {},
-    "bim": {"num_steps": 4},
-    "pgd": {"num_steps": 4, "num_restarts": 2},
-}
-L2_ATTACKS = {
-    "fgm_l2": {},
-    "pgd_l2": {"num_steps": 4, "num_restarts": 2},
-    "deepfool": {"max_iter": 5},
-}
-
-
-# ----------------------------------------------------------------------------
 # Each attack stays in its ball and in [0, 1], and moves.
 
 
@@ -465,7 +264,7 @@ def test_attack_stays_in_its_norm_ball_and_unit_interval(name):
     labels = jnp.asarray(np.random.default_rng(32).integers(0, 10, 8))
     is_linf = name in LINF_ATTACKS
     eps = 0.1 if is_linf else 1.0
-    attack = attacks.make_attack(name, **(LINF_ATTACKS if is_linf else L2_ATTACKS)[name])
+    attack = attack_registry.make_attack(name, **(LINF_ATTACKS if is_linf else L2_ATTACKS)[name])
 
     adversarial = jax.jit(lambda x, key: attack(logits_fn, x, labels, eps, key))(images, jax.random.key(33))
 
@@ -590,25 +389,6 @@ def test_fgm_l2_zero_gradient_does_not_move_and_a_tiny_one_moves_eps():
     np.testing.assert_allclose(l2_norms(delta), 0.5, rtol=1e-5)
 
 
-@pytest.mark.usefixtures("quick_compile")
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_uniform_in_ball_fills_the_ball(norm):
-    images = jnp.full((64, *IMAGE_SHAPE), 0.5, jnp.float32)
-    eps = 0.1 if norm == "linf" else 2.0
-    delta = np.asarray(jax.jit(norms.uniform_in_ball, static_argnums=3)(jax.random.key(39), images, eps, norm)) - 0.5
-    if norm == "linf":
-        assert np.abs(delta).max() <= eps * (1 + 1e-6)
-        # Uniform on [-eps, eps]: std eps / sqrt(3).
-        np.testing.assert_allclose(delta.std(), eps / np.sqrt(3), rtol=0.01)
-    else:
-        sizes = l2_norms(delta)
-        # Uniform in a 784-dimensional ball: radius eps * u^(1/784), almost all near eps.
-        assert sizes.max() <= eps * (1 + 1e-5) and sizes.min() > 0.98 * eps, (sizes.min(), sizes.max())
-        # ...and an isotropic direction: the per-image means are ~0, not one shared direction.
-        directions = per_image(delta) / sizes[:, None]
-        assert np.abs(directions @ directions.T - np.eye(64)).max() < 0.2
-
-
 # ----------------------------------------------------------------------------
 # PGD.
 
@@ -656,7 +436,7 @@ def test_pgd_restarts_keep_the_worst_case_per_example():
     candidates = np.asarray(single_restarts(images, key))
     logits = np.stack([numpy_logits(weights, bias, c) for c in candidates])  # [R, B, K]
     success = logits.argmax(axis=2) != labels
-    loss = np.stack([numpy_cross_entropy(l, labels) for l in logits])
+    loss = np.stack([numpy_cross_entropy(restart_logits, labels) for restart_logits in logits])
     # Restarts disagree, so which one is kept matters.
     assert (success.any(axis=0) & ~success.all(axis=0)).any()
     # Per example: a restart that fools the model if there is one, then the highest loss.
@@ -675,62 +455,6 @@ def test_pgd_without_a_key_for_its_random_start_is_an_error():
     _, _, logits_fn = random_linear_model(46)
     with pytest.raises(ValueError, match="key"):
         attacks.pgd(logits_fn, jnp.zeros((1, *IMAGE_SHAPE)), jnp.array([0]), 0.1, None)
-
-
-# ----------------------------------------------------------------------------
-# DeepFool.
-
-
-def closed_form_minimal_perturbation(weights, bias, images, labels):
-    """For a linear classifier: the distance |f_l - f_y| / ||w_l - w_y|| to the nearest
-    other class l's boundary, and the unit direction w_l - w_y that reaches it."""
-    logits = numpy_logits(weights, bias, images)
-    rows = np.arange(len(labels))
-    differences = weights.T[None, :, :] - weights.T[labels][:, None, :]  # [B, K, D]
-    distances = np.abs(logits - logits[rows, labels][:, None]) / np.linalg.norm(differences, axis=2).clip(1e-30)
-    distances[rows, labels] = np.inf
-    closest = distances.argmin(axis=1)
-    direction = differences[rows, closest]
-    return distances[rows, closest], direction / np.linalg.norm(direction, axis=1, keepdims=True), closest
-
-
-@pytest.mark.usefixtures("quick_compile")
-@pytest.mark.parametrize("num_classes, overshoot", [(2, 0.02), (10, 0.02), (10, 0.1)])
-def test_deepfool_finds_the_minimal_perturbation_of_a_linear_model(num_classes, overshoot):
-    weights, bias, logits_fn = random_linear_model(47, num_classes, scale=0.01, bias_scale=0.5)
-    # Near 0.5, and the steps are ~0.01 per pixel: clipping to [0, 1] never acts.
-    images = 0.5 + np.random.default_rng(48).uniform(-0.1, 0.1, (6, *IMAGE_SHAPE)).astype(np.float32)
-    labels = np.argmax(numpy_logits(weights, bias, images), axis=1)
-    distance, direction, closest = closed_form_minimal_perturbation(weights, bias, images, labels)
-
-    adversarial = deepfool(logits_fn, jnp.asarray(images), jnp.asarray(labels), overshoot=overshoot)
-
-    delta = per_image(adversarial) - per_image(images)
-    assert 0 < np.asarray(adversarial).min() and np.asarray(adversarial).max() < 1
-    # (1 + overshoot) times the minimal distance, plus DeepFool's 1e-4 nudge past the boundary.
-    np.testing.assert_allclose(l2_norms(delta), (1 + overshoot) * (distance + 1e-4), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(delta / l2_norms(delta)[:, None], direction, atol=1e-4)
-    predicted = numpy_logits(weights, bias, adversarial).argmax(axis=1)
-    assert np.all(predicted != labels)
-    if num_classes == 2:
-        np.testing.assert_array_equal(predicted, closest)
-
-    # With a budget, the registry's DeepFool keeps only the perturbations that fit in it.
-    budget = float(np.median(l2_norms(delta)))
-    budgeted = attacks.make_attack("deepfool", overshoot=overshoot)
-    within = np.asarray(budgeted(logits_fn, jnp.asarray(images), jnp.asarray(labels), budget))
-    fits = l2_norms(delta) <= budget
-    assert fits.any() and not fits.all()
-    np.testing.assert_array_equal(within[fits], np.asarray(adversarial)[fits])
-    np.testing.assert_array_equal(within[~fits], images[~fits])
-
-
-@pytest.mark.usefixtures("quick_compile")
-def test_deepfool_leaves_examples_not_predicted_as_their_label_unchanged():
-    weights, bias, logits_fn = random_linear_model(49, bias_scale=0.5)
-    images = jnp.asarray(uniform_images(4, 0.3, 0.7, seed=50))
-    wrong = (np.argmax(numpy_logits(weights, bias, images), axis=1) + 1) % 10
-    chex.assert_trees_all_equal(deepfool(logits_fn, images, jnp.asarray(wrong)), images)
 
 
 # ----------------------------------------------------------------------------
@@ -760,7 +484,7 @@ def test_targeted_attacks_raise_the_target_margin(name, eps):
     clean = numpy_logits(weights, bias, images)
     targets = (clean.argmax(axis=1) + 1 + np.arange(8) % 9) % 10  # never the predicted class
     params = {"num_steps": 10} if name in ("bim", "pgd", "pgd_l2") else {}
-    attack = attacks.make_attack(name, targeted=True, **params)
+    attack = attack_registry.make_attack(name, targeted=True, **params)
 
     adversarial = jax.jit(lambda x: attack(logits_fn, x, jnp.asarray(targets), eps, jax.random.key(54)))(images)
 
@@ -769,74 +493,6 @@ def test_targeted_attacks_raise_the_target_margin(name, eps):
     assert np.all(before < 0) and np.all(after > before), (before, after)
     if name not in ("fgsm", "fgm_l2"):  # the iterative attacks with a large budget reach the target
         assert np.all(after > 0), after
-
-
-@pytest.mark.usefixtures("quick_compile")
-def test_least_likely_attack_targets_the_argmin_class_and_ignores_labels():
-    weights, bias, logits_fn = random_linear_model(55)
-    images = jnp.asarray(uniform_images(8, 0.2, 0.8, seed=56))
-    clean = numpy_logits(weights, bias, images)
-    least_likely = np.asarray(attacks.least_likely_labels(jnp.asarray(clean)))
-    np.testing.assert_array_equal(least_likely, clean.argmin(axis=1))
-    attack = jax.jit(
-        lambda x, labels: attacks.make_attack("bim", least_likely=True, num_steps=10)(logits_fn, x, labels, 0.3)
-    )
-
-    adversarial = attack(images, jnp.zeros(8, jnp.int32))
-
-    np.testing.assert_array_equal(numpy_logits(weights, bias, adversarial).argmax(axis=1), least_likely)
-    chex.assert_trees_all_equal(attack(images, jnp.arange(8)), adversarial)
-
-
-# ----------------------------------------------------------------------------
-# The registry: one signature, vmappable over eps.
-
-
-VMAP_CASES = [(name, params, False) for name, params in {**LINF_ATTACKS, **L2_ATTACKS}.items()]
-VMAP_CASES.append(("pgd", {"num_steps": 3, "relative_step_size": 0.5}, True))
-
-
-@pytest.mark.usefixtures("quick_compile")
-@pytest.mark.parametrize(
-    "name, params, least_likely", VMAP_CASES, ids=[f"{n}{'-least_likely' if ll else ''}" for n, _, ll in VMAP_CASES]
-)
-def test_attack_vmapped_over_eps_equals_separate_calls(name, params, least_likely):
-    weights, bias, logits_fn = random_linear_model(57, bias_scale=0.3)
-    images = jnp.asarray(uniform_images(4, seed=58))
-    # The model's own labels, so that DeepFool has something to do (distances 0.05 to 0.29 here).
-    labels = jnp.asarray(np.argmax(numpy_logits(weights, bias, images), axis=1))
-    key = jax.random.key(59)
-    attack = attacks.make_attack(name, least_likely=least_likely, **params)
-    grid = jnp.array([0.0, 0.05, 0.2]) if name in LINF_ATTACKS else jnp.array([0.0, 0.1, 2.0])
-    at_eps = jax.jit(lambda eps: attack(logits_fn, images, labels, eps, key))
-
-    batched = jax.jit(jax.vmap(at_eps))(grid)
-
-    separate = jnp.stack([at_eps(eps) for eps in grid])
-    chex.assert_trees_all_close(batched, separate, atol=1e-6)
-    chex.assert_trees_all_equal(batched[0], images)  # eps = 0 moves nothing
-    assert not np.array_equal(np.asarray(batched[1]), np.asarray(batched[2]))
-
-
-def test_relative_step_size_is_that_multiple_of_eps():
-    _, _, logits_fn = random_linear_model(60)
-    images = jnp.asarray(uniform_images(3, seed=61))
-    labels = jnp.array([0, 1, 2])
-    relative = attacks.make_attack("bim", num_steps=3, relative_step_size=0.4)(logits_fn, images, labels, 0.1)
-    explicit = bim(logits_fn, images, labels, 0.1, num_steps=3, step_size=0.04)
-    chex.assert_trees_all_close(relative, explicit, atol=1e-7)
-
-
-def test_make_attack_rejects_unknown_names_and_parameters():
-    with pytest.raises(ValueError, match="unknown attack"):
-        attacks.make_attack("cw")
-    with pytest.raises(TypeError, match="num_steps"):
-        attacks.make_attack("fgsm", num_steps=3)
-    with pytest.raises(TypeError, match="targeted"):
-        attacks.make_attack("deepfool", least_likely=True)
-    with pytest.raises(TypeError, match="not both"):
-        attacks.make_attack("pgd", step_size=0.01, relative_step_size=0.1)
-    assert set(attacks.ATTACKS) >= {"fgsm", "fgm_l2", "fgsm_random_start", "bim", "pgd", "pgd_l2", "deepfool"}
 
 
 # ----------------------------------------------------------------------------
@@ -911,19 +567,7 @@ def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model(trained_mlp):
 
 
 # ----------------------------------------------------------------------------
-# Wong et al.'s (2020) evaluation protocol: restart by highest loss, stop once fooled.
-
-
-def test_restart_selections_differ_exactly_where_a_success_has_the_lower_loss():
-    images = jnp.zeros((3, *IMAGE_SHAPE))
-    best = (images, restarts.AttackOutcome(jnp.array([True, False, True]), jnp.array([0.5, 1.0, 2.0])))
-    candidate = (images + 1.0, restarts.AttackOutcome(jnp.array([False, True, False]), jnp.array([0.9, 0.2, 1.0])))
-    strict, _ = restarts.keep_worst(best, candidate)
-    highest, outcome = restarts.keep_highest_loss(best, candidate)
-    # Example 0: the kept success (loss 0.5) loses to a failure with loss 0.9 under highest-loss only.
-    np.testing.assert_array_equal(per_image(strict).max(axis=1), [0.0, 1.0, 0.0])
-    np.testing.assert_array_equal(per_image(highest).max(axis=1), [1.0, 0.0, 0.0])
-    np.testing.assert_array_equal(outcome.success, [False, False, True])
+# Wong et al.'s (2020) evaluation protocol: stop once fooled.
 
 
 def test_ascent_step_with_stop_on_success_freezes_fooled_examples_and_steps_the_rest():

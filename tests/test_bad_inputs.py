@@ -11,7 +11,7 @@ Counted across the test files, the distinct bad inputs tried:
   tests/test_validation.py each field's bounds; tests/test_launch.py 4 on the
   command line and an unknown field;
 - data: here 4 (a missing directory, a truncated file, a corrupt gzip stream,
-  image and label counts that differ); tests/test_data.py more, at the loader;
+  image and label counts that differ); tests/test_idx.py and tests/test_data.py more, at the loaders;
   tests/test_launch.py a missing directory and a truncated file;
 - workdirs: here 8 (its parent is a file, it is a file, read-only (immutable
   for root), written by another config, outputs without a config, a damaged
@@ -33,7 +33,7 @@ import pytest
 
 import launch
 from advjax import checkpoint, experiment, models, train
-from tests.conftest import synthetic_config
+from tests.helpers import synthetic_config
 
 # Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
 # complain ("Event loop is closed") whenever they run, often in a later test.
@@ -250,7 +250,7 @@ def test_a_run_whose_every_checkpoint_is_damaged_is_refused(run_copy):
 # Training ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_seeds", [1, 2])
+@pytest.mark.parametrize("num_seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_nan_from_an_absurd_learning_rate_names_the_epoch_and_step(synthetic_mnist_dir, tmp_path, num_seeds):
     config = synthetic_config(synthetic_mnist_dir)
     config.num_seeds = num_seeds

@@ -1,13 +1,15 @@
 """Per-epoch orbax checkpoints, resuming from them, and restoring a model for use in a notebook."""
 
+import logging
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import checkpoint, models, train, workdir
-from tests.conftest import tiny_config
+from advjax import checkpoint, evaluators, models, overfitting, seeds, train, workdir
+from tests.helpers import ScriptedCheck, run_experiment, synthetic_config, tiny_config
 
 # Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
 # complain ("Event loop is closed") whenever they run, often in a later test.
@@ -31,7 +33,7 @@ def later(state: train.TrainState, steps: int) -> train.TrainState:
     return state.replace(step=state.step + steps, params=jax.tree.map(lambda p: p + float(steps), state.params))
 
 
-@pytest.mark.parametrize("model_name", ["bp", "cnn"])
+@pytest.mark.parametrize("model_name", ["bp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_restore_returns_config_params_and_a_jittable_eval_apply(tmp_path, model_name):
     config = tiny_config(model_name)
     model = models.build_model(config.model)
@@ -142,19 +144,90 @@ def test_when_every_checkpoint_is_damaged_the_run_is_refused(tmp_path):
             checkpoint.restore_latest(manager, fresh_state(config), config, log=lambda m: None)
 
 
-def test_config_differences_name_changed_added_and_removed_fields():
-    saved = {"seed": 0, "train": {"epochs": 3, "eps": 0.1}, "gone": 1}
-    current = {"seed": 0, "train": {"epochs": 5, "eps": 0.1, "new": [1]}}
-    assert workdir.config_differences(saved, current) == ["gone", "train.epochs", "train.new"]
-    assert workdir.config_differences(saved, saved) == []
-    assert "config.train.epochs: 3 there, 5 now" in workdir.describe_differences(saved, current)
+# ----------------------------------------------------------------------------
+# advjax.restore of whole runs: which epochs it loads.
 
 
-def test_a_live_config_equals_its_saved_json(tmp_path):
-    config = tiny_config()
-    config.eval.sigma_grid = (0.0, 0.5)  # a tuple live, a list on disk
-    workdir.save_config(str(tmp_path), config)
-    assert (
-        workdir.config_differences(workdir.read_saved_config(str(tmp_path)), workdir.config_as_json(config))
-        == []
+@pytest.mark.slow  # a two-seed run of four epochs
+def test_restore_of_a_keep_best_run_loads_each_seeds_evaluated_epoch(tmp_path, synthetic_mnist_dir, monkeypatch):
+    config = synthetic_config(synthetic_mnist_dir, "bp", "fast")
+    config.train.epochs, config.num_seeds, config.train.max_examples = 4, 2, 256
+    config.train.keep_best, config.train.checkpoints_to_keep = True, 1
+    config.model.hidden = (16,)
+    config.eval.num_train = config.eval.num_validation = config.eval.num_test = 100
+    # Seed 0 is best at epoch 2, seed 1 at epoch 4 (the latest of a tie with epoch 3).
+    monkeypatch.setattr(
+        overfitting, "make_configured_check", ScriptedCheck([[0.5, 0.1], [0.9, 0.2], [0.2, 0.3], [0.1, 0.3]])
     )
+    evaluated = {}
+    original = evaluators.evaluate_trained
+
+    def capture(config, apply_fn, params, mnist, mesh=None):
+        evaluated["params"] = params
+        return original(config, apply_fn, params, mnist, mesh)
+
+    monkeypatch.setattr(evaluators, "evaluate_trained", capture)
+    summary = run_experiment(config, tmp_path)
+    assert summary["evaluated_epochs"] == [2, 4]
+
+    restored = checkpoint.restore(str(tmp_path))
+    assert restored.epochs == [2, 4]
+    chex.assert_trees_all_equal(restored.params, evaluated["params"])  # what the summary reports on
+    at_2, at_4 = checkpoint.restore(str(tmp_path), epoch=2), checkpoint.restore(str(tmp_path), epoch=4)
+    assert at_2.epochs == [2, 2] and at_4.epochs == [4, 4]
+    seed = lambda tree, s: jax.tree.map(lambda leaf: leaf[s], tree)
+    chex.assert_trees_all_equal(seed(restored.params, 0), seed(at_2.params, 0))
+    chex.assert_trees_all_equal(seed(restored.params, 1), seed(at_4.params, 1))
+    # The epochs differ, so loading the wrong one would show.
+    assert not np.array_equal(at_2.params["Dense_0"]["kernel"][0], at_4.params["Dense_0"]["kernel"][0])
+
+
+def test_restore_of_a_finished_run_without_keep_best_loads_the_last_epoch(tmp_path, synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir)
+    config.train.epochs = 2
+    summary = run_experiment(config, tmp_path)
+    assert summary["evaluated_epochs"] is None
+
+    restored = checkpoint.restore(str(tmp_path))
+    assert restored.epochs == [2]
+    chex.assert_trees_all_equal(restored.params, checkpoint.restore(str(tmp_path), epoch=2).params)
+    first = checkpoint.restore(str(tmp_path), epoch=1)
+    assert first.epochs == [1]
+    assert not np.array_equal(first.params["Dense_0"]["kernel"], restored.params["Dense_0"]["kernel"])
+
+
+def test_restore_loads_the_epochs_summary_json_says_were_evaluated(tmp_path):
+    config = tiny_config()
+    config.num_seeds, config.model.hidden = 2, (16,)
+    model = models.build_model(config.model)
+    state = train.create_states(seeds.seed_keys(0, 2)[0], model, config.train, 10, 2)
+    states = [later(state, 5 * e) for e in range(3)]  # epochs 1, 2, 3 with params +0, +5, +10
+    save_epochs(tmp_path, config, states, keep=3)
+    workdir.write_summary(str(tmp_path), {"evaluated_epochs": [3, 2]})  # as train.keep_best writes it
+
+    restored = checkpoint.restore(str(tmp_path))
+
+    assert restored.epochs == [3, 2]
+    seed = lambda tree, s: jax.tree.map(lambda leaf: np.asarray(leaf)[s], tree)
+    chex.assert_trees_all_close(seed(restored.params, 0), seed(states[2].params, 0))
+    chex.assert_trees_all_close(seed(restored.params, 1), seed(states[1].params, 1))
+    every = checkpoint.restore(str(tmp_path), epoch=1)
+    assert every.epochs == [1, 1]
+    chex.assert_trees_all_close(every.params, jax.tree.map(np.asarray, states[0].params))
+    workdir.write_summary(str(tmp_path), {"evaluated_epochs": None})  # no keep_best: the last epoch
+    assert checkpoint.restore(str(tmp_path)).epochs == [3, 3]
+    workdir.write_summary(str(tmp_path), {"evaluated_epochs": [3]})  # one epoch for two seeds: refused
+    with pytest.raises(workdir.WorkdirError, match="1 evaluated epochs for 2 seeds"):
+        checkpoint.restore(str(tmp_path))
+
+
+def test_restore_prints_no_read_only_warnings(tmp_path, caplog, capfd):
+    config = tiny_config()
+    save_epochs(tmp_path, config, [fresh_state(config)])
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        checkpoint.restore(str(tmp_path))
+        checkpoint.restore(str(tmp_path), epoch=1)
+    out, err = capfd.readouterr()
+    for text in (caplog.text, out, err):
+        assert "read_only=True" not in text and "read only" not in text, text

@@ -1,4 +1,4 @@
-"""Tests for advjax.evaluate: padded eval sets, the compiled evaluator, and the summary."""
+"""Tests for advjax.evaluate: the compiled evaluator against independent computations, sweeps, and the summary."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import attacks, eval_fold, evaluate, models, noise, train
-from tests.conftest import tiny_config
+from advjax import attacks, data, eval_fold, evaluate, models, noise, train
+from tests.helpers import tiny_config
 
 # 21 of 30 examples in batches of 8: 3 batches, the last with 3 padded slots,
 # and 9 examples beyond num_examples that must not be read.
 NUM_TOTAL, NUM_EXAMPLES, BATCH_SIZE = 30, 21, 8
+
+
 NUM_BATCHES = 3
+
+
 EPS, SIGMA = 0.1, 0.3
 
 
@@ -45,7 +49,7 @@ def model_and_params():
 @jax.jit
 def _logits(params, images_u8):
     model, _ = model_and_params()
-    return model.apply({"params": params}, eval_fold.to_float_images(images_u8), train=False)
+    return model.apply({"params": params}, data.to_float_images(images_u8), train=False)
 
 
 def logits_fn_for(params):
@@ -76,7 +80,7 @@ def dataset(seed: int = 0, low: int = 0, high: int = 256) -> tuple[np.ndarray, n
 @jax.jit
 def _independent_fgsm(params, images_u8, attack_labels, eps):
     """FGSM on the whole set in one call: no batching, padding or masking."""
-    x = eval_fold.to_float_images(images_u8)
+    x = data.to_float_images(images_u8)
     return x, attacks.fgsm(logits_fn_for(params), x, attack_labels, eps)
 
 
@@ -123,48 +127,6 @@ def assert_count(accuracy: float, correct: int, num_examples: int = NUM_EXAMPLES
     """An accuracy is a count over num_examples: compare the count exactly."""
     assert round(accuracy * num_examples) == correct, (accuracy * num_examples, correct)
     assert accuracy == pytest.approx(correct / num_examples, abs=1e-12)
-
-
-# ----------------------------------------------------------------------------
-# make_eval_set.
-
-
-def test_eval_set_is_batch_major_and_padded_to_whole_batches():
-    images, labels = dataset()
-    es = eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
-    assert es.images.shape == (NUM_BATCHES, BATCH_SIZE, 28, 28, 1)
-    assert es.labels.shape == es.mask.shape == (NUM_BATCHES, BATCH_SIZE)
-    assert es.images.dtype == jnp.uint8 and es.labels.dtype == jnp.int32 and es.mask.dtype == jnp.bool_
-    assert es.num_examples == NUM_EXAMPLES
-    # Row-major order keeps the examples in order; the padding is zeros.
-    flat_images = np.asarray(es.images).reshape(-1, 28, 28, 1)
-    flat_labels = np.asarray(es.labels).reshape(-1)
-    np.testing.assert_array_equal(flat_images[:NUM_EXAMPLES], images[:NUM_EXAMPLES])
-    np.testing.assert_array_equal(flat_labels[:NUM_EXAMPLES], labels[:NUM_EXAMPLES])
-    assert not flat_images[NUM_EXAMPLES:].any() and not flat_labels[NUM_EXAMPLES:].any()
-
-
-def test_eval_set_mask_marks_exactly_the_real_examples():
-    images, labels = dataset()
-    mask = np.asarray(eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE).mask)
-    expected = np.zeros(NUM_BATCHES * BATCH_SIZE, bool)
-    expected[:NUM_EXAMPLES] = True
-    np.testing.assert_array_equal(mask, expected.reshape(NUM_BATCHES, BATCH_SIZE))
-
-
-@pytest.mark.parametrize("num_examples,batch_size,num_batches", [(20, 4, 5), (30, 7, 5), (1, 4, 1), (30, 30, 1)])
-def test_eval_set_without_remainder_or_with_one_batch(num_examples, batch_size, num_batches):
-    images, labels = dataset()
-    es = eval_fold.make_eval_set(images, labels, num_examples, batch_size)
-    assert es.labels.shape == (num_batches, batch_size)
-    assert int(np.sum(np.asarray(es.mask))) == num_examples
-
-
-@pytest.mark.parametrize("num_examples", [NUM_TOTAL + 1, 0, -1])
-def test_eval_set_rejects_impossible_sizes(num_examples):
-    images, labels = dataset()
-    with pytest.raises(ValueError, match="cannot evaluate"):
-        eval_fold.make_eval_set(images, labels, num_examples, BATCH_SIZE)
 
 
 # ----------------------------------------------------------------------------
@@ -307,9 +269,9 @@ def test_attacking_predicted_labels_equals_the_independent_computation():
     with_true, true_stats = independent_fgsm(params, images, labels)
     assert with_predicted != with_true  # precondition: the two label choices are distinguishable
 
-    results = evaluate.make_evaluator(models.eval_apply(model.apply), ("clean", "fgsm"), use_predicted_labels=True, form="scan")(
-        params, eval_set(), jax.random.key(1), EPS, SIGMA
-    )
+    results = evaluate.make_evaluator(
+        models.eval_apply(model.apply), ("clean", "fgsm"), use_predicted_labels=True, form="scan"
+    )(params, eval_set(), jax.random.key(1), EPS, SIGMA)
     # Accuracy is still measured against the true labels.
     assert_count(results["accuracy"]["fgsm"], with_predicted)
     assert results["accuracy"]["clean"] == full_results()["accuracy"]["clean"]
@@ -324,7 +286,7 @@ def test_scan_and_chunked_forms_give_equal_results():
 # Compiled code is reused.
 
 
-@pytest.mark.parametrize("form", ["scan", "chunked"])
+@pytest.mark.parametrize("form", [pytest.param("scan", marks=pytest.mark.slow), "chunked"])
 def test_new_strengths_params_or_eval_set_do_not_recompile(form):
     model, params = model_and_params()
     calls = []
@@ -360,19 +322,21 @@ def _sweep_inputs():
     return model, params, eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
 
 
-@pytest.mark.parametrize("form", ["scan", "chunked"])
+@pytest.mark.parametrize("form", [pytest.param("scan", marks=pytest.mark.slow), "chunked"])
 def test_gaussian_sweep_equals_a_python_loop_over_the_same_sigmas_and_keys(form):
     model, params, eval_set = _sweep_inputs()
     sigmas = [0.0, 0.2, 0.5, 1.0]
     key = jax.random.key(7)
-    swept = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form=form, chunk_size=2)(params, eval_set, key, sigmas)
+    swept = evaluate.make_sweep(models.eval_apply(model.apply), "gaussian", form=form, chunk_size=2)(
+        params, eval_set, key, sigmas
+    )
     # The loop applies the same per-batch key, fold_in(key, batch), at each sigma,
     # to the same padded batches (noise is drawn for the padded shape), counting only real examples.
     looped = []
     for sigma in sigmas:
         correct = 0
         for b in range(NUM_BATCHES):
-            xb = eval_fold.to_float_images(eval_set.images[b])
+            xb = data.to_float_images(eval_set.images[b])
             noisy = noise.gaussian(jax.random.fold_in(key, b), xb, sigma)
             hits = np.argmax(logits_fn_for(params)(noisy), -1) == np.asarray(eval_set.labels[b])
             correct += int(np.sum(hits & np.asarray(eval_set.mask[b])))
@@ -393,7 +357,7 @@ def test_fgsm_sweep_equals_the_evaluator_at_each_eps():
     assert swept[0] > swept[-1]  # the model is attackable, so the curve is not flat
 
 
-@pytest.mark.parametrize("perturbation", ["gaussian", "fgsm"])
+@pytest.mark.parametrize("perturbation", [pytest.param("gaussian", marks=pytest.mark.slow), "fgsm"])
 def test_a_new_grid_of_the_same_length_does_not_recompile(perturbation):
     model, params, eval_set = _sweep_inputs()
     traced = []
@@ -431,18 +395,23 @@ def test_resolve_grid_chunk_maps_points_one_by_one_on_cpu_and_all_at_once_elsewh
     assert evaluate.resolve_grid_chunk(50, 21, "tpu") == 21
 
 
-@pytest.mark.parametrize("perturbation", evaluate.SWEEPS)
+@pytest.mark.parametrize(
+    "perturbation", [p if p != "matched_gaussian" else pytest.param(p, marks=pytest.mark.slow) for p in evaluate.SWEEPS]
+)
 def test_sweep_result_does_not_depend_on_how_many_grid_points_share_a_pass(perturbation):
     model, params, eval_set = _sweep_inputs()
     grid = [0.0, 0.1, 0.3, 0.6]
     results = [
-        evaluate.make_sweep(models.eval_apply(model.apply), perturbation, grid_chunk=chunk)(params, eval_set, jax.random.key(3), grid)
+        evaluate.make_sweep(models.eval_apply(model.apply), perturbation, grid_chunk=chunk)(
+            params, eval_set, jax.random.key(3), grid
+        )
         for chunk in (1, 2, 4)
     ]
     np.testing.assert_allclose(results[0], results[1], atol=1e-9)
     np.testing.assert_allclose(results[0], results[2], atol=1e-9)
 
 
+@pytest.mark.slow
 def test_matched_gaussian_sweep_equals_a_python_loop():
     model, params, eval_set = _sweep_inputs()
     grid, key = [0.05, 0.3], jax.random.key(11)
@@ -452,7 +421,7 @@ def test_matched_gaussian_sweep_equals_a_python_loop():
     for eps in grid:
         correct = 0
         for b in range(NUM_BATCHES):
-            xb, yb = eval_fold.to_float_images(eval_set.images[b]), eval_set.labels[b]
+            xb, yb = data.to_float_images(eval_set.images[b]), eval_set.labels[b]
             noisy = noise.matched_gaussian(jax.random.fold_in(key, b), xb, attacks.fgsm(logits_fn, xb, yb, eps))
             hits = np.argmax(logits_fn(noisy), -1) == np.asarray(yb)
             correct += int(np.sum(hits & np.asarray(eval_set.mask[b])))

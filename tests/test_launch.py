@@ -17,7 +17,10 @@ import pytest
 
 import advjax
 from advjax import data
-from tests.conftest import write_synthetic_mnist
+from tests.helpers import write_synthetic_mnist
+
+# Every test here starts launch.py in a subprocess.
+pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PERTURBATIONS = {"clean", "fgsm", "gaussian", "matched_gaussian"}
@@ -161,6 +164,16 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path):
     result = launch("bp", blocker / "run", data_dir=tmp_path)
     assert result.returncode == 2
     assert "not writable" in result.stderr
+
+
+def test_a_defense_config_refuses_an_unknown_network_in_one_error_line_naming_the_choices(tmp_path):
+    command = [sys.executable, "launch.py", "--config=configs/pgd.py:mlp", f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.count("error:") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "('cnn', 'bp')" in errors[0] and "'mlp'" in errors[0] and "configs/pgd.py" in errors[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_unknown_config_field_on_the_command_line_is_one_error_line(tmp_path):

@@ -292,6 +292,7 @@ def test_unknown_init_name_is_rejected():
         build("bp", init="he_normal")
 
 
+@pytest.mark.slow
 def test_reshape_max_pool_equals_flax_max_pool_values_and_gradients():
     # The CNN pools with a reshape and a max because XLA:CPU runs the gradient
     # of nn.max_pool (select-and-scatter) slowly; it must compute the same thing.

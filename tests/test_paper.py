@@ -6,7 +6,7 @@ import pytest
 
 from advjax import paper, workdir
 from configs import paper as paper_config
-from tests.conftest import synthetic_config
+from tests.helpers import synthetic_config
 
 
 def tiny_paper_config(data_dir):
@@ -25,6 +25,7 @@ def tiny_paper_config(data_dir):
     return config
 
 
+@pytest.mark.slow
 def test_paper_writes_all_tables_and_figures_and_reuses_finished_runs(tmp_path, synthetic_mnist_dir):
     config = tiny_paper_config(synthetic_mnist_dir)
     messages = []
@@ -62,6 +63,7 @@ def test_paper_writes_all_tables_and_figures_and_reuses_finished_runs(tmp_path, 
     assert not any("training" in m for m in again)
 
 
+@pytest.mark.slow
 def test_a_changed_run_config_is_retrained_not_reused(tmp_path, synthetic_mnist_dir):
     config = tiny_paper_config(synthetic_mnist_dir)
     run = paper.run_configs(config)["bp"]

@@ -1,34 +1,6 @@
-"""Atomic writes and the tables launch.py prints."""
+"""Tests for advjax.report: the tables launch.py prints."""
 
-import json
-import os
-
-import pytest
-
-from advjax import report, workdir
-
-
-def test_write_json_round_trips_and_leaves_no_temporary_file(tmp_path):
-    path = tmp_path / "summary.json"
-    workdir.write_json(str(path), {"accuracy": {"test": {"clean": 0.99}}})
-    assert json.loads(path.read_text()) == {"accuracy": {"test": {"clean": 0.99}}}
-    assert os.listdir(tmp_path) == ["summary.json"]
-
-
-def test_failed_write_keeps_the_old_file_intact(tmp_path):
-    path = tmp_path / "summary.json"
-    workdir.write_json(str(path), {"old": 1})
-    with pytest.raises(TypeError):
-        workdir.write_json(str(path), {"new": object()})  # not serializable: fails midway
-    assert json.loads(path.read_text()) == {"old": 1}
-    assert os.listdir(tmp_path) == ["summary.json"]
-
-
-def test_write_jsonl_writes_one_object_per_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    records = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
-    workdir.write_jsonl(str(path), records)
-    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+from advjax import report
 
 
 def test_accuracy_table_orders_splits_and_formats_cells():

@@ -1,6 +1,6 @@
 """Tests for advjax.robustness: the tick fold against direct attacks, grids, worst cases, the report.
 
-Everything runs on a tiny tanh MLP over 6x6 images (numpy weights), so compiling
+Everything runs on a tiny tanh MLP over 6x6 images (tests/helpers.py), so compiling
 the folds, not running them, is what costs time; the module turns most XLA
 optimizations off for that reason.
 """
@@ -16,66 +16,22 @@ import numpy as np
 import optax
 import pytest
 
-from advjax import attack_specs, attacks, eval_fold, evaluate, models, norms, overfitting, restarts, robustness, validation
-from advjax.eval_fold import to_float_images
-from configs import default
+from advjax import attack_registry, attack_specs, attacks, eval_fold, models, norms, restarts, robustness
+from advjax.data import to_float_images
+from tests.helpers import (
+    GRID,
+    MLP_CLASSES,
+    MLP_NUM_EXAMPLES,
+    MLP_SIDE,
+    mlp_apply,
+    mlp_dataset,
+    mlp_eval_set,
+    mlp_logits_fn,
+    mlp_params,
+    small_robust_section,
+)
 
-SIDE, HIDDEN, CLASSES = 6, 16, 4
-# 21 examples in batches of 8: 3 batches, the last with 3 padded slots.
-NUM_EXAMPLES, BATCH_SIZE, NUM_BATCHES = 21, 8, 3
-GRID = (0.1, 0.3)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def fast_compiles():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-def mlp_apply(variables, images, train=False):
-    """A smooth (tanh) MLP with Linen's calling convention: no input gradient is exactly zero."""
-    del train
-    p = variables["params"]
-    hidden = jnp.tanh(images.reshape((images.shape[0], -1)) @ p["w1"] + p["b1"])
-    return hidden @ p["w2"] + p["b2"]
-
-
-def logits_fn_for(params):
-    return lambda z: mlp_apply({"params": params}, z)
-
-
-@functools.cache
-def random_params(seed: int = 0) -> dict:
-    """Random weights, shifted so the all-zero padding image is confidently class 0, the padding label."""
-    rng = np.random.default_rng(seed)
-    params = {
-        "w1": rng.normal(0, 1.0, (SIDE * SIDE, HIDDEN)).astype(np.float32),
-        "b1": rng.normal(0, 0.5, HIDDEN).astype(np.float32),
-        "w2": rng.normal(0, 1.0, (HIDDEN, CLASSES)).astype(np.float32),
-        "b2": np.zeros(CLASSES, np.float32),
-    }
-    zero_logits = np.asarray(mlp_apply({"params": params}, jnp.zeros((1, SIDE, SIDE, 1))))[0]
-    params["b2"] = (-zero_logits + 3.0 * np.eye(CLASSES)[0]).astype(np.float32)
-    return jax.tree.map(jnp.asarray, params)
-
-
-@functools.cache
-def dataset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Labels the model gets right on even indices and wrong (its runner-up) on odd ones.
-
-    The odd examples make FGSM on predicted labels differ from FGSM on true labels.
-    """
-    images = np.random.default_rng(seed).integers(0, 256, (NUM_EXAMPLES + 5, SIDE, SIDE, 1), dtype=np.uint8)
-    order = np.argsort(np.asarray(logits_fn_for(random_params())(to_float_images(images))), axis=-1)
-    labels = np.where(np.arange(len(images)) % 2 == 0, order[:, -1], order[:, -2]).astype(np.int32)
-    return images, labels
-
-
-def eval_set(labels=None) -> eval_fold.EvalSet:
-    images, default_labels = dataset()
-    return eval_fold.make_eval_set(images, default_labels if labels is None else labels, NUM_EXAMPLES, BATCH_SIZE)
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
 
 
 def direct_correct(params, es: eval_fold.EvalSet, key, grid, attack) -> np.ndarray:
@@ -83,7 +39,7 @@ def direct_correct(params, es: eval_fold.EvalSet, key, grid, attack) -> np.ndarr
 
     @jax.jit  # one compile serves every batch and eps
     def correct(params, x, y, eps, batch_key):
-        logits_fn = logits_fn_for(params)
+        logits_fn = mlp_logits_fn(params)
         return jnp.argmax(logits_fn(attack(logits_fn, x, y, eps, batch_key)), -1) == y
 
     rows = []
@@ -103,7 +59,7 @@ PGD = attack_specs.AttackSpec("pgd", num_steps=4, num_restarts=3, step_size=0.04
 def pgd_result(form: str) -> robustness.RobustResult:
     # 3 batches x 3 restarts x 4 steps = 36 ticks: chunks of 5 leave a remainder of 1.
     sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), PGD, form=form, chunk_size=5)
-    return sweep(random_params(), eval_set(), jax.random.key(3), GRID)
+    return sweep(mlp_params(), mlp_eval_set(), jax.random.key(3), GRID)
 
 
 # ----------------------------------------------------------------------------
@@ -113,15 +69,16 @@ def pgd_result(form: str) -> robustness.RobustResult:
 @pytest.mark.parametrize("form", ["scan", "chunked"])
 def test_tick_fold_pgd_equals_attacks_pgd_per_batch_with_the_same_keys(form):
     pgd = lambda f, x, y, eps, k: attacks.pgd(f, x, y, eps, k, num_steps=4, num_restarts=3, step_size=0.04)
-    expected = direct_correct(random_params(), eval_set(), jax.random.key(3), GRID, pgd)
+    expected = direct_correct(mlp_params(), mlp_eval_set(), jax.random.key(3), GRID, pgd)
     result = pgd_result(form)
-    assert result.correct.shape == (len(GRID), NUM_EXAMPLES) and result.correct.dtype == bool
+    assert result.correct.shape == (len(GRID), MLP_NUM_EXAMPLES) and result.correct.dtype == bool
     np.testing.assert_array_equal(result.correct, expected)
     np.testing.assert_allclose(result.accuracy, expected.mean(-1))
     # Preconditions that make the comparison informative: the attack bites, yet not everywhere.
     assert 0 < expected.sum() and expected[-1].sum() < expected[0].sum()
 
 
+@pytest.mark.slow
 def test_wong_et_al_protocol_fold_equals_their_loop_written_out():
     # Their evaluation: each restart stops an example at its first success, and the
     # restart with the highest loss is kept, fooled or not.
@@ -141,7 +98,9 @@ def test_wong_et_al_protocol_fold_equals_their_loop_written_out():
     key, grid = jax.random.key(0), (0.3,)
     strict_spec = attack_specs.AttackSpec("pgd", num_steps=steps, num_restarts=num_restarts, step_size=step_size)
     wong_spec = strict_spec._replace(restart_selection="highest_loss", stop_on_success=True)
-    swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), wong_spec, form="chunked", chunk_size=5)(params, es, key, grid)
+    swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), wong_spec, form="chunked", chunk_size=5)(
+        params, es, key, grid
+    )
     np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, grid, wong_pgd))
     library = lambda f, x, y, eps, k: attacks.pgd(
         f,
@@ -164,12 +123,13 @@ def test_wong_et_al_protocol_fold_equals_their_loop_written_out():
 def test_restarts_keep_the_worst_case_per_example():
     # Fewer restarts (a subset of the same draws) can only leave more examples correct.
     one = robustness.make_robust_sweep(models.eval_apply(mlp_apply), PGD._replace(num_restarts=1), form="scan")
-    single = one(random_params(), eval_set(), jax.random.key(3), GRID)
+    single = one(mlp_params(), mlp_eval_set(), jax.random.key(3), GRID)
     assert np.all(pgd_result("scan").correct <= single.correct)
 
 
+@pytest.mark.slow
 def test_l2_pgd_on_predicted_labels_and_one_step_attacks_equal_direct_calls():
-    params, es, key = random_params(), eval_set(), jax.random.key(4)
+    params, es, key = mlp_params(), mlp_eval_set(), jax.random.key(4)
     spec = attack_specs.AttackSpec(
         "pgd_l2", num_steps=3, num_restarts=2, relative_step_size=0.5, use_predicted_labels=True
     )
@@ -182,10 +142,11 @@ def test_l2_pgd_on_predicted_labels_and_one_step_attacks_equal_direct_calls():
     np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, (0.5, 1.5), pgd_l2))
 
     for name in ("fgsm", "fgsm_random_start", "bim", "deepfool"):
-        swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec(name, num_steps=None), form="chunked", chunk_size=3
+        swept = robustness.make_robust_sweep(
+            models.eval_apply(mlp_apply), attack_specs.AttackSpec(name, num_steps=None), form="chunked", chunk_size=3
         )
         grid = (0.5, 2.0) if name == "deepfool" else GRID
-        expected = direct_correct(params, es, key, grid, attacks.make_attack(name))
+        expected = direct_correct(params, es, key, grid, attack_registry.make_attack(name))
         np.testing.assert_array_equal(swept(params, es, key, grid).correct, expected, err_msg=name)
 
 
@@ -195,22 +156,31 @@ def test_a_tick_holds_no_while_loop(name):
     # inside any while loop; the chunked form exists to keep them out of one.
     spec = attack_specs.AttackSpec(name, num_steps=None if name in ("fgsm_random_start", "fgsm") else 3)
     sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked")
-    es, grid = eval_set(), jnp.asarray(GRID)
-    args = (sweep.initial_carry(len(GRID), es), 0, (random_params(), jax.random.key(0)), ((es.images, es.labels, es.mask), grid))
+    es, grid = mlp_eval_set(), jnp.asarray(GRID)
+    args = (
+        sweep.initial_carry(len(GRID), es),
+        0,
+        (mlp_params(), jax.random.key(0)),
+        ((es.images, es.labels, es.mask), grid),
+    )
     # Checked in the jaxpr: there a loop is a scan or while primitive, while the
     # PRNG's own (harmless, convolution-free) round loop is still one random_bits.
     # A one-step fori_loop, even with unroll=True, is a scan that lowers to a while loop.
     jaxpr = str(jax.make_jaxpr(sweep.body)(*args))
     assert not re.search(r"\b(scan|while)\[", jaxpr)
     assert ("cond[" in jaxpr) == (name in ("pgd", "bim"))  # starts and scoring only on the ticks that need them
-    deepfool_sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("deepfool"), form="chunked")
+    deepfool_sweep = robustness.make_robust_sweep(
+        models.eval_apply(mlp_apply), attack_specs.AttackSpec("deepfool"), form="chunked"
+    )
     args = (deepfool_sweep.initial_carry(len(GRID), es), *args[1:])
-    assert re.search(r"\bwhile\[", str(jax.make_jaxpr(deepfool_sweep.body)(*args)))  # the check can fail: DeepFool loops
+    assert re.search(
+        r"\bwhile\[", str(jax.make_jaxpr(deepfool_sweep.body)(*args))
+    )  # the check can fail: DeepFool loops
 
 
 def test_vmapped_grid_equals_one_call_per_eps():
     sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), PGD, form="scan")
-    params, es, key = random_params(), eval_set(), jax.random.key(3)
+    params, es, key = mlp_params(), mlp_eval_set(), jax.random.key(3)
     grid = (0.05, 0.1, 0.3)
     together = sweep(params, es, key, grid)
     one_by_one = [sweep(params, es, key, (eps,)) for eps in grid]
@@ -226,61 +196,44 @@ def test_new_grid_key_or_params_of_the_same_shapes_do_not_recompile():
         return mlp_apply(*args, **kwargs)
 
     sweep = robustness.make_robust_sweep(models.eval_apply(counting_apply), PGD._replace(num_restarts=1), form="scan")
-    first = sweep(random_params(), eval_set(), jax.random.key(0), (0.1, 0.2))
+    first = sweep(mlp_params(), mlp_eval_set(), jax.random.key(0), (0.1, 0.2))
     traced = len(traces)
     assert traced > 0
-    second = sweep(random_params(1), eval_set(), jax.random.key(1), (0.3, 0.4))
+    second = sweep(mlp_params(1), mlp_eval_set(), jax.random.key(1), (0.3, 0.4))
     assert len(traces) == traced
     assert not np.array_equal(first.correct, second.correct)  # new values were used
-    sweep(random_params(), eval_set(), jax.random.key(0), (0.1, 0.2, 0.3))  # another length: a new program
+    sweep(mlp_params(), mlp_eval_set(), jax.random.key(0), (0.1, 0.2, 0.3))  # another length: a new program
     assert len(traces) > traced
 
 
 def test_padding_never_counts():
     # Every real example gets a label the model never predicts on it, while the
     # zero padding image is predicted as its label 0: counting padding would show.
-    images, labels = dataset()
-    top = np.argmax(np.asarray(logits_fn_for(random_params())(to_float_images(images))), -1)
-    wrong = ((top + 1) % CLASSES).astype(np.int32)
-    es = eval_set(wrong)
-    assert int(np.argmax(np.asarray(logits_fn_for(random_params())(jnp.zeros((1, SIDE, SIDE, 1)))))) == 0
+    images, labels = mlp_dataset()
+    top = np.argmax(np.asarray(mlp_logits_fn(mlp_params())(to_float_images(images))), -1)
+    wrong = ((top + 1) % MLP_CLASSES).astype(np.int32)
+    es = mlp_eval_set(wrong)
+    assert int(np.argmax(np.asarray(mlp_logits_fn(mlp_params())(jnp.zeros((1, MLP_SIDE, MLP_SIDE, 1)))))) == 0
     for spec in (attack_specs.AttackSpec("clean"), PGD._replace(num_restarts=1)):
         result = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked")(
-            random_params(), es, jax.random.key(0), GRID
+            mlp_params(), es, jax.random.key(0), GRID
         )
-        assert result.correct.shape == (len(GRID), NUM_EXAMPLES)
+        assert result.correct.shape == (len(GRID), MLP_NUM_EXAMPLES)
         np.testing.assert_array_equal(result.accuracy, np.zeros(len(GRID)))
 
 
+@pytest.mark.slow
 def test_several_seeds_equal_each_seed_alone():
-    params = jax.tree.map(lambda a, b: jnp.stack([a, b]), random_params(0), random_params(1))
+    params = jax.tree.map(lambda a, b: jnp.stack([a, b]), mlp_params(0), mlp_params(1))
     keys = jnp.stack([jax.random.key(5), jax.random.key(6)])
     spec = PGD._replace(num_restarts=2)
     both = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked", chunk_size=3, num_seeds=2)(
-        params, eval_set(), keys, GRID
+        params, mlp_eval_set(), keys, GRID
     )
-    assert both.correct.shape == (2, len(GRID), NUM_EXAMPLES) and both.accuracy.shape == (2, len(GRID))
+    assert both.correct.shape == (2, len(GRID), MLP_NUM_EXAMPLES) and both.accuracy.shape == (2, len(GRID))
     single = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="chunked", chunk_size=3)
-    for s, seed_params in enumerate((random_params(0), random_params(1))):
-        np.testing.assert_array_equal(both.correct[s], single(seed_params, eval_set(), keys[s], GRID).correct)
-
-
-@pytest.mark.parametrize(
-    "spec, message",
-    [
-        (attack_specs.AttackSpec("cw"), "unknown attack"),
-        (attack_specs.AttackSpec("fgsm", num_restarts=2), "restarts need a random start"),
-        (attack_specs.AttackSpec("pgd", num_restarts=3, random_start=False), "restarts need a random start"),
-        (attack_specs.AttackSpec("fgsm", step_size=0.1), "takes no step size"),
-        (attack_specs.AttackSpec("pgd", step_size=0.1, relative_step_size=0.1), "not both"),
-        (attack_specs.AttackSpec("fgm_l2", num_steps=5), "one-step attack"),
-        (attack_specs.AttackSpec("pgd", restart_selection="max"), "restart_selection must be one of"),
-        (attack_specs.AttackSpec("fgsm", stop_on_success=True), "one-step attack"),
-    ],
-)
-def test_specs_that_would_compute_something_else_are_refused(spec, message):
-    with pytest.raises(ValueError, match=message):
-        robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec)
+    for s, seed_params in enumerate((mlp_params(0), mlp_params(1))):
+        np.testing.assert_array_equal(both.correct[s], single(seed_params, mlp_eval_set(), keys[s], GRID).correct)
 
 
 # ----------------------------------------------------------------------------
@@ -303,8 +256,10 @@ def test_worst_case_is_the_per_example_and():
 
 
 def test_worst_case_of_real_attacks_is_below_each_and_equals_the_and():
-    params, es, key = random_params(), eval_set(), jax.random.key(3)
-    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="chunked")(params, es, key, GRID)
+    params, es, key = mlp_params(), mlp_eval_set(), jax.random.key(3)
+    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="chunked")(
+        params, es, key, GRID
+    )
     pgd = pgd_result("chunked")
     worst = robustness.worst_case({"fgsm": fgsm.correct, "pgd": pgd.correct})
     assert np.all(worst <= fgsm.accuracy) and np.all(worst <= pgd.accuracy)
@@ -320,8 +275,8 @@ def trained() -> tuple[dict, eval_fold.EvalSet]:
     """The MLP trained for a few hundred full-batch Adam steps on separable blocks (class c lights block c)."""
     rng = np.random.default_rng(0)
     n = 256
-    labels = rng.integers(0, CLASSES, n).astype(np.int32)
-    images = rng.integers(0, 80, (n, SIDE, SIDE, 1)).astype(np.uint8)
+    labels = rng.integers(0, MLP_CLASSES, n).astype(np.int32)
+    images = rng.integers(0, 80, (n, MLP_SIDE, MLP_SIDE, 1)).astype(np.uint8)
     for i, c in enumerate(labels):
         row, col = divmod(int(c), 2)
         images[i, 3 * row : 3 * row + 3, 3 * col : 3 * col + 3] = 200
@@ -338,18 +293,22 @@ def trained() -> tuple[dict, eval_fold.EvalSet]:
 
         return jax.lax.scan(step, (params, optimizer.init(params)), length=200)[0][0]
 
-    start = jax.tree.map(lambda a: 0.3 * a, random_params(2))
+    start = jax.tree.map(lambda a: 0.3 * a, mlp_params(2))
     return fit(start), eval_fold.make_eval_set(images, labels, 200, 100)
 
 
+@pytest.mark.slow
 def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model():
     params, es = trained()
     grid, key = (0.1, 0.2, 0.3), jax.random.key(0)
     clean = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("clean"), form="scan")(
         params, es, key, (0.0,)
     )
-    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="scan")(params, es, key, grid)
-    pgd = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("pgd", num_steps=10, num_restarts=2), form="scan"
+    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="scan")(
+        params, es, key, grid
+    )
+    pgd = robustness.make_robust_sweep(
+        models.eval_apply(mlp_apply), attack_specs.AttackSpec("pgd", num_steps=10, num_restarts=2), form="scan"
     )(params, es, key, grid)
     assert clean.accuracy[0] > 0.95  # the model learned the task
     assert fgsm.accuracy[-1] < clean.accuracy[0]  # FGSM bites, so the comparison is informative
@@ -357,36 +316,19 @@ def test_pgd_is_at_least_as_strong_as_fgsm_on_a_trained_model():
     assert np.any(pgd.accuracy < fgsm.accuracy), (pgd.accuracy, fgsm.accuracy)
 
 
-def small_section():
-    section = default.get_config().robust
-    section.eps_grid = GRID
-    section.l2_eps_grid = (1.0,)
-    section.attacks = ("fgsm", "pgd", "fgm_l2")
-    section.pgd_steps = 3
-    section.pgd_restarts = 2
-    section.chunk_size = 3
-    return section
-
-
-def validate_robust(section):
-    config = default.get_config()
-    config.robust = section
-    validation.validate(config)
-
-
-def test_config_section_defaults_are_valid():
-    section = default.get_config().robust
-    validate_robust(section)
-    assert section.enabled is False and section.split in ("train", "validation", "test")
-    assert set(attack_specs.attack_specs(section)) == set(section.attacks)
-
-
 def test_report_states_each_attack_and_the_label_leaking_check():
-    params, es = random_params(), eval_set()
-    report = robustness.robustness_report(models.eval_apply(mlp_apply), params, es, jax.random.key(0), small_section(), "chunked")
+    params, es = mlp_params(), mlp_eval_set()
+    report = robustness.robustness_report(
+        models.eval_apply(mlp_apply), params, es, jax.random.key(0), small_robust_section(), "chunked"
+    )
     assert set(report["attacks"]) == {"fgsm", "pgd", "fgm_l2"}
     pgd = report["attacks"]["pgd"]
-    assert (pgd["num_steps"], pgd["num_restarts"], pgd["step_size"], pgd["num_examples"]) == (3, 2, 0.01, NUM_EXAMPLES)
+    assert (pgd["num_steps"], pgd["num_restarts"], pgd["step_size"], pgd["num_examples"]) == (
+        3,
+        2,
+        0.01,
+        MLP_NUM_EXAMPLES,
+    )
     assert pgd["norm"] == "linf" and pgd["eps"] == list(GRID) and pgd["random_start"] and pgd["labels"] == "true"
     assert report["attacks"]["fgm_l2"]["eps"] == [1.0]
 
@@ -406,65 +348,3 @@ def test_report_states_each_attack_and_the_label_leaking_check():
     assert report["clean_accuracy_per_seed"] == [report["clean_accuracy"]]
     assert report["worst_case"]["l2"]["over"] == ["clean", "fgm_l2"]
     assert set(report["seconds"]) >= {"clean", "fgsm", "pgd", "fgm_l2", "fgsm_predicted_labels"}
-
-
-def test_pgd_protocol_selects_wong_et_al_s_evaluation_and_the_report_states_it():
-    section = small_section()
-    assert attack_specs.attack_specs(section)["pgd"].restart_selection == "success_first"
-    section.pgd_protocol = "wong2020"
-    spec = attack_specs.attack_specs(section)["pgd"]
-    assert (spec.restart_selection, spec.stop_on_success) == ("highest_loss", True)
-    report = robustness.robustness_report(models.eval_apply(mlp_apply), random_params(), eval_set(), jax.random.key(0), section, "chunked")
-    assert (report["attacks"]["pgd"]["restart_selection"], report["attacks"]["pgd"]["stop_on_success"]) == (
-        "highest_loss",
-        True,
-    )
-    section.pgd_protocol = "madry"
-    with pytest.raises(ValueError, match="config.robust.pgd_protocol='madry'"):
-        validate_robust(section)
-
-
-def test_report_rejects_bad_sections():
-    section = small_section()
-    section.attacks = ("pgd", "cw")
-    with pytest.raises(ValueError, match="config.robust.attacks"):
-        validate_robust(section)
-    section = small_section()
-    section.l2_eps_grid = ()
-    with pytest.raises(ValueError, match="l2_eps_grid"):
-        validate_robust(section)
-
-
-# ----------------------------------------------------------------------------
-# Catastrophic-overfitting check.
-
-
-def test_catastrophic_overfitting_epoch_finds_the_first_collapse():
-    assert overfitting.catastrophic_overfitting_epoch([]) is None
-    assert overfitting.catastrophic_overfitting_epoch([0.5]) is None
-    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.6, 0.55, 0.7]) is None  # small wiggles are not a collapse
-    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.8, 0.7, 0.1, 0.0]) == 4
-    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.29]) == 2
-    # Per seed: one seed collapsing is enough.
-    assert overfitting.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.3]]) == 2
-    assert overfitting.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.5]]) is None
-
-
-def test_overfitting_check_is_fgsm_and_single_start_pgd_at_eps():
-    params, es, key = random_params(), eval_set(), jax.random.key(5)
-    check = overfitting.make_check(models.eval_apply(mlp_apply), 0.3, 3, form="chunked")(params, es, key)
-    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="scan")(params, es, key, (0.3,))
-    pgd = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("pgd", num_steps=3), form="scan")(
-        params, es, key, (0.3,)
-    )
-    assert check == {"fgsm": pytest.approx(float(fgsm.accuracy[0])), "pgd": pytest.approx(float(pgd.accuracy[0]))}
-    assert check["pgd"] <= check["fgsm"]
-
-
-def test_gradient_masking_epochs_are_those_with_a_wide_fgsm_pgd_gap():
-    assert overfitting.gradient_masking_epochs([0.6, 0.9], [0.5, 0.5]) == []
-    # Fast training of BP at eps 0.3 (measured): FGSM high, PGD near zero from the first epoch on.
-    assert overfitting.gradient_masking_epochs([0.62, 0.76], [0.02, 0.006]) == [1, 2]
-    # Fast training of the CNN (measured): the gap closes as PGD accuracy rises.
-    assert overfitting.gradient_masking_epochs([0.924, 0.906, 0.914], [0.032, 0.458, 0.728]) == [1]
-    assert overfitting.gradient_masking_epochs([[0.5, 0.5], [0.5, 0.95]], [[0.4, 0.4], [0.4, 0.4]]) == [2]

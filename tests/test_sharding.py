@@ -24,7 +24,7 @@ import pytest
 from jax.sharding import AxisType
 
 from advjax import evaluate, models, objectives, sharding, train
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEVICE_COUNTS = (4, 8)
@@ -71,12 +71,14 @@ EVALUATE_CASES = [(4, "chunked"), (4, "scan_2_seeds"), (8, "scan_2_seeds")]
 SWEEP_CASES = [(4, "gaussian_chunked"), (4, "fgsm_scan_2_seeds"), (8, "gaussian_chunked")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
 def test_subprocess_sees_a_mesh_over_all_devices(reports, devices):
     assert reports[devices]["device_count"] == devices
     assert reports[devices]["mesh_shape"] == {"data": devices}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
 def test_data_mesh_for_a_device_count(reports, devices):
     """0 takes every device, 1 means no mesh (the single-device program), n the first n."""
@@ -85,6 +87,7 @@ def test_data_mesh_for_a_device_count(reports, devices):
     assert len(reports[devices]["describe"]["devices"]) == devices
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices, case", TRAIN_CASES)
 def test_data_parallel_epoch_matches_one_device(reports, devices, case):
     """Same params, loss and accuracy counts after an epoch of 8 steps: only summation order differs."""
@@ -94,6 +97,7 @@ def test_data_parallel_epoch_matches_one_device(reports, devices, case):
     assert result["correct_equal"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices, case", TRAIN_CASES)
 def test_data_parallel_epoch_keeps_state_replicated(reports, devices, case):
     result = reports[devices]["train"][case]
@@ -101,6 +105,7 @@ def test_data_parallel_epoch_keeps_state_replicated(reports, devices, case):
         assert facts == {"spec": "P()", "num_devices": devices, "fully_replicated": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ("fgsm_scan", "ordinary_chunked_2_seeds"))
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
 def test_compiled_epoch_splits_the_batch_and_all_reduces(reports, devices, case):
@@ -120,6 +125,7 @@ def assert_same_accuracy(single, on_mesh):
     np.testing.assert_allclose(np.asarray(on_mesh), np.asarray(single), rtol=0, atol=1 / NUM_EVAL + 1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices, case", EVALUATE_CASES)
 def test_data_parallel_evaluation_matches_one_device(reports, devices, case):
     result = reports[devices]["evaluate"][case]
@@ -135,12 +141,14 @@ def test_data_parallel_evaluation_matches_one_device(reports, devices, case):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices, case", SWEEP_CASES)
 def test_data_parallel_sweep_matches_one_device(reports, devices, case):
     result = reports[devices]["sweep"][case]
     assert_same_accuracy(result["accuracy_single"], result["accuracy_mesh"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", DEVICE_COUNTS)
 def test_batch_sizes_the_devices_cannot_split_are_refused(reports, devices):
     refusals = reports[devices]["refusals"]
@@ -155,6 +163,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_run_as_one_data_parallel_program():
     """Multi-host, simulated: 2 processes x 2 CPU devices joined by jax.distributed into one 4-device mesh.
 
@@ -194,14 +203,6 @@ def test_two_processes_run_as_one_data_parallel_program():
 
 # ----------------------------------------------------------------------------
 # In this process (one device).
-
-
-@pytest.fixture
-def fast_compiles():
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.mark.parametrize(
@@ -245,7 +246,7 @@ def test_constraints_are_the_identity_without_a_mesh():
     assert sharding.constrain_replicated(tree, None) is tree
 
 
-def test_a_one_device_mesh_computes_what_no_mesh_computes(fast_compiles):
+def test_a_one_device_mesh_computes_what_no_mesh_computes(quick_compile):
     """The mesh path in this process: same epoch, bit for bit, as without a mesh."""
     config = tiny_config("bp")
     config.model.hidden = (16,)

@@ -1,4 +1,4 @@
-"""Tests for advjax.train: state, objectives, one step, the shuffle, and the compiled epoch."""
+"""Tests for advjax.train: the train state, schedules, one step, the shuffle, and the compiled epoch."""
 
 from __future__ import annotations
 
@@ -8,80 +8,46 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from advjax import attacks, eval_fold, loops, losses, models, objectives, train
-from configs import default
-from tests.conftest import tiny_config
+from advjax import data, loops, models, objectives, train
+from tests.helpers import Setup, small_config, synthetic_data, tiny_config
+
+# Compilation dominates these tests, and this roughly halves BP compile
+# time. It also matters for the exact comparisons: with full optimizations
+# XLA may fuse across the unrolled steps of a chunk and round differently;
+# with FGSM training that moves the output bias by 1-2 ulp (seen: 4.7e-10
+# with chunk_size 2). The tests below check the loop logic (same batches,
+# same keys, same order), which must then agree bit for bit.
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 
 MODES = objectives.TRAINING_MODES
+# The epoch comparisons compile every form of a mode's epoch: ordinary and FGSM training (whose sign() turns any
+# rounding difference into another model) in the quick tier, the rest in the full one.
+# A step of the multi-step defenses compiles their attack: in the full tier (tests/test_objectives.py checks
+# each objective itself in the quick one).
+STEP_MODES = [pytest.param(m, marks=pytest.mark.slow) if m in ("pgd", "trades", "nfgsm", "fast") else m for m in MODES]
+EPOCH_MODES = [mode if mode in ("ordinary", "fgsm") else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES]
+
+
+# (form, chunk_size) for a 3-step epoch: one while loop; one step per chunk;
+# a chunk of 2 plus a remainder of 1; one chunk shorter than chunk_size.
+
+
 # (form, chunk_size) for a 3-step epoch: one while loop; one step per chunk;
 # a chunk of 2 plus a remainder of 1; one chunk shorter than chunk_size.
 FORMS = [("scan", 8), ("chunked", 1), ("chunked", 2), ("chunked", 8)]
+
+
 NUM_EXAMPLES, BATCH_SIZE = 27, 8  # 3 steps; the last 3 examples are dropped
+
+
 NUM_STEPS = NUM_EXAMPLES // BATCH_SIZE
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    # Compilation dominates these tests, and this roughly halves BP compile
-    # time. It also matters for the exact comparisons: with full optimizations
-    # XLA may fuse across the unrolled steps of a chunk and round differently;
-    # with FGSM training that moves the output bias by 1-2 ulp (seen: 4.7e-10
-    # with chunk_size 2). The tests below check the loop logic (same batches,
-    # same keys, same order), which must then agree bit for bit.
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_trace_counters():
-    chex.clear_trace_counter()
-    yield
-    chex.clear_trace_counter()
 
 
 # ----------------------------------------------------------------------------
 # Helpers.
-
-
-def synthetic_data(num_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (num_examples, 28, 28, 1), dtype=np.uint8)
-    labels = rng.integers(0, 10, num_examples).astype(np.int32)
-    return images, labels
-
-
-def config(model: str = "bp", mode: str = "ordinary", schedule: str = "constant", hidden: tuple = (32,)):
-    cfg = tiny_config(model, mode)
-    cfg.model.hidden = hidden  # a small BP compiles and runs faster; the CNN ignores it
-    cfg.train.schedule = schedule
-    return cfg
-
-
-class Setup:
-    """A model, an objective, and fresh initial states (the epoch donates its carry)."""
-
-    def __init__(
-        self,
-        model: str = "bp",
-        mode: str = "ordinary",
-        schedule: str = "constant",
-        steps_per_epoch: int = 4,
-        hidden: tuple = (32,),
-        deterministic: bool = False,
-    ):
-        self.config = config(model, mode, schedule, hidden)
-        self.model = models.build_model(self.config.model)
-        self.objective = objectives.make_objective(self.model.apply, self.config.train, deterministic=deterministic)
-        self.steps_per_epoch = steps_per_epoch
-
-    def state(self, step: int = 0) -> train.TrainState:
-        state = train.create_train_state(jax.random.key(0), self.model, self.config.train, self.steps_per_epoch)
-        return state.replace(step=step)
 
 
 _jitted_step = jax.jit(train.train_step, static_argnums=1)
@@ -94,7 +60,7 @@ def python_epoch(setup, state, images, labels, permutation, rng, batch_size):
     converting outside changes how XLA fuses it with the Gaussian noise and
     moves the result by float rounding.
     """
-    step_fn = jax.jit(lambda s, x_u8, y, key: train.train_step(s, setup.objective, eval_fold.to_float_images(x_u8), y, key))
+    step_fn = jax.jit(lambda s, x_u8, y, key: train.train_step(s, setup.objective, data.to_float_images(x_u8), y, key))
     permutation = np.asarray(permutation)
     loss, correct = np.float32(0.0), 0
     num_steps = len(permutation) // batch_size
@@ -115,7 +81,7 @@ def run_epoch(setup, form, chunk_size, images, labels, permutation, rng, initial
 
 
 # ----------------------------------------------------------------------------
-# State, images and schedules.
+# State and schedules.
 
 
 def test_create_train_state_bp_param_shapes():
@@ -155,18 +121,8 @@ def test_create_train_state_depends_on_the_key():
     assert int(a.step) == 0
 
 
-def test_to_float_images_scales_uint8_to_unit_interval():
-    images = np.array([0, 1, 128, 254, 255], np.uint8).reshape(5, 1, 1, 1)
-    out = eval_fold.to_float_images(jnp.asarray(images))
-    assert out.dtype == jnp.float32
-    # XLA:CPU's float division may differ from numpy's by 1 ulp (254/255
-    # does), so only the endpoints are compared exactly.
-    chex.assert_trees_all_close(out, images.astype(np.float32) / np.float32(255.0), rtol=1e-6, atol=0)
-    assert float(out[0, 0, 0, 0]) == 0.0 and float(out[-1, 0, 0, 0]) == 1.0
-
-
 def test_cosine_schedule_decays_to_zero_at_the_end_of_the_run():
-    cfg = config(schedule="cosine")
+    cfg = small_config(schedule="cosine")
     cfg.train.epochs, steps_per_epoch = 3, 5
     schedule = train.learning_rate_schedule(cfg.train, steps_per_epoch)
     total = cfg.train.epochs * steps_per_epoch
@@ -179,14 +135,14 @@ def test_cosine_schedule_decays_to_zero_at_the_end_of_the_run():
 
 
 def test_constant_schedule_stays_at_the_learning_rate():
-    cfg = config(schedule="constant")
+    cfg = small_config(schedule="constant")
     schedule = train.learning_rate_schedule(cfg.train, 5)
     for t in (0, 1, 5, cfg.train.epochs * 5, 10_000):
         assert float(schedule(t)) == pytest.approx(cfg.train.learning_rate)
 
 
 def test_unknown_schedule_raises():
-    cfg = config(schedule="linear")
+    cfg = small_config(schedule="linear")
     with pytest.raises(ValueError, match="schedule"):
         train.learning_rate_schedule(cfg.train, 5)
 
@@ -214,16 +170,10 @@ def test_train_state_optimizer_follows_the_schedule(schedule, moves_at_the_end):
 
 
 # ----------------------------------------------------------------------------
-# Objectives and one step.
+# One step.
 
 
-def test_unknown_mode_raises():
-    cfg = config(mode="madry")
-    with pytest.raises(ValueError, match="mode"):
-        objectives.make_objective(models.build_model(cfg.model).apply, cfg.train)
-
-
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", STEP_MODES)
 def test_train_steps_lower_the_loss_on_a_fixed_batch(mode):
     setup = Setup(mode=mode)
     state = setup.state()
@@ -238,7 +188,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(mode):
     assert after < 0.7 * before, (before, after)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", STEP_MODES)
 def test_train_step_reports_the_objective_loss_and_correct_count(mode):
     setup = Setup(mode=mode)
     state = setup.state()
@@ -253,51 +203,6 @@ def test_train_step_reports_the_objective_loss_and_correct_count(mode):
     assert int(correct) == int(np.sum(np.argmax(np.asarray(logits), -1) == labels))
     assert int(new_state.step) == 1
     assert not np.array_equal(new_state.params["Dense_0"]["kernel"], state.params["Dense_0"]["kernel"])
-
-
-def test_fgsm_objective_is_the_weighted_loss_on_frozen_adversarial_images():
-    setup = Setup(mode="fgsm")
-    cfg = setup.config.train
-    cfg.alpha, cfg.eps = 0.3, 0.1  # alpha != 0.5, so swapping the weights shows
-    objective = objectives.make_objective(setup.model.apply, cfg)
-    params = setup.state().params
-    images, labels = synthetic_data(8, seed=2)
-    x, y, key = jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(0)
-
-    def mean_ce(p, inputs):
-        # BP has no dropout, so train and eval mode give the same logits.
-        logits = setup.model.apply({"params": p}, inputs)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    grad_x = jax.grad(lambda inputs: mean_ce(params, inputs))(x)  # same sign as the summed loss's
-    x_adv = jnp.asarray(np.clip(np.asarray(x) + cfg.eps * np.sign(np.asarray(grad_x)), 0.0, 1.0))
-
-    def independent(p):
-        # x_adv is a constant here: no parameter gradient through its construction.
-        return cfg.alpha * mean_ce(p, x) + (1 - cfg.alpha) * mean_ce(p, x_adv)
-
-    (loss, logits), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params, x, y, key)
-    expected_loss, expected_grads = jax.jit(jax.value_and_grad(independent))(params)
-    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
-    chex.assert_trees_all_close(grads, expected_grads, rtol=1e-4, atol=1e-6)
-    # The reported logits are the clean ones (for training accuracy).
-    chex.assert_trees_all_close(logits, setup.model.apply({"params": params}, x), rtol=1e-5, atol=1e-6)
-
-
-def test_gaussian_objective_uses_sigma():
-    # With sigma = 0 the Gaussian objective is the ordinary one; with sigma > 0 it is not.
-    images, labels = synthetic_data(8, seed=3)
-    x, y, key = jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(0)
-    ordinary = Setup(mode="ordinary")
-    params = ordinary.state().params
-    clean_loss = float(ordinary.objective(params, x, y, key)[0])
-    loss_by_form = {}
-    for sigma in (0.0, 0.3):
-        cfg = config(mode="gaussian")
-        cfg.train.sigma = sigma
-        loss_by_form[sigma] = float(objectives.make_objective(ordinary.model.apply, cfg.train)(params, x, y, key)[0])
-    assert loss_by_form[0.0] == pytest.approx(clean_loss, rel=1e-6)
-    assert loss_by_form[0.3] != pytest.approx(clean_loss, rel=1e-3)
 
 
 # ----------------------------------------------------------------------------
@@ -385,7 +290,7 @@ def bp_epoch_results(mode):
     return setup, (images, labels, permutation, rng), results
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", EPOCH_MODES)
 def test_epoch_forms_give_identical_results_for_bp(mode):
     _, _, results = bp_epoch_results(mode)
 
@@ -397,7 +302,7 @@ def test_epoch_forms_give_identical_results_for_bp(mode):
         assert int(state.step) == INITIAL_STEP + NUM_STEPS
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", EPOCH_MODES)
 def test_epoch_equals_a_python_loop_of_train_steps(mode):
     setup, (images, labels, permutation, rng), results = bp_epoch_results(mode)
     state, totals = results[("chunked", 2)]  # the forms are compared with each other above
@@ -417,7 +322,7 @@ def test_auto_epoch_form_on_cpu_is_chunked_only_for_convolutions(model_name, exp
     monkeypatch.setattr(loops, "_scan_fold", lambda body: chosen.append("scan"))
     monkeypatch.setattr(loops, "_chunked_fold", lambda body, size: chosen.append("chunked"))
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-    convolutional = models.has_convolutions(config(model_name).model)
+    convolutional = models.has_convolutions(small_config(model_name).model)
     train.make_epoch_fn(Setup().objective, NUM_EXAMPLES, BATCH_SIZE, convolutional=convolutional)
     assert chosen == [expected]
 
@@ -510,6 +415,7 @@ def test_epoch_does_not_recompile_across_epochs(monkeypatch, form, chunk_size, t
     assert int(state.step) == 3 * NUM_STEPS
 
 
+@pytest.mark.slow
 def test_epoch_forms_agree_for_a_tiny_cnn():
     # Two steps of 4 images, with dropout on. XLA:CPU compiles the gradient
     # convolutions differently inside a while loop (the scan form) than in
@@ -550,184 +456,3 @@ def test_epoch_forms_agree_for_a_tiny_cnn():
         (scan_totals.correct, scan_totals.examples, scan_state.step),
     )
     assert int(chunked_totals.examples) == 8
-
-
-# ----------------------------------------------------------------------------
-# The defenses: PGD, fast (FGSM with a random start) and TRADES training.
-
-
-def test_fast_training_takes_wong_et_al_s_unclipped_start_by_default():
-    assert default.get_config().train.fast_clip_start is False
-
-
-def _defense_setup(mode: str, **train_fields):
-    setup = Setup(mode=mode)
-    for field, value in train_fields.items():
-        setup.config.train[field] = value
-    setup.objective = objectives.make_objective(setup.model.apply, setup.config.train)
-    images, labels = synthetic_data(8, seed=11)
-    return setup, jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(4)
-
-
-def _mean_ce(setup, params, images, labels, dropout_rng):
-    logits = setup.model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-@pytest.mark.parametrize("unroll", ["loop", "unrolled"])
-def test_pgd_objective_is_the_loss_at_the_frozen_pgd_image(unroll):
-    setup, x, y, key = _defense_setup("pgd", eps=0.2, attack_steps=4, attack_step_size=0.07, attack_unroll=unroll)
-    params = setup.state().params
-    attack_rng, dropout_rng = jax.random.split(key)
-    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    adversarial = attacks.pgd(eval_logits, x, y, 0.2, attack_rng, num_steps=4, step_size=0.07)
-
-    loss, logits = setup.objective(params, x, y, key)
-    np.testing.assert_allclose(loss, _mean_ce(setup, params, adversarial, y, dropout_rng), rtol=1e-6)
-    # The parameter gradient is that of the loss at the fixed adversarial image.
-    grads = jax.grad(lambda p: setup.objective(p, x, y, key)[0])(params)
-    expected = jax.grad(lambda p: _mean_ce(setup, p, adversarial, y, dropout_rng))(params)
-    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("clip_start", [False, True])
-def test_fast_objective_is_the_loss_at_a_random_start_fgsm_image(clip_start):
-    setup, x, y, key = _defense_setup("fast", eps=0.3, fast_step_size=1.25, fast_clip_start=clip_start)
-    params = setup.state().params
-    attack_rng, dropout_rng = jax.random.split(key)
-    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    adversarial = attacks.fgsm_random_start(eval_logits, x, y, 0.3, attack_rng, 0.375, clip_start=clip_start)
-    other = attacks.fgsm_random_start(eval_logits, x, y, 0.3, attack_rng, 0.375, clip_start=not clip_start)
-    assert float(jnp.max(jnp.abs(adversarial - other))) > 0.01  # the setting matters on these images
-    assert float(jnp.max(jnp.abs(adversarial - x))) <= 0.3 + 1e-6
-
-    loss, _ = setup.objective(params, x, y, key)
-    np.testing.assert_allclose(loss, _mean_ce(setup, params, adversarial, y, dropout_rng), rtol=1e-6)
-    # A new key draws a new start, hence a different loss.
-    assert float(setup.objective(params, x, y, jax.random.key(5))[0]) != pytest.approx(float(loss), rel=1e-7)
-
-
-def test_nfgsm_objective_is_the_loss_at_the_frozen_noisy_fgsm_image():
-    setup, x, y, key = _defense_setup("nfgsm", eps=0.3, nfgsm_noise=2.0, nfgsm_step_size=1.0)
-    params = setup.state().params
-    attack_rng, dropout_rng = jax.random.split(key)
-    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    adversarial = attacks.noisy_fgsm(eval_logits, x, y, 0.3, attack_rng, 2.0, 0.3)
-    # Trained on perturbations beyond eps, as de Jorge et al. intend.
-    assert float(jnp.max(jnp.abs(adversarial - x))) > 0.3 + 0.05
-
-    loss, _ = setup.objective(params, x, y, key)
-    np.testing.assert_allclose(loss, _mean_ce(setup, params, adversarial, y, dropout_rng), rtol=1e-6)
-    grads = jax.grad(lambda p: setup.objective(p, x, y, key)[0])(params)
-    expected = jax.grad(lambda p: _mean_ce(setup, p, adversarial, y, dropout_rng))(params)
-    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-7)
-
-
-def test_eps_warmup_ramps_linearly_to_eps_then_stays():
-    config = default.get_config().train
-    config.eps, config.eps_warmup_epochs = 0.3, 2.5
-    eps_at = objectives.attack_eps_schedule(config, steps_per_epoch=40)  # ramp over 100 steps
-    np.testing.assert_allclose([eps_at(s) for s in (0, 25, 50, 100, 1000)], [0.0, 0.075, 0.15, 0.3, 0.3], rtol=1e-6)
-    assert eps_at(None) == 0.3  # no step given: the full eps
-    config.eps_warmup_epochs = 0.0
-    assert objectives.attack_eps_schedule(config, None)(0) == 0.3
-    config.eps_warmup_epochs = 1.0
-    with pytest.raises(ValueError, match="steps per epoch"):
-        objectives.attack_eps_schedule(config, None)
-
-
-@pytest.mark.parametrize("mode", ["fast", "fgsm"])
-def test_objective_during_eps_warmup_attacks_with_the_ramped_eps(mode):
-    setup, x, y, key = _defense_setup(mode, eps=0.3, alpha=0.0)
-    setup.config.train.eps_warmup_epochs = 1.0
-    setup.objective = objectives.make_objective(
-        setup.model.apply, setup.config.train, deterministic=True, steps_per_epoch=10
-    )
-    params = setup.state().params
-    value_and_grad = getattr(setup.objective, "value_and_grad", None) or jax.value_and_grad(
-        setup.objective, has_aux=True
-    )
-    loss_at = lambda step: float(value_and_grad(params, x, y, key, step)[0][0])
-    clean = float(_mean_ce(setup, params, x, y, key))
-    # Step 0 of the ramp: eps 0, so the attack leaves the images as they are.
-    np.testing.assert_allclose(loss_at(jnp.asarray(0)), clean, rtol=1e-5)
-    # Halfway: the loss at eps 0.15, which is that of a no-warmup objective at 0.15.
-    half = _defense_setup(mode, eps=0.15, alpha=0.0)[0]
-    half.objective = objectives.make_objective(setup.model.apply, half.config.train, deterministic=True)
-    half_value_and_grad = getattr(half.objective, "value_and_grad", None) or jax.value_and_grad(
-        half.objective, has_aux=True
-    )
-    np.testing.assert_allclose(loss_at(jnp.asarray(5)), float(half_value_and_grad(params, x, y, key)[0][0]), rtol=1e-5)
-    assert loss_at(jnp.asarray(5)) > clean + 1e-3
-    # From the end of the ramp on, and with no step, the full eps.
-    np.testing.assert_allclose(loss_at(jnp.asarray(10)), loss_at(None), rtol=1e-6)
-
-
-def test_trades_adversary_stays_in_the_ball_and_raises_the_kl():
-    setup, x, y, key = _defense_setup("trades")
-    params = setup.state().params
-    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    kl = lambda z: float(jnp.mean(losses.kl_divergence(eval_logits(x), eval_logits(z))))
-    near = objectives.trades_adversary(eval_logits, x, key, 0.3, 0.05, 0)  # no steps: the tiny random start
-    far = objectives.trades_adversary(eval_logits, x, key, 0.3, 0.05, 10)
-    assert float(jnp.max(jnp.abs(far - x))) <= 0.3 + 1e-6
-    assert 0.0 <= float(jnp.min(far)) and float(jnp.max(far)) <= 1.0
-    assert kl(far) > 100 * max(kl(near), 1e-9)
-
-
-def test_trades_objective_is_clean_ce_plus_beta_kl():
-    setup, x, y, key = _defense_setup("trades", eps=0.3, attack_steps=3, attack_step_size=0.1, trades_beta=4.0)
-    params = setup.state().params
-    attack_rng, dropout_rng = jax.random.split(key)
-    eval_logits = lambda z: setup.model.apply({"params": params}, z, train=False)
-    adversarial = objectives.trades_adversary(eval_logits, x, attack_rng, 0.3, 0.1, 3)
-    clean = setup.model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
-    adv = setup.model.apply({"params": params}, adversarial, train=True, rngs={"dropout": dropout_rng})
-    expected = jnp.mean(
-        optax.softmax_cross_entropy_with_integer_labels(clean, y) + 4.0 * losses.kl_divergence(clean, adv)
-    )
-
-    loss, logits = setup.objective(params, x, y, key)
-    np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    np.testing.assert_allclose(logits, clean, rtol=1e-6)
-
-
-def test_attack_unroll_setting():
-    assert objectives.attack_unroll("auto", "cpu") is True
-    assert objectives.attack_unroll("auto", "gpu") is False
-    assert objectives.attack_unroll("loop", "cpu") is False
-    assert objectives.attack_unroll("unrolled", "tpu") is True
-    with pytest.raises(ValueError, match="attack_unroll"):
-        objectives.attack_unroll("sometimes")
-
-
-@pytest.mark.parametrize(
-    "model_name, alpha",
-    # alpha != 0.5, so a swapped weight shows; alpha = 0 (adversarial loss only) must still attack.
-    [("bp", 0.3), ("cnn", 0.3), ("bp", 0.0)],
-)
-def test_shared_pass_fgsm_gradient_equals_the_objective_gradient(model_name, alpha):
-    cfg = config(model_name, "fgsm")
-    cfg.model.dropout = 0.0
-    cfg.train.alpha, cfg.train.eps = alpha, 0.1
-    assert models.is_deterministic(cfg.model)
-    model = models.build_model(cfg.model)
-    shared = objectives.make_objective(model.apply, cfg.train, deterministic=True)
-    assert hasattr(shared, "value_and_grad")
-    params = train.init_params(jax.random.key(0), model)
-    images, labels = synthetic_data(8, seed=12)
-    x, y, key = jnp.asarray(images.astype(np.float32) / 255.0), jnp.asarray(labels), jax.random.key(1)
-
-    (loss, logits), grads = jax.jit(shared.value_and_grad)(params, x, y, key)
-    (expected_loss, expected_logits), expected = jax.jit(jax.value_and_grad(shared, has_aux=True))(params, x, y, key)
-    np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
-    np.testing.assert_allclose(logits, expected_logits, rtol=1e-6)
-    chex.assert_trees_all_close(grads, expected, rtol=2e-5, atol=1e-7)
-
-
-def test_models_with_dropout_keep_the_general_fgsm_gradient():
-    cfg = config("cnn", "fgsm")
-    assert cfg.model.dropout > 0 and not models.is_deterministic(cfg.model)
-    assert models.is_deterministic(config("bp", "fgsm").model)
-    objective = objectives.make_objective(models.build_model(cfg.model).apply, cfg.train)
-    assert not hasattr(objective, "value_and_grad")

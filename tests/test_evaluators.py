@@ -1,0 +1,66 @@
+"""Tests for advjax.evaluators: the summary's results, as the evaluators compute them."""
+
+import json
+
+import jax
+
+from advjax import data, evaluate, evaluators, models, seeds, train
+from tests.helpers import run_experiment, synthetic_config
+
+
+def test_summary_holds_every_split_perturbation_sweep_and_eps_table(tmp_path, synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir)
+    config.train.epochs = 2
+    config.eval.sigma_grid = (0.0, 0.5, 1.0)
+    config.eval.eps_grid = (0.0, 0.2)
+    config.eval.table_eps = (0.05, 0.3)
+    summary = run_experiment(config, tmp_path)
+
+    assert summary["accuracy"]["validation"]["clean"] > 0.5  # the synthetic digits are learnable
+    assert [r["epoch"] for r in summary["epochs"]] == [1, 2]
+    sweeps = summary["sweeps"]
+    assert sweeps["split"] == "validation" and len(sweeps["gaussian"]["accuracy"]) == 3
+    # sigma = 0 and eps = 0 leave the images unchanged: the sweep's first point is the clean accuracy.
+    assert sweeps["gaussian"]["accuracy"][0] == summary["accuracy"]["validation"]["clean"]
+    assert sweeps["fgsm"]["accuracy"][0] == summary["accuracy"]["validation"]["clean"]
+    assert set(summary["by_eps"]) == {"0.05", "0.3"}
+    strong, weak = (summary["by_eps"][e]["validation"]["accuracy"]["fgsm"] for e in ("0.3", "0.05"))
+    assert strong <= weak
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["accuracy"] == summary["accuracy"]
+
+
+def test_evaluate_trained_runs_each_split_on_its_own_key_and_the_sweep_on_the_configured_split(synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir)
+    config.eval.sigma_grid, config.eval.eps_grid, config.eval.table_eps = (0.0, 0.5, 1.0), (), ()
+    mnist = data.load_mnist(config.data)
+    model = models.build_model(config.model)
+    params, apply_fn = train.init_params(jax.random.key(1), model), models.eval_apply(model.apply)
+
+    results = evaluators.evaluate_trained(config, apply_fn, params, mnist)
+
+    sets = evaluators.eval_sets(mnist, config.eval)
+    assert results["eval_sizes"] == {"train": 200, "validation": 200, "test": 300}
+    assert {split: s.num_examples for split, s in sets.items()} == results["eval_sizes"]
+    # Split i is evaluated with fold_in(eval key, i), the eval key being the fourth of seeds.seed_keys.
+    eval_rng = seeds.seed_keys(config.seed, 1)[3]
+    keys = {split: jax.random.fold_in(eval_rng, i) for i, split in enumerate(evaluators.SPLITS)}
+    c = config.eval
+    full = evaluate.make_evaluator(
+        apply_fn, use_predicted_labels=c.use_predicted_labels, form=c.loop, chunk_size=c.chunk_size
+    )
+    for split, eval_set in sets.items():
+        expected = full(params, eval_set, keys[split], c.eps, c.sigma)
+        assert results["accuracy"][split] == expected["accuracy"], split
+        assert results["perturbation_stats"][split] == expected["perturbation_stats"], split
+    # The Gaussian statistics depend on the key: another split's key would not give them.
+    other = full(params, sets["train"], keys["test"], c.eps, c.sigma)
+    assert other["perturbation_stats"]["gaussian"] != results["perturbation_stats"]["train"]["gaussian"]
+    sweep = evaluate.make_sweep(apply_fn, "gaussian", form=c.loop, chunk_size=c.chunk_size, grid_chunk=c.grid_chunk)
+    accuracy = sweep(params, sets["validation"], keys["validation"], c.sigma_grid)
+    assert results["sweeps"] == {
+        "split": "validation",
+        "gaussian": {"grid": [0.0, 0.5, 1.0], **seeds.seed_summary(accuracy, 1)},
+    }
+    # No eps grid, no eps table, no robustness report: none is computed.
+    assert "fgsm" not in results["sweeps"] and results["by_eps"] == {} and "robustness" not in results

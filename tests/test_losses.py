@@ -1,0 +1,176 @@
+"""Tests for advjax.losses: cross-entropy from logits, the combined adversarial loss, TRADES's KL and loss,
+and GradAlign's penalty on a linear model."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advjax import losses
+from tests.helpers import closed_form_input_gradient, linear_logits_fn, numpy_cross_entropy
+
+# ----------------------------------------------------------------------------
+# cross_entropy and combined_adversarial_loss.
+
+
+def test_cross_entropy_equals_negative_log_softmax_at_the_label():
+    rng = np.random.default_rng(0)
+    logits = (3.0 * rng.standard_normal((6, 10))).astype(np.float32)
+    labels = np.array([0, 9, 3, 3, 5, 1])
+    loss = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    chex.assert_shape(loss, (6,))  # per example, not reduced
+    chex.assert_trees_all_close(loss, numpy_cross_entropy(logits, labels).astype(np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_is_finite_and_exact_for_huge_logits():
+    # exp(1e4) overflows float32; a naive log(softmax) gives inf or NaN.
+    logits = jnp.array([[1e4, -1e4, 0.0], [1e4, -1e4, 0.0], [-1e4, -1e4, 1e4]], jnp.float32)
+    labels = jnp.array([0, 1, 0])
+    loss = losses.cross_entropy(logits, labels)
+    chex.assert_tree_all_finite(loss)
+    # Closed forms: the argmax costs log(1 + e^-1e4 + e^-2e4) = 0 in float32; a
+    # label 2e4 below the max costs 2e4.
+    chex.assert_trees_all_close(loss, jnp.array([0.0, 2e4, 2e4]), rtol=1e-6, atol=1e-6)
+
+    # Its gradient, softmax - onehot, is finite too.
+    gradient = jax.jit(jax.grad(lambda z: jnp.sum(losses.cross_entropy(z, labels))))(logits)
+    chex.assert_tree_all_finite(gradient)
+    expected = np.array([[0.0, 0.0, 0.0], [1.0, -1.0, 0.0], [-1.0, 0.0, 1.0]], np.float32)
+    chex.assert_trees_all_close(gradient, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_combined_adversarial_loss_is_alpha_clean_plus_one_minus_alpha_adversarial(alpha):
+    clean, adversarial = jnp.float32(1.25), jnp.float32(4.5)
+    combined = losses.combined_adversarial_loss(clean, adversarial, alpha)
+    chex.assert_trees_all_close(combined, jnp.float32(alpha * 1.25 + (1 - alpha) * 4.5), rtol=1e-6)
+
+
+def test_combined_adversarial_loss_endpoints_select_one_loss_exactly():
+    clean, adversarial = jnp.array([1.25, 0.3]), jnp.array([4.5, 7.0])
+    chex.assert_trees_all_equal(losses.combined_adversarial_loss(clean, adversarial, 1.0), clean)
+    chex.assert_trees_all_equal(losses.combined_adversarial_loss(clean, adversarial, 0.0), adversarial)
+
+
+# ----------------------------------------------------------------------------
+# TRADES.
+
+
+def test_kl_divergence_matches_its_definition_and_is_zero_only_for_equal_predictions():
+    p_logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    q_logits = jnp.array([[0.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
+    p, q = jax.nn.softmax(p_logits), jax.nn.softmax(q_logits)
+    expected = jnp.sum(p * jnp.log(p / q), axis=-1)
+    np.testing.assert_allclose(losses.kl_divergence(p_logits, q_logits), expected, rtol=1e-6)
+    assert float(losses.kl_divergence(p_logits, q_logits)[0]) > 0.1
+    assert float(losses.kl_divergence(p_logits, q_logits)[1]) == pytest.approx(0.0, abs=1e-7)
+    # Logits that differ by a constant give the same prediction.
+    np.testing.assert_allclose(losses.kl_divergence(p_logits, p_logits + 3.0), 0.0, atol=1e-6)
+
+
+def test_trades_loss_weights_the_kl_by_beta():
+    clean = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    adversarial = jnp.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    labels = jnp.array([0, 1])
+    ce = jnp.mean(losses.cross_entropy(clean, labels))
+    kl = jnp.mean(losses.kl_divergence(clean, adversarial))
+    np.testing.assert_allclose(losses.trades_loss(clean, adversarial, labels, 0.0), ce, rtol=1e-6)
+    np.testing.assert_allclose(losses.trades_loss(clean, adversarial, labels, 6.0), ce + 6.0 * kl, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# GradAlign's penalty, on a linear model: grad_x CE = W (softmax(x W + b) - onehot(y)).
+
+
+def numpy_misalignment(clean_weights, shifted_weights, bias, images, perturbed, labels) -> float:
+    """1 - cos per example, averaged; the clean gradient from `clean_weights` (held fixed),
+    the shifted one from `shifted_weights`."""
+    g1 = closed_form_input_gradient(clean_weights, bias, images, labels).reshape(len(labels), -1)
+    g2 = closed_form_input_gradient(shifted_weights, bias, perturbed, labels).reshape(len(labels), -1)
+    cosine = np.sum(g1 * g2, axis=1) / (np.linalg.norm(g1, axis=1) * np.linalg.norm(g2, axis=1))
+    return float(np.mean(1.0 - cosine))
+
+
+@pytest.fixture
+def linear_problem():
+    rng = np.random.default_rng(3)
+    weights = rng.normal(size=(12, 5)) * 0.8
+    bias = rng.normal(size=5) * 0.1
+    images = rng.uniform(size=(6, 3, 4, 1))
+    perturbed = images + rng.uniform(-0.3, 0.3, size=images.shape)
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    return weights, bias, images, perturbed, labels
+
+
+def test_gradient_misalignment_is_the_mean_one_minus_cosine_of_input_gradients(linear_problem):
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    penalty = losses.gradient_misalignment(
+        linear_logits_fn(f32(weights), f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels)
+    )
+    expected = numpy_misalignment(weights, weights, bias, images, perturbed, labels)
+    assert expected > 0.01  # the perturbation turns the gradients
+    np.testing.assert_allclose(penalty, expected, rtol=1e-4)
+    same = losses.gradient_misalignment(
+        linear_logits_fn(f32(weights), f32(bias)), f32(images), f32(images), jnp.asarray(labels)
+    )
+    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
+def test_gradient_misalignment_differentiates_only_the_perturbed_gradient(linear_problem):
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    grad = jax.grad(
+        lambda w: losses.gradient_misalignment(
+            linear_logits_fn(w, f32(bias)), f32(images), f32(perturbed), jnp.asarray(labels)
+        )
+    )(f32(weights))
+    # Central differences in float64, moving only the weights behind the perturbed gradient.
+    h, numeric = 1e-6, np.zeros_like(weights)
+    for index in np.ndindex(weights.shape):
+        step = np.zeros_like(weights)
+        step[index] = h
+        numeric[index] = (
+            numpy_misalignment(weights, weights + step, bias, images, perturbed, labels)
+            - numpy_misalignment(weights, weights - step, bias, images, perturbed, labels)
+        ) / (2 * h)
+    assert np.abs(numeric).max() > 1e-3
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-5)
+
+
+def test_gradient_misalignment_leaves_out_examples_without_a_gradient(linear_problem):
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    mask = f32([1, 1, 0, 1, 1, 1])[:, None]  # example 2's logits do not depend on its pixels
+    masked_logits = lambda w: lambda x: (x.reshape(x.shape[0], -1) * mask) @ w + f32(bias)
+    args = (f32(images), f32(perturbed), jnp.asarray(labels))
+    penalty = losses.gradient_misalignment(masked_logits(f32(weights)), *args)
+    keep = np.array([0, 1, 3, 4, 5])
+    expected = numpy_misalignment(weights, weights, bias, images[keep], perturbed[keep], labels[keep])
+    np.testing.assert_allclose(penalty, expected, rtol=1e-4)
+    grad = jax.grad(lambda w: losses.gradient_misalignment(masked_logits(w), *args))(f32(weights))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    # No example with a gradient at all: 0, with a finite (zero) parameter gradient.
+    constant = lambda w: lambda x: 0.0 * x.reshape(x.shape[0], -1) @ w + f32(bias)
+    assert float(losses.gradient_misalignment(constant(f32(weights)), *args)) == 0.0
+    grad = jax.grad(lambda w: losses.gradient_misalignment(constant(w), *args))(f32(weights))
+    assert bool(jnp.all(grad == 0.0))
+
+
+def test_gradient_misalignment_leaves_out_confident_examples_and_stays_finite(linear_problem):
+    # A margin of 60 makes examples 0-2's loss ~1e-26: their float32 gradient has
+    # no reliable direction and, squared, underflows.
+    weights, bias, images, perturbed, labels = linear_problem
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    margin = 60.0 * jax.nn.one_hot(labels, 5) * f32([1, 1, 1, 0, 0, 0])[:, None]
+    logits = lambda w: lambda x: x.reshape(x.shape[0], -1) @ w + f32(bias) + margin
+    args = (f32(images), f32(perturbed), jnp.asarray(labels))
+    assert float(jnp.max(losses.cross_entropy(logits(f32(weights))(args[0]), args[2])[:3])) < 1e-20
+    penalty, grad = jax.value_and_grad(lambda w: losses.gradient_misalignment(logits(w), *args))(f32(weights))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    keep = np.array([3, 4, 5])
+    expected = numpy_misalignment(weights, weights, bias, images[keep], perturbed[keep], labels[keep])
+    np.testing.assert_allclose(penalty, expected, rtol=1e-4)

@@ -1,0 +1,86 @@
+"""Tests for advjax.overfitting: the per-epoch check, its warning signs, and the epochs keep-best picks."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from advjax import attack_specs, models, overfitting, robustness
+from tests.helpers import mlp_apply, mlp_eval_set, mlp_params
+
+# The check compiles folds of a tiny MLP (see tests/test_robustness.py).
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
+
+def test_catastrophic_overfitting_epoch_finds_the_first_collapse():
+    assert overfitting.catastrophic_overfitting_epoch([]) is None
+    assert overfitting.catastrophic_overfitting_epoch([0.5]) is None
+    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.6, 0.55, 0.7]) is None  # small wiggles are not a collapse
+    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.8, 0.7, 0.1, 0.0]) == 4
+    assert overfitting.catastrophic_overfitting_epoch([0.5, 0.29]) == 2
+    # Per seed: one seed collapsing is enough.
+    assert overfitting.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.3]]) == 2
+    assert overfitting.catastrophic_overfitting_epoch([[0.6, 0.6], [0.7, 0.5]]) is None
+
+
+def test_gradient_masking_epochs_are_those_with_a_wide_fgsm_pgd_gap():
+    assert overfitting.gradient_masking_epochs([0.6, 0.9], [0.5, 0.5]) == []
+    # Fast training of BP at eps 0.3 (measured): FGSM high, PGD near zero from the first epoch on.
+    assert overfitting.gradient_masking_epochs([0.62, 0.76], [0.02, 0.006]) == [1, 2]
+    # Fast training of the CNN (measured): the gap closes as PGD accuracy rises.
+    assert overfitting.gradient_masking_epochs([0.924, 0.906, 0.914], [0.032, 0.458, 0.728]) == [1]
+    assert overfitting.gradient_masking_epochs([[0.5, 0.5], [0.5, 0.95]], [[0.4, 0.4], [0.4, 0.4]]) == [2]
+
+
+def test_overfitting_check_is_fgsm_and_single_start_pgd_at_eps():
+    params, es, key = mlp_params(), mlp_eval_set(), jax.random.key(5)
+    check = overfitting.make_check(models.eval_apply(mlp_apply), 0.3, 3, form="chunked")(params, es, key)
+    fgsm = robustness.make_robust_sweep(models.eval_apply(mlp_apply), attack_specs.AttackSpec("fgsm"), form="scan")(
+        params, es, key, (0.3,)
+    )
+    pgd = robustness.make_robust_sweep(
+        models.eval_apply(mlp_apply), attack_specs.AttackSpec("pgd", num_steps=3), form="scan"
+    )(params, es, key, (0.3,))
+    assert check == {"fgsm": pytest.approx(float(fgsm.accuracy[0])), "pgd": pytest.approx(float(pgd.accuracy[0]))}
+    assert check["pgd"] <= check["fgsm"]
+
+
+def test_best_epochs_take_the_latest_of_ties():
+    records = [
+        {"overfitting_check": {"pgd": [0.2, 0.5]}},
+        {"overfitting_check": {"pgd": [0.7, 0.5]}},
+        {"overfitting_check": {"pgd": [0.7, 0.6]}},
+    ]
+    assert overfitting.best_epochs(records, 2) == [3, 3]
+    assert overfitting.best_epochs([{"overfitting_check": {"pgd": 0.9}}, {"overfitting_check": {"pgd": 0.4}}], 1) == [1]
+
+
+def records_of(checks: list[tuple[float, float]]) -> list[dict]:
+    return [{"epoch": e, "overfitting_check": {"fgsm": f, "pgd": p}} for e, (f, p) in enumerate(checks, 1)]
+
+
+def test_summary_states_every_epochs_check_and_the_first_warning_signs():
+    assert overfitting.summary([]) is None
+    assert overfitting.summary([{"epoch": 1, "train_loss": 0.1}]) is None  # an ordinary run records no check
+    summary = overfitting.summary(records_of([(0.6, 0.5), (0.9, 0.7), (0.95, 0.1)]))
+    assert summary["epoch"] == 3 and summary["gradient_masking_epochs"] == [3]
+    assert summary["pgd_accuracy_by_epoch"] == [0.5, 0.7, 0.1]
+    assert summary["fgsm_accuracy_by_epoch"] == [0.6, 0.9, 0.95]
+    assert str(overfitting.OVERFITTING_DROP) in summary["rule"] and str(overfitting.MASKING_GAP) in summary["rule"]
+
+
+def test_a_warning_is_logged_in_the_epoch_of_a_collapse_or_of_masking():
+    messages = []
+    records = records_of([(0.6, 0.5), (0.9, 0.7), (0.95, 0.1)])
+    for epoch in (1, 2):
+        overfitting.warn_if_overfitting(records[:epoch], messages.append)
+    assert messages == []  # a sound start
+    overfitting.warn_if_overfitting(records, messages.append)
+    assert len(messages) == 1 and messages[0].startswith(
+        "WARNING: catastrophic overfitting in epoch 3: PGD accuracy 0.100"
+    )
+    messages.clear()
+    overfitting.warn_if_overfitting(
+        records_of([(0.9, 0.3)]), messages.append
+    )  # masked from the start: nothing to fall from
+    assert len(messages) == 1 and messages[0].startswith("WARNING: signs of gradient masking in epoch 1")

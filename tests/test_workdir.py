@@ -1,0 +1,145 @@
+"""Tests for advjax.workdir: atomic writes, config identity and differences, and whether a launch may continue
+what a workdir holds (refuse, resume, re-evaluate, overwrite)."""
+
+import json
+import os
+
+import pytest
+
+from advjax import workdir
+from tests.helpers import outputs, run_experiment, synthetic_config, tiny_config
+
+# ----------------------------------------------------------------------------
+# Atomic writes.
+
+
+def test_write_json_round_trips_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "summary.json"
+    workdir.write_json(str(path), {"accuracy": {"test": {"clean": 0.99}}})
+    assert json.loads(path.read_text()) == {"accuracy": {"test": {"clean": 0.99}}}
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_failed_write_keeps_the_old_file_intact(tmp_path):
+    path = tmp_path / "summary.json"
+    workdir.write_json(str(path), {"old": 1})
+    with pytest.raises(TypeError):
+        workdir.write_json(str(path), {"new": object()})  # not serializable: fails midway
+    assert json.loads(path.read_text()) == {"old": 1}
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_write_jsonl_writes_one_object_per_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+    workdir.write_jsonl(str(path), records)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == records
+
+
+# ----------------------------------------------------------------------------
+# Config identity.
+
+
+def test_config_differences_name_changed_added_and_removed_fields():
+    saved = {"seed": 0, "train": {"epochs": 3, "eps": 0.1}, "gone": 1}
+    current = {"seed": 0, "train": {"epochs": 5, "eps": 0.1, "new": [1]}}
+    assert workdir.config_differences(saved, current) == ["gone", "train.epochs", "train.new"]
+    assert workdir.config_differences(saved, saved) == []
+    assert "config.train.epochs: 3 there, 5 now" in workdir.describe_differences(saved, current)
+
+
+def test_a_live_config_equals_its_saved_json(tmp_path):
+    config = tiny_config()
+    config.eval.sigma_grid = (0.0, 0.5)  # a tuple live, a list on disk
+    workdir.save_config(str(tmp_path), config)
+    assert workdir.config_differences(workdir.read_saved_config(str(tmp_path)), workdir.config_as_json(config)) == []
+
+
+# ----------------------------------------------------------------------------
+# Refuse, resume, re-evaluate or clear.
+
+
+def test_check_resumes_the_same_training_config_and_refuses_another(tmp_path):
+    config = tiny_config()
+    workdir.save_config(str(tmp_path), config)
+    workdir.write_metrics(str(tmp_path), [{"epoch": 1}])
+    workdir.check(str(tmp_path), config, overwrite=False)  # the same config: resumed
+    evaluated = tiny_config()
+    evaluated.eval.sigma_grid, evaluated.robust.enabled, evaluated.num_devices = (0.0, 0.5), True, 1
+    workdir.check(str(tmp_path), evaluated, overwrite=False)  # evaluation and devices only: re-evaluated
+    other = tiny_config()
+    other.train.epochs = 3
+    with pytest.raises(workdir.WorkdirError, match=r"config\.train\.epochs: 1 there, 3 now.*--overwrite"):
+        workdir.check(str(tmp_path), other, overwrite=False)
+    workdir.check(str(tmp_path), other, overwrite=True)  # the caller clears the run
+
+
+def test_check_refuses_outputs_without_a_config_and_accepts_a_config_alone(tmp_path):
+    other = tiny_config()
+    other.train.epochs = 3
+    workdir.save_config(str(tmp_path), other)  # stopped before its first epoch ended: nothing to lose
+    workdir.check(str(tmp_path), tiny_config(), overwrite=False)
+    (tmp_path / "checkpoints").mkdir()  # an empty checkpoint directory holds nothing either
+    workdir.check(str(tmp_path), tiny_config(), overwrite=False)
+    os.remove(tmp_path / workdir.CONFIG_FILE)
+    workdir.write_metrics(str(tmp_path), [{"epoch": 1}])
+    with pytest.raises(workdir.WorkdirError, match="holds metrics.jsonl but no config.json"):
+        workdir.check(str(tmp_path), tiny_config(), overwrite=False)
+
+
+def test_clear_run_removes_every_output_and_the_config_and_nothing_else(tmp_path):
+    config = tiny_config()
+    workdir.save_config(str(tmp_path), config)
+    workdir.write_metrics(str(tmp_path), [{"epoch": 1}])
+    workdir.write_timings(str(tmp_path), [{"epoch": 1, "epoch_seconds": 1.0}])
+    workdir.write_summary(str(tmp_path), {"config": workdir.config_as_json(config)})
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "1" / "state").write_text("")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert workdir.read_finished_summary(str(tmp_path), config) is not None
+    workdir.clear_run(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    assert workdir.read_summary(str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_a_workdir_of_another_config_is_refused_unless_overwritten(tmp_path, synthetic_mnist_dir):
+    old = synthetic_config(synthetic_mnist_dir)
+    old.train.epochs = 3
+    run_experiment(old, tmp_path / "run")
+    new = synthetic_config(synthetic_mnist_dir)
+    new.train.epochs = 1
+
+    with pytest.raises(workdir.WorkdirError, match=r"config\.train\.epochs: 3 there, 1 now.*--overwrite"):
+        run_experiment(new, tmp_path / "run")
+    summary = run_experiment(new, tmp_path / "run", overwrite=True)
+
+    # Nothing of the old run is left to be trusted: its later checkpoints, records and timings are gone.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert [r["epoch"] for r in summary["epochs"]] == [1]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(json.loads((tmp_path / "run" / "timings.json").read_text())["epochs"]) == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_overwrite_with_the_same_config_trains_afresh(tmp_path, synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir)
+    run_experiment(config, tmp_path)
+    before = outputs(tmp_path)
+    messages = []
+    run_experiment(config, tmp_path, log=messages.append, overwrite=True)
+    assert not any("resumed" in m for m in messages) and any(m.startswith("epoch 1/1") for m in messages)
+    assert outputs(tmp_path) == before
+
+
+@pytest.mark.slow  # two runs: one trains, the second only evaluates
+def test_changing_only_evaluation_settings_keeps_the_trained_model(tmp_path, synthetic_mnist_dir):
+    config = synthetic_config(synthetic_mnist_dir)
+    first = run_experiment(config, tmp_path)
+    config.eval.sigma_grid = (0.0, 0.5)
+    messages = []
+    second = run_experiment(config, tmp_path, log=messages.append)
+    assert any("skipping training" in m for m in messages), messages
+    assert second["epochs"] == first["epochs"] and second["accuracy"] == first["accuracy"]
+    assert len(second["sweeps"]["gaussian"]["accuracy"]) == 2
