@@ -130,9 +130,8 @@ def make_epoch_fn(
 ) -> Callable:
     """`epoch(state, totals, images_u8, labels, permutation, rng) -> (state, totals)`.
 
-    Runs num_examples // batch_size steps (the last partial batch is dropped so
-    every step has the same static shape). Per-step keys are
-    `fold_in(rng, state.step)`, so every loop form draws the same noise and dropout.
+    Runs num_examples // batch_size steps of one static shape (the last partial batch is dropped).
+    Per-step keys are `fold_in(rng, state.step)`, so every loop form draws the same noise and dropout.
     With `num_seeds > 1`, state, totals, permutation and rng carry a leading seed
     axis and the step is vmapped over it; the data are shared.
 
@@ -140,11 +139,9 @@ def make_epoch_fn(
     replicated: the gradient is all-reduced inside the same compiled fold (advjax.sharding).
     Pass the state, images, labels and keys replicated (`sharding.replicate`).
 
-    `convolutional` (does the model have convolutions?) decides what
-    `form="auto"` means on CPU: only convolution gradients need the chunked form
-    there; without them one `fori_loop` is faster, and computes bit for bit what
-    one jitted step per batch computes, which unrolled chunks do not
-    (docs/design.md, "Fused rounding").
+    `convolutional` (does the model have convolutions?) decides what `form="auto"` means on CPU:
+    only convolution gradients need the chunked form there; without them one `fori_loop` is
+    faster and bit-identical to one jitted step per batch (docs/design.md, "Fused rounding").
 
     >>> epoch = make_epoch_fn(objective, 50_000, 128)
     >>> state, totals = epoch(state, EpochTotals.zeros(), images, labels, permutation, jax.random.key(1))

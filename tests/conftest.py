@@ -57,6 +57,17 @@ def _fresh_trace_counters():
     chex.clear_trace_counter()
 
 
+@pytest.fixture(autouse=True)
+def _quick_tier_compiles_quickly(request):
+    """The quick tier's programs are tiny: most of XLA's optimisation passes would cost more than they save.
+    A test that depends on full optimizations (exact rounding, compiled memory) sets them itself."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    with optimizations_disabled():
+        yield
+
+
 @pytest.fixture
 def quick_compile():
     """Skip most of XLA's optimisation passes: for these tiny programs with loops,

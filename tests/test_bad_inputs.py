@@ -37,7 +37,10 @@ from tests.helpers import synthetic_config
 
 # Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
 # complain ("Event loop is closed") whenever they run, often in a later test.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.usefixtures("quick_compile_module"),
+]
 
 
 def snapshot(directory: pathlib.Path) -> dict[str, bytes]:

@@ -13,7 +13,10 @@ from tests.helpers import ScriptedCheck, run_experiment, synthetic_config, tiny_
 
 # Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
 # complain ("Event loop is closed") whenever they run, often in a later test.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.usefixtures("quick_compile_module"),
+]
 
 
 def fresh_state(config, seed: int = 0) -> train.TrainState:

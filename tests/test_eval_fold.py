@@ -11,6 +11,8 @@ import pytest
 from advjax import eval_fold
 from tests.helpers import synthetic_data
 
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 # 21 of 30 examples in batches of 8: 3 batches, the last with 3 padded slots,
 # and 9 examples beyond num_examples that must not be read.
 NUM_TOTAL, NUM_EXAMPLES, BATCH_SIZE = 30, 21, 8

@@ -3,9 +3,12 @@
 import json
 
 import jax
+import pytest
 
 from advjax import data, evaluate, evaluators, models, seeds, train
 from tests.helpers import run_experiment, synthetic_config
+
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
 
 
 def test_summary_holds_every_split_perturbation_sweep_and_eps_table(tmp_path, synthetic_mnist_dir):

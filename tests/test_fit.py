@@ -19,6 +19,8 @@ from tests.helpers import (
     tiny_config,
 )
 
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 # ----------------------------------------------------------------------------
 # Resume.
 

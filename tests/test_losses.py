@@ -12,6 +12,8 @@ import pytest
 from advjax import losses
 from tests.helpers import closed_form_input_gradient, linear_logits_fn, numpy_cross_entropy
 
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 # ----------------------------------------------------------------------------
 # cross_entropy and combined_adversarial_loss.
 

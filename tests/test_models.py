@@ -16,6 +16,8 @@ import pytest
 from advjax import models
 from configs import default
 
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
@@ -42,9 +44,10 @@ def images(batch: int, seed: int = 0) -> jax.Array:
 
 @functools.cache
 def init_params(name: str, init: str = "glorot_uniform") -> dict:
-    """model.init of the named model, once per (name, init): a CNN init costs seconds on a CPU."""
+    """model.init of the named model, once per (name, init), jitted: op by op, a CNN init costs seconds on a CPU."""
     model = build(name, init=init)
-    return model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False)["params"]
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False)["params"])
+    return init(jax.random.key(0))
 
 
 def param_shapes(model) -> dict:
@@ -85,7 +88,7 @@ def cnn_and_params():
 
 @pytest.mark.parametrize("name, batch", [("bp", 3), ("cnn", 2), ("small_cnn", 2)])
 def test_logits_have_shape_batch_by_ten(name, batch):
-    logits = build(name).apply({"params": init_params(name)}, images(batch), train=False)
+    logits = jax.jit(models.eval_apply(build(name).apply))(init_params(name), images(batch))
     chex.assert_shape(logits, (batch, NUM_CLASSES))
     chex.assert_type(logits, jnp.float32)
     chex.assert_tree_all_finite(logits)

@@ -19,6 +19,8 @@ from tests.helpers import (
     uniform_images,
 )
 
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 # Jitted only for speed: eagerly, every new shape compiles each op on its own.
 gaussian = jax.jit(noise.gaussian)
 matched_gaussian = jax.jit(noise.matched_gaussian)

@@ -9,6 +9,8 @@ import pytest
 from advjax import workdir
 from tests.helpers import outputs, run_experiment, synthetic_config, tiny_config
 
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 # ----------------------------------------------------------------------------
 # Atomic writes.
 
