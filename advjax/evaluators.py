@@ -13,9 +13,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from advjax import data, evaluate, robustness, seeds
+from advjax import data, evaluate, robustness, seeds, sharding
 from advjax.eval_fold import EvalSet, make_eval_set, shard_eval_set
-from advjax.fit import placer
 from advjax.models import ApplyFn
 
 SPLITS = ("train", "validation", "test")
@@ -143,7 +142,7 @@ def evaluate_trained(
     Split i's key is fold_in(eval key, i) and the robustness report's fold_in(eval key, 3), where the
     eval key is the fourth of seeds.seed_keys; the per-epoch checks use the eval key itself.
     """
-    place, k = placer(mesh), config.num_seeds
+    place, k = sharding.placer(mesh), config.num_seeds
     eval_rng = seeds.seed_keys(config.seed, k)[3]
     sets = {split: shard_eval_set(s, mesh) for split, s in eval_sets(mnist, config.eval).items()}
     keys = {

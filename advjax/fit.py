@@ -31,11 +31,6 @@ class Fitted(NamedTuple):
     timings: list[dict]  # wall-clock seconds per epoch (those of an earlier launch for resumed epochs)
 
 
-def placer(mesh: Mesh | None) -> Callable:
-    """tree -> the tree replicated on every device of `mesh`; unchanged without one."""
-    return (lambda tree: tree) if mesh is None else (lambda tree: sharding.replicate(tree, mesh))
-
-
 class _Epochs(NamedTuple):
     """Everything the epoch loop needs, built once per fit."""
 
@@ -50,7 +45,7 @@ class _Epochs(NamedTuple):
 
 def _build(config: ml_collections.ConfigDict, model, mnist: data.MNIST, mesh: Mesh | None):
     """(the initial state, _Epochs): the state placed before any restore, which takes the template's placement."""
-    k, place, apply_fn = config.num_seeds, placer(mesh), models.eval_apply(model.apply)
+    k, place, apply_fn = config.num_seeds, sharding.placer(mesh), models.eval_apply(model.apply)
     init_rng, shuffle_rng, step_rng, eval_rng = seeds.seed_keys(config.seed, k)
     step_rng, eval_rng = place((step_rng, eval_rng))
     num_train = config.train.max_examples or len(mnist.train.labels)

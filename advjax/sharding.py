@@ -20,7 +20,7 @@ same (replicated) inputs.
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -110,6 +110,11 @@ def replicate(tree: Tree, mesh: Mesh) -> Tree:
         return jax.device_put(leaf, sharding)
 
     return jax.tree.map(put, tree)
+
+
+def placer(mesh: Mesh | None) -> Callable:
+    """tree -> the tree replicated on every device of `mesh`; unchanged without one."""
+    return (lambda tree: tree) if mesh is None else (lambda tree: replicate(tree, mesh))
 
 
 def shard_batch_major(tree: Tree, mesh: Mesh) -> Tree:

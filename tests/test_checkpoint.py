@@ -185,6 +185,7 @@ def test_restore_of_a_keep_best_run_loads_each_seeds_evaluated_epoch(tmp_path, s
     assert not np.array_equal(at_2.params["Dense_0"]["kernel"][0], at_4.params["Dense_0"]["kernel"][0])
 
 
+@pytest.mark.slow  # a whole run; test_restore_loads_the_epochs_summary_json_says_were_evaluated covers the rule
 def test_restore_of_a_finished_run_without_keep_best_loads_the_last_epoch(tmp_path, synthetic_mnist_dir):
     config = synthetic_config(synthetic_mnist_dir)
     config.train.epochs = 2

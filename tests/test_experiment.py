@@ -53,6 +53,7 @@ def test_adversarial_training_checks_robustness_each_epoch_and_reports_it(tmp_pa
     assert "pgd" in json.loads((tmp_path / "timings.json").read_text())["robustness_seconds"]
 
 
+@pytest.mark.slow  # a whole run; tests/test_overfitting.py checks the rule without one
 def test_ordinary_training_has_no_robustness_check(tmp_path, synthetic_mnist_dir):
     config = synthetic_config(synthetic_mnist_dir)
     summary = run_experiment(config, tmp_path)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
-from advjax import attack_specs, models, overfitting, robustness
-from tests.helpers import mlp_apply, mlp_eval_set, mlp_params
+from advjax import attack_specs, data, models, overfitting, robustness
+from tests.helpers import mlp_apply, mlp_eval_set, mlp_params, tiny_config
 
 # The check compiles folds of a tiny MLP (see tests/test_robustness.py).
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
@@ -84,3 +85,16 @@ def test_a_warning_is_logged_in_the_epoch_of_a_collapse_or_of_masking():
         records_of([(0.9, 0.3)]), messages.append
     )  # masked from the start: nothing to fall from
     assert len(messages) == 1 and messages[0].startswith("WARNING: signs of gradient masking in epoch 1")
+
+
+@pytest.mark.parametrize(
+    "mode, examples, checked",
+    [("ordinary", 500, False), ("gaussian", 500, False), ("fgsm", 0, False), ("fgsm", 50, True)],
+)
+def test_the_check_runs_for_adversarial_modes_only_and_not_when_switched_off(mode, examples, checked):
+    config = tiny_config("bp", mode)
+    config.train.overfitting_check_examples = examples
+    validation = data.Split(np.zeros((60, 28, 28, 1), np.uint8), np.zeros(60, np.int32))
+    apply_fn = models.eval_apply(models.build_model(config.model).apply)
+    check = overfitting.make_configured_check(config, apply_fn, validation)
+    assert (check is not None) == checked

@@ -28,7 +28,8 @@ MODES = objectives.TRAINING_MODES
 # A step of the multi-step defenses compiles their attack: in the full tier (tests/test_objectives.py checks
 # each objective itself in the quick one).
 STEP_MODES = [pytest.param(m, marks=pytest.mark.slow) if m in ("pgd", "trades", "nfgsm", "fast") else m for m in MODES]
-EPOCH_MODES = [mode if mode in ("ordinary", "fgsm") else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES]
+# FGSM exercises every part of the step; the other modes run in the full tier.
+EPOCH_MODES = [mode if mode == "fgsm" else pytest.param(mode, marks=pytest.mark.slow) for mode in MODES]
 
 
 # (form, chunk_size) for a 3-step epoch: one while loop; one step per chunk;
@@ -252,7 +253,7 @@ def test_epoch_totals_start_at_zero():
     assert [t.dtype for t in totals] == [jnp.float32, jnp.int32, jnp.int32, jnp.int32]
 
 
-@pytest.mark.parametrize("num_seeds", [1, 2])
+@pytest.mark.parametrize("num_seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_epoch_records_the_first_step_whose_loss_is_not_finite(num_seeds):
     # A learning rate of 1e30 blows the params up at the first update: the loss
     # of the second step (global step INITIAL_STEP + 2) is the first non-finite one.
