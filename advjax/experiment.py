@@ -5,6 +5,7 @@
 dropout and noise all differ, and model i equals a K=1 run with seed `config.seed + i`.
 """
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -12,17 +13,20 @@ import jax
 import ml_collections
 from absl import logging
 
-from advjax import data, evaluators, fit, models, overfitting, sharding, validation, workdir
+from advjax import checkpoint, data, evaluators, fit, memory, models, overfitting, sharding, validation, workdir
 
 PERTURBATION_STATS_DEFINITION = (
     "per-image mean, std, L-inf and L2 of (perturbed - clean) after clipping to [0, 1], averaged over images"
 )
 
 
-def summarize(config: ml_collections.ConfigDict, results: dict, fitted: fit.Fitted, evaluated_epochs, mesh) -> dict:
-    """summary.json: the config, where it ran, the evaluation's results and the training records."""
+def summarize(
+    config: ml_collections.ConfigDict, results: dict, fitted: fit.Fitted, evaluated_epochs, mesh, data_identity: dict
+) -> dict:
+    """summary.json: the config, the data, where it ran, the evaluation's results and the training records."""
     return {
         "config": config.to_dict(),
+        "data": data_identity,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "num_seeds": config.num_seeds,
@@ -42,30 +46,64 @@ def train_and_evaluate(
     run_dir: str,
     log: Callable[[str], None] = logging.info,
     overwrite: bool = False,
+    lock: bool = True,
 ) -> dict:
     """Trains `config`, evaluates it, writes metrics, checkpoints, timings and summary; returns the summary.
 
-    A workdir holding a run of the same config is resumed (a finished one is
-    only evaluated again); one of another config is refused unless
-    `overwrite`, which deletes that run first. The config, the workdir and the
-    data are all checked before anything in the workdir changes.
+    A workdir holding a run of the same config and data is resumed (a finished
+    one is only evaluated again); one of another config or other data is
+    refused unless `overwrite`, which deletes that run first. The config, the
+    workdir and the data are all checked before anything in the workdir
+    changes. The workdir is locked for the whole run (`lock=False`: the caller
+    holds the lock), so a second process refuses instead of writing over it.
 
     >>> summary = train_and_evaluate(configs.bp_adv.get_config(), "runs/bp_adv")
     >>> summary["accuracy"]["test"]["fgsm"]
     """
     validation.validate(config)
     workdir.prepare(run_dir)
+    with workdir.locked(run_dir) if lock else contextlib.nullcontext():
+        mnist, identity = prepare_run(config, run_dir, log, overwrite)
+        return _fit_and_evaluate(config, run_dir, mnist, identity, log)
+
+
+def recover_config(run_dir: str, log: Callable[[str], None]) -> None:
+    """Writes back a lost config.json (and its data identity) from the newest checkpoint, which holds both."""
+    if workdir.read_saved_config(run_dir) is not None:
+        return
+    run = checkpoint.newest_run_item(run_dir)
+    if run is None or "config" not in run:
+        return
+    workdir.save_config(run_dir, ml_collections.ConfigDict(run["config"]), run["data"] if "data" in run else None)
+    log(
+        f"warning: {run_dir}/{workdir.CONFIG_FILE} was missing; "
+        f"recovered it from the checkpoint of epoch {run['epoch']}"
+    )
+
+
+def prepare_run(config: ml_collections.ConfigDict, run_dir: str, log: Callable[[str], None], overwrite: bool):
+    """(data, its identity): the workdir checked against the config and the data, then cleared if `overwrite`."""
+    mnist, identity = data.load(config.data)
+    validation.check_sizes(config, mnist)
+    memory.check_fits(config, mnist=mnist)
+    if not overwrite:
+        recover_config(run_dir, log)
     workdir.check(run_dir, config, overwrite)
-    mnist = data.load_mnist(config.data)
+    if not overwrite:
+        workdir.check_data(run_dir, identity)
     if overwrite:
         workdir.clear_run(run_dir)
-    workdir.save_config(run_dir, config)
+    workdir.save_config(run_dir, config, identity)
     log(
         f"data: {len(mnist.train.labels)} train / {len(mnist.validation.labels)} validation / "
-        f"{len(mnist.test.labels)} test"
+        f"{len(mnist.test.labels)} test from {identity['location']} (sha256 {identity['sha256'][:12]})"
     )
+    return mnist, identity
+
+
+def _fit_and_evaluate(config, run_dir: str, mnist: data.MNIST, identity: dict, log: Callable[[str], None]) -> dict:
     model, mesh = models.build_model(config.model), sharding.data_mesh_for(config.num_devices)
-    fitted = fit.fit(config, model, mnist, run_dir, log, mesh)
+    fitted = fit.fit(config, model, mnist, run_dir, log, mesh, data_identity=identity)
     params, selected = fitted.state.params, None
     if config.train.keep_best:
         params, selected = fit.restore_best_params(run_dir, fitted.state, config, fitted.records)
@@ -80,7 +118,7 @@ def train_and_evaluate(
     evaluation_seconds = time.perf_counter() - start
     # Wall-clock seconds go to timings.json; summary.json stays deterministic.
     robust_seconds = results["robustness"].pop("seconds") if "robustness" in results else None
-    summary = summarize(config, results, fitted, selected, mesh)
+    summary = summarize(config, results, fitted, selected, mesh, identity)
     workdir.write_timings(run_dir, fitted.timings, evaluation_seconds, robust_seconds)
     workdir.write_summary(run_dir, summary)  # last: it marks a finished run
     log(f"evaluation took {evaluation_seconds:.1f}s")

@@ -152,13 +152,14 @@ def fit(
     run_dir: str,
     log: Callable[[str], None],
     mesh: Mesh | None = None,
+    data_identity: dict | None = None,
 ) -> Fitted:
     """Trains for config.train.epochs, resuming after the last epoch checkpointed in `run_dir`.
 
     After every epoch: the checkpoint (state, config and records so far), then
     metrics.jsonl and timings.json. The workdir must hold no run of another
     config (workdir.check). When every epoch is checkpointed already, this
-    only restores the final state.
+    only restores the final state. Each checkpoint also records `data_identity`.
     """
     state, loop = _build(config, model, mnist, mesh)
     records, timings, keep_best = [], [], config.train.keep_best
@@ -182,7 +183,7 @@ def fit(
             timings.append(timing)
             # The checkpoint first: a run killed between these writes resumes from it and rewrites the files.
             check = overfitting.pgd_per_seed(record, config.num_seeds) if keep_best else None
-            checkpoint.save_epoch(manager, epoch, state, config, records, check)
+            checkpoint.save_epoch(manager, epoch, state, config, records, check, data_identity=data_identity)
             workdir.write_metrics(run_dir, records)
             workdir.write_timings(run_dir, timings)
             log(

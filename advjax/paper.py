@@ -5,6 +5,7 @@ whose summary.json was written with the same config is reused, so a paper run
 that is interrupted and started again only trains what is missing.
 """
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from advjax import attacks, checkpoint, data, experiment, noise, paper_tables, report, seeds, validation, workdir
+from advjax import attacks, checkpoint, data, experiment, files, noise, paper_tables, report, seeds, validation, workdir
 
 
 def is_paper_config(config: ml_collections.ConfigDict) -> bool:
@@ -33,6 +34,14 @@ def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
     return runs
 
 
+def validate(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """Every run's config, each checked before the first one trains."""
+    runs = run_configs(config)
+    for run in runs.values():
+        validation.validate(run)
+    return runs
+
+
 def train_all(
     config: ml_collections.ConfigDict, paper_dir: str, log: Callable[[str], None], overwrite: bool = False
 ) -> dict[str, dict]:
@@ -40,13 +49,13 @@ def train_all(
 
     `overwrite` retrains every run from scratch, discarding what its workdir holds.
     """
-    runs = run_configs(config)
-    for run in runs.values():
-        validation.validate(run)  # every run is checked before the first one trains
+    runs = validate(config)
+    # A finished run is reused only if it was trained on the data there is now.
+    identity = data.load(config.data)[1]
     summaries = {}
     for i, (name, run) in enumerate(runs.items(), 1):
         run_dir = os.path.join(paper_dir, name)
-        summaries[name] = None if overwrite else workdir.read_finished_summary(run_dir, run)
+        summaries[name] = None if overwrite else workdir.read_finished_summary(run_dir, run, identity)
         if summaries[name] is not None:
             log(f"[{i}/{len(runs)}] {name}: reusing the finished run in {run_dir}")
             continue
@@ -146,11 +155,11 @@ def write_report(config: ml_collections.ConfigDict, summaries: dict, paper_dir: 
     best_eps, distance = paper_tables.best_matching_eps(summaries)
     tables = paper_tables.all_tables(summaries)
     for name, (header, rows) in tables.items():
-        workdir.write_text(os.path.join(paper_dir, f"{name}.csv"), report.csv_text(header, rows))
+        files.write_text(os.path.join(paper_dir, f"{name}.csv"), report.csv_text(header, rows))
     sections = paper_tables.report_sections(summaries, tables, captions, best_eps, distance)
     path = os.path.join(paper_dir, "report.md")
-    workdir.write_text(path, "\n\n".join(sections) + "\n")
-    workdir.write_json(
+    files.write_text(path, "\n\n".join(sections) + "\n")
+    files.write_json(
         os.path.join(paper_dir, "results.json"),
         {
             "paper": paper_tables.PAPER,
@@ -167,10 +176,16 @@ def run(
     paper_dir: str,
     log: Callable[[str], None] = logging.info,
     overwrite: bool = False,
+    lock: bool = True,
 ) -> dict:
-    """Trains (or reuses) all six runs and writes the report; returns {"report": path, "summaries": ...}."""
+    """Trains (or reuses) all six runs and writes the report; returns {"report": path, "summaries": ...}.
+
+    `paper_dir` is locked for the whole of it (`lock=False`: the caller holds the lock), and each run's own workdir too.
+    """
+    validate(config)
     workdir.prepare(paper_dir)
-    summaries = train_all(config, paper_dir, log, overwrite)
-    path = write_report(config, summaries, paper_dir, log)
+    with workdir.locked(paper_dir) if lock else contextlib.nullcontext():
+        summaries = train_all(config, paper_dir, log, overwrite)
+        path = write_report(config, summaries, paper_dir, log)
     log(f"report: {path}")
     return {"report": path, "summaries": summaries}

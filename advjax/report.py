@@ -4,7 +4,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from advjax.workdir import write_bytes
+from advjax.files import write_bytes
 
 SPLITS = ("train", "validation", "test")
 

@@ -4,10 +4,16 @@
   executables from disk instead of compiling them again.
 - A compile-time meter built on `jax.monitoring`, so a run can report how long
   it spent compiling and how much the cache saved.
+- Stopping: SIGINT and SIGTERM raise `Interrupted`, and `exit_now` ends the
+  process at once after its last line.
 """
 
 import dataclasses
+import logging as pylogging
 import os
+import signal
+import sys
+import tempfile
 
 import jax
 from jax import monitoring
@@ -39,12 +45,20 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
     Must run before the first compilation. Every executable is cached, however
     small or quick to compile: this project's CPU loops are many small jits
     whose compile times add up, while each stays under JAX's default 1 s floor.
-    Returns the directory in use, or None.
+    Returns the directory in use, or None. An unusable directory raises OSError
+    naming it, and leaves the cache off (launch.py warns and runs on without it).
+
+    >>> enable_compilation_cache("~/.cache/advjax/jax")
     """
     if cache_dir.strip().lower() in DISABLED:
         return None
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    os.makedirs(cache_dir, exist_ok=True)
+    try:  # a directory JAX cannot write would fail later, mid-run
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache_dir):
+            pass
+    except OSError as e:
+        raise OSError(f"the compilation cache directory {cache_dir} is unusable ({e.strerror or e})") from e
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -83,3 +97,68 @@ class CompileMeter:
 
     def summary(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Stopping -------------------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM during the run. A BaseException, as KeyboardInterrupt is, so that no
+    `except Exception` in the library (or orbax) takes it for a fault and acts on it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def raise_on_stop_signals() -> None:
+    """SIGINT and SIGTERM raise Interrupted in the main thread, where the run stops at once: every file it writes
+    is atomic and every checkpoint committed by a rename, so what it leaves a relaunch trusts.
+
+    >>> raise_on_stop_signals()
+    """
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, _raise_interrupted)
+
+
+def exit_now(status: int) -> None:
+    """Exits at once, flushed: orbax's and JAX's background threads would otherwise hold the process for minutes.
+
+    >>> exit_now(2)
+    """
+    pylogging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def is_a_closed_loop_callback(exc_type: type, exc: BaseException) -> bool:
+    """Tensorstore completes orbax's writes through asyncio callbacks: once a failed save has closed its loop,
+    each callback left raises 'Event loop is closed', which tells nothing the run's error line does not.
+
+    >>> is_a_closed_loop_callback(RuntimeError, RuntimeError("Event loop is closed"))  # True
+    """
+    return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def _excepthook(exc_type, exc, traceback) -> None:
+    if not is_a_closed_loop_callback(exc_type, exc):
+        sys.__excepthook__(exc_type, exc, traceback)
+
+
+def _unraisablehook(unraisable) -> None:
+    if not is_a_closed_loop_callback(unraisable.exc_type, unraisable.exc_value):
+        sys.__unraisablehook__(unraisable)
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Silences those callbacks' tracebacks, which tensorstore reports through both sys.excepthook and
+    sys.unraisablehook; every other exception is reported as before.
+
+    >>> quiet_closed_loop_callbacks()
+    """
+    sys.excepthook, sys.unraisablehook = _excepthook, _unraisablehook

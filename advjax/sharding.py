@@ -154,6 +154,20 @@ def constrain_replicated(tree: Tree, mesh: Mesh | None) -> Tree:
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
+class DeviceError(RuntimeError):
+    """The devices or processes asked for are not there: a platform this machine lacks, a bad process id."""
+
+
+def check_process_id(num_processes: int | None, process_id: int | None) -> None:
+    """0 <= process_id < num_processes, when both are given; JAX itself would abort the process in C++."""
+    if num_processes is not None and num_processes < 1:
+        raise DeviceError(f"--num_processes={num_processes} must be at least 1")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise DeviceError(
+            f"--process_id={process_id} must be in 0..{num_processes - 1} for --num_processes={num_processes}"
+        )
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -161,6 +175,7 @@ def initialize_distributed(
     *,
     auto_detect: bool = False,
     environ: dict[str, str] | None = None,
+    timeout_seconds: int = 300,
 ) -> bool:
     """Starts `jax.distributed` when several processes are asked for; returns whether it did.
 
@@ -169,14 +184,24 @@ def initialize_distributed(
     when JAX_COORDINATOR_ADDRESS is set in the environment (which JAX reads as
     the coordinator; the process count and id then come from the arguments or
     the cluster). Otherwise nothing happens: a single process needs no
-    coordinator. Call it before any other JAX call touches a device.
+    coordinator. Call it before any other JAX call touches a device. JAX
+    aborts the process (in C++, uncatchable) when not every process joins
+    within `timeout_seconds`; launch.py reports that first, naming who is missing.
+
+    >>> initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=0)
     """
     environ = os.environ if environ is None else environ
     asked = any(v is not None for v in (coordinator_address, num_processes, process_id))
     if not (asked or auto_detect or environ.get(COORDINATOR_ENV)):
         return False
+    check_process_id(num_processes, process_id)
+    if asked and not (coordinator_address or environ.get(COORDINATOR_ENV) or auto_detect):
+        raise DeviceError("--num_processes and --process_id need --coordinator_address (or --distributed)")
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_seconds,
     )
     return True
 

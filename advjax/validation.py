@@ -1,4 +1,4 @@
-"""Config checks that run before any data is read or anything is compiled.
+"""Config checks that run before anything is compiled: `validate` before any data is read, `check_sizes` once they are.
 
 Each failure names the field, the value and what was expected, so a typo on
 the command line costs a second, not a compilation.
@@ -38,6 +38,14 @@ def non_negative_int() -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _is_int(v) and v >= 0), "a non-negative integer"
 
 
+def int_in(low: int, high: int) -> tuple[Callable[[Any], bool], str]:
+    """An integer in [low, high): the upper bound excluded, as in `range`.
+
+    >>> ok, expected = int_in(0, 2**32)  # ok(2**32) is False
+    """
+    return (lambda v: _is_int(v) and low <= v < high), f"an integer in [{low}, {high})"
+
+
 def number_in(low: float, high: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: _is_number(v) and low <= v <= high), f"a number in [{low}, {high}]"
 
@@ -60,8 +68,11 @@ def sequence_of(ok: Callable[[Any], bool], items: str, non_empty: bool = False) 
     return check, f"a {'non-empty ' if non_empty else ''}list of {items}"
 
 
+# JAX's PRNG takes seeds modulo 2**32: seed 2**32 would repeat seed 0's every bit, and 2**63 overflows.
+SEED_LIMIT = 2**32
+
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": non_negative_int(),
+    "seed": int_in(0, SEED_LIMIT),
     "num_seeds": positive_int(),
     "num_devices": non_negative_int(),
     "data.source": one_of(data.SOURCES),
@@ -132,8 +143,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "robust.chunk_size": positive_int(),
 }
 
-MNIST_TRAIN_SIZE, MNIST_TEST_SIZE = 60_000, 10_000
-
 
 def _lookup(config: ml_collections.ConfigDict, path: str) -> Any:
     node = config
@@ -145,30 +154,92 @@ def _lookup(config: ml_collections.ConfigDict, path: str) -> Any:
 
 
 def _check_sizes(config: ml_collections.ConfigDict) -> None:
-    num_train = MNIST_TRAIN_SIZE - config.data.num_validation
-    limits = {
-        "data.num_validation": (config.data.num_validation, MNIST_TRAIN_SIZE - 1),
-        "eval.num_train": (config.eval.num_train, num_train),
-        "eval.num_validation": (config.eval.num_validation, config.data.num_validation),
-        "eval.num_test": (config.eval.num_test, MNIST_TEST_SIZE),
-        "train.max_examples": (config.train.max_examples, num_train),
-        "train.batch_size": (config.train.batch_size, config.train.max_examples or num_train),
-    }
-    for path, (value, limit) in limits.items():
-        if value > limit:
-            raise ConfigError(f"config.{path}={value} exceeds the {limit} examples available")
+    """The sizes the config bounds by itself. Those the data bound are `check_sizes`'s, once the data are loaded:
+    MNIST's 60,000 and 10,000 would be wrong bounds for any other IDX set the loaders accept, smaller or larger."""
+    if config.eval.num_validation > config.data.num_validation:
+        raise ConfigError(
+            f"config.eval.num_validation={config.eval.num_validation} exceeds the {config.data.num_validation} "
+            "validation images that data.num_validation holds out"
+        )
+    if 0 < config.train.max_examples < config.train.batch_size:
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} exceeds the "
+            f"train.max_examples={config.train.max_examples} examples trained on"
+        )
+
+
+def _check_seeds(config: ml_collections.ConfigDict) -> None:
+    """Seeds seed..seed+num_seeds-1 are all below SEED_LIMIT, else the last ones would repeat the first."""
+    last = config.seed + config.num_seeds - 1
+    if last >= SEED_LIMIT:
+        raise ConfigError(
+            f"config.seed={config.seed} with config.num_seeds={config.num_seeds} uses seeds up to {last}, "
+            f"past the largest seed {SEED_LIMIT - 1} (seed {SEED_LIMIT} would repeat seed 0); lower seed or num_seeds"
+        )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first field that is missing, of the wrong type or out of range."""
+    """Raises ConfigError naming the first field that is missing, of the wrong type or out of range.
+
+    It needs no data: the sizes bounded by the data are checked by `check_sizes`.
+
+    >>> validate(configs.bp_adv.get_config())
+    """
     for path, (ok, expected) in RULES.items():
         value = _lookup(config, path)
         if not ok(value):
             raise ConfigError(f"config.{path}={value!r} is invalid: expected {expected}")
     _check_sizes(config)
+    _check_seeds(config)
     _check_devices(config)
     _check_keep_best(config)
     _check_l2_grid(config)
+
+
+SPLIT_NOUNS = {"train": "training", "validation": "validation", "test": "test"}
+
+
+def _counts_by_split(config: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
+    """(field, value, split): each count of images the run takes from a split of the data."""
+    counts = [
+        ("train.max_examples", config.train.max_examples, "train"),
+        ("eval.num_train", config.eval.num_train, "train"),
+        ("eval.num_validation", config.eval.num_validation, "validation"),
+        ("eval.num_test", config.eval.num_test, "test"),
+    ]
+    # robust.num_examples and train.overfitting_check_examples are not here: each takes all of its split when the
+    # split is smaller, and the reports state the count used (robustness.robust_eval_set, overfitting.held_out_set).
+    return counts
+
+
+def check_sizes(config: ml_collections.ConfigDict, mnist: data.MNIST) -> None:
+    """Raises ConfigError naming the first count of images that exceeds the split of `mnist` it is taken from.
+
+    Unchecked, a training set too small is silently padded with repeats of its
+    last image, and an evaluation subset too large fails only after training.
+
+    >>> check_sizes(config, data.load_mnist(config.data))
+    """
+    sizes = {split: len(getattr(mnist, split).labels) for split in SPLIT_NOUNS}
+    location = data.locate(config.data)[1]
+    for path, value, split in _counts_by_split(config):
+        if value > sizes[split]:
+            raise ConfigError(
+                f"config.{path}={value} exceeds the {sizes[split]} {SPLIT_NOUNS[split]} images of the data "
+                f"loaded from {location}{_held_out(config, sizes) if split == 'train' else ''}"
+            )
+    if config.train.batch_size > (config.train.max_examples or sizes["train"]):
+        trained_on = (
+            f"train.max_examples={config.train.max_examples} examples trained on"
+            if config.train.max_examples
+            else f"{sizes['train']} training images of the data loaded from {location}{_held_out(config, sizes)}"
+        )
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} exceeds the {trained_on}")
+
+
+def _held_out(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> str:
+    total = sizes["train"] + sizes["validation"]
+    return f" (data.num_validation={config.data.num_validation} of its {total} are held out for validation)"
 
 
 def _check_l2_grid(config: ml_collections.ConfigDict) -> None:

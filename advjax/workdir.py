@@ -6,70 +6,97 @@ Files (docs/design.md, "The workdir"):
 - timings.json: every wall-clock figure, kept apart so that metrics.jsonl and
   summary.json are byte-identical across runs of one config;
 - summary.json: the results, written last, so it marks a finished run;
-- checkpoints/: advjax.checkpoint's orbax checkpoints.
-Every file is written atomically (a temporary file, fsync, rename).
+- checkpoints/: advjax.checkpoint's orbax checkpoints;
+- .lock: while a run holds the workdir's lock (`locked`), which process it is.
+Every file is written by advjax.files: atomically, with the mode the umask gives.
 """
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
+
+from advjax import files
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TIMINGS_FILE = "timings.json"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+DATA_KEY = "data_identity"  # config.json's entry for the data's name, source, location and SHA-256
 # Everything a run writes besides config.json. The summary comes first: it is
 # the one file trusted on sight (advjax.paper reuses a run by it), so clearing a
 # run removes it before anything it summarizes.
 RUN_OUTPUTS = (SUMMARY_FILE, CHECKPOINT_DIR, METRICS_FILE, TIMINGS_FILE)
-# Sections that change how a trained model is evaluated or where it runs, not
-# what is trained: a finished or interrupted run may be continued and
-# re-evaluated under new values of these.
-NOT_TRAINING = ("eval", "robust", "num_devices")
+# Fields (top-level sections or dotted paths) that change how a trained model is
+# evaluated, where it runs, what is kept or where the data lie, not what is
+# trained: a finished or interrupted run may be continued and re-evaluated under
+# new values of these. The data themselves are checked by content (check_data).
+NOT_TRAINING = (
+    "eval",
+    "robust",
+    "num_devices",
+    "train.checkpoints_to_keep",
+    "data.source",
+    "data.dir",
+    "data.cache_dir",
+    "data.tfds_data_dir",
+)
 
 
 class WorkdirError(ValueError):
-    """The workdir holds a run this launch must not continue: another config, or damaged checkpoints."""
+    """The workdir holds a run this launch must not continue: another config or data, damaged
+    checkpoints, or another process's live run."""
 
 
-# Atomic writes -------------------------------------------------------------------
+# One writer per workdir --------------------------------------------------------------
 
 
-def write_bytes(path: str, content: bytes) -> None:
-    """Writes via a temporary file and a rename, so a killed run never leaves a truncated file.
-
-    The fsync before the rename makes this hold across a power cut too: the
-    rename can reach the disk only after the content has.
-    """
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+def _lock_holder(workdir: str) -> str:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with open(os.path.join(workdir, LOCK_FILE)) as f:
+            return f.read().strip() or "another process"
+    except OSError:
+        return "another process (it has not written its name yet)"
 
 
-def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+    """Holds `workdir`'s advisory lock for the block; refuses at once, naming the holder, if another process has it.
 
+    The lock is a kernel flock on the directory itself, not a PID file: it dies
+    with its process, SIGKILL included, so a killed run never leaves the workdir
+    locked. workdir/.lock names the holder while it runs, for the message.
 
-def write_json(path: str, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_jsonl(path: str, records: Sequence[dict]) -> None:
-    """One object per line; the whole file is rewritten atomically each time."""
-    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    >>> with workdir.locked("runs/bp_adv"):
+    ...     train_and_evaluate(config, "runs/bp_adv")
+    """
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(
+                f"{workdir} is in use by {_lock_holder(workdir)}; wait for that run to end, or use another --workdir"
+            ) from None
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        holder = os.path.join(workdir, LOCK_FILE)
+        files.write_text(holder, f"process {os.getpid()} on {socket.gethostname()} (since {since})\n")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(holder)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # Config identity ------------------------------------------------------------------
@@ -81,8 +108,16 @@ def config_as_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def training_part(config_json: dict) -> dict:
-    """The fields of a JSON config that determine the trained model."""
-    return {key: value for key, value in config_json.items() if key not in NOT_TRAINING}
+    """The fields of a JSON config that determine the trained model (NOT_TRAINING left out)."""
+    part = json.loads(json.dumps(config_json))
+    for path in NOT_TRAINING:
+        *parents, leaf = path.split(".")
+        node = part
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return part
 
 
 def config_differences(saved: Any, current: Any, path: str = "") -> list[str]:
@@ -121,12 +156,15 @@ def training_differences(saved: dict, config: ml_collections.ConfigDict) -> str:
     return describe_differences(training_part(saved), training_part(config_as_json(config)))
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+def save_config(workdir: str, config: ml_collections.ConfigDict, data_identity: dict | None = None) -> None:
+    """config.json: the config's fields, and under DATA_KEY the identity of the data it was trained on."""
+    saved = config.to_dict()
+    if data_identity is not None:
+        saved[DATA_KEY] = data_identity
+    files.write_json(os.path.join(workdir, CONFIG_FILE), saved)
 
 
-def read_saved_config(workdir: str) -> dict | None:
-    """The config.json of `workdir` as JSON, None when there is none; a damaged one is refused."""
+def _read_config_file(workdir: str) -> dict | None:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
@@ -138,6 +176,38 @@ def read_saved_config(workdir: str) -> dict | None:
     if not isinstance(saved, dict):
         raise WorkdirError(f"{path} does not hold a config; relaunch with --overwrite to start the run afresh")
     return saved
+
+
+def read_saved_config(workdir: str) -> dict | None:
+    """The config of `workdir`'s config.json as JSON (its data identity left out), None when there is none;
+    a damaged one is refused."""
+    saved = _read_config_file(workdir)
+    return None if saved is None else {k: v for k, v in saved.items() if k != DATA_KEY}
+
+
+def read_data_identity(workdir: str) -> dict | None:
+    """The identity of the data `workdir`'s run was trained on; None for a run that recorded none."""
+    saved = _read_config_file(workdir)
+    return saved[DATA_KEY] if saved is not None and DATA_KEY in saved else None
+
+
+def describe_data(identity: dict) -> str:
+    return f"sha256 {identity['sha256'][:16]}... from {identity['location']}"
+
+
+def check_data(workdir: str, identity: dict) -> None:
+    """Refuses to continue a run on data other than its own: a relaunch must resume, or re-evaluate, the same data.
+
+    >>> check_data("runs/bp_adv", data.identity(config.data, mnist))
+    """
+    if not any(_holds_something(os.path.join(workdir, name)) for name in RUN_OUTPUTS):
+        return  # a config.json alone holds nothing trained on the old data
+    saved = read_data_identity(workdir)
+    if saved is not None and saved["sha256"] != identity["sha256"]:
+        raise WorkdirError(
+            f"{workdir} holds a run trained on other data ({describe_data(saved)}; now {describe_data(identity)}); "
+            "point the data back, use another --workdir, or relaunch with --overwrite to discard that run"
+        )
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -153,11 +223,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def prepare(workdir: str) -> None:
-    """Creates the workdir and proves it is writable before any work is done."""
+    """Creates the workdir and proves it is writable before any work is done.
+
+    >>> prepare("runs/bp_adv")
+    """
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"workdir {workdir!r} is a file, not a directory; name a directory as --workdir")
+    checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.lexists(checkpoints) and not os.path.isdir(checkpoints):
+        raise WorkdirError(f"{checkpoints} is a file, not the checkpoint directory; move it away or delete it")
+    probe = os.path.join(workdir, ".write_test")
     try:
         os.makedirs(workdir, exist_ok=True)
-        write_text(os.path.join(workdir, ".write_test"), "")
-        os.remove(os.path.join(workdir, ".write_test"))
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
     except OSError as e:
         raise OSError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
 
@@ -212,12 +292,17 @@ def read_summary(workdir: str) -> dict | None:
         return None
 
 
-def read_finished_summary(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
-    """The summary.json of a finished run of exactly `config`; None when absent, unreadable or of another config."""
+def read_finished_summary(
+    workdir: str, config: ml_collections.ConfigDict, data_identity: dict | None = None
+) -> dict | None:
+    """The summary.json of a finished run of exactly `config` (and, if given, on that data); None when absent,
+    unreadable, of another config or of other data."""
     summary = read_summary(workdir)
     try:
         same = json.dumps(summary["config"], sort_keys=True) == json.dumps(config_as_json(config), sort_keys=True)
-    except (KeyError, TypeError):  # not a summary: not trusted, the run is resumed or redone
+        if data_identity is not None:
+            same = same and summary["data"]["sha256"] == data_identity["sha256"]
+    except (KeyError, TypeError):  # not a summary (or one without its data): not trusted, the run is resumed or redone
         return None
     return summary if same else None
 
@@ -226,12 +311,12 @@ def read_finished_summary(workdir: str, config: ml_collections.ConfigDict) -> di
 
 
 def write_metrics(workdir: str, records: Sequence[dict]) -> None:
-    write_jsonl(os.path.join(workdir, METRICS_FILE), records)
+    files.write_jsonl(os.path.join(workdir, METRICS_FILE), records)
 
 
 def write_summary(workdir: str, summary: dict) -> None:
     """Written last: a summary.json whose config matches marks a finished run."""
-    write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+    files.write_json(os.path.join(workdir, SUMMARY_FILE), summary)
 
 
 def read_epoch_timings(workdir: str, last_epoch: int) -> list[dict]:
@@ -254,7 +339,7 @@ def write_timings(
     timings = {"epochs": epochs, "evaluation_seconds": evaluation_seconds}
     if robustness_seconds:
         timings["robustness_seconds"] = robustness_seconds
-    write_json(os.path.join(workdir, TIMINGS_FILE), timings)
+    files.write_json(os.path.join(workdir, TIMINGS_FILE), timings)
 
 
 def add_timing(workdir: str, name: str, value) -> None:
@@ -266,4 +351,4 @@ def add_timing(workdir: str, name: str, value) -> None:
     except (OSError, ValueError):
         timings = {}
     timings[name] = value
-    write_json(path, timings)
+    files.write_json(path, timings)

@@ -13,16 +13,20 @@ Counted across the test files, the distinct bad inputs tried:
 - data: here 4 (a missing directory, a truncated file, a corrupt gzip stream,
   image and label counts that differ); tests/test_idx.py and tests/test_data.py more, at the loaders;
   tests/test_launch.py a missing directory and a truncated file;
-- workdirs: here 8 (its parent is a file, it is a file, read-only (immutable
-  for root), written by another config, outputs without a config, a damaged
-  config.json, a checkpoint of another config, every checkpoint damaged);
-  tests/test_launch.py a parent that is a file, another config;
-  tests/test_checkpoint.py a damaged latest checkpoint (an older one is used);
+- workdirs: here 9 (its parent is a file, it is a file, read-only (immutable
+  for root), written by another config, outputs without a config or a
+  checkpoint, a damaged config.json, a checkpoint of another config, every
+  checkpoint damaged, other data); a lost config.json is recovered;
+  tests/test_launch.py a parent that is a file, another config, a live run,
+  a full disk, signals; tests/test_checkpoint.py a damaged latest checkpoint
+  and a silently flipped byte (an older one is used);
+- sizes: here more training examples than the data hold; tests/test_validation.py each count;
 - training: here a NaN from an absurd learning rate, with 1 and 2 seeds.
 """
 
 import contextlib
 import gzip
+import json
 import os
 import pathlib
 import shutil
@@ -33,7 +37,8 @@ import pytest
 
 import launch
 from advjax import checkpoint, experiment, models, train
-from tests.helpers import synthetic_config
+from advjax import workdir as workdir_module
+from tests.helpers import synthetic_config, write_synthetic_mnist
 
 # Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
 # complain ("Event loop is closed") whenever they run, often in a later test.
@@ -174,7 +179,7 @@ def test_a_workdir_under_a_file_is_refused(synthetic_mnist_dir, tmp_path):
 
 def test_a_workdir_that_is_a_file_is_refused(synthetic_mnist_dir, tmp_path):
     (tmp_path / "run").write_text("keep me")
-    refused(synthetic_config(synthetic_mnist_dir), tmp_path / "run", "is not writable")
+    refused(synthetic_config(synthetic_mnist_dir), tmp_path / "run", "is a file, not a directory")
     assert (tmp_path / "run").read_text() == "keep me"
 
 
@@ -217,10 +222,54 @@ def test_a_workdir_of_another_config_is_refused_naming_the_field(run_copy):
     )
 
 
-def test_outputs_without_a_config_are_refused(run_copy):
+def test_outputs_without_a_config_or_a_checkpoint_are_refused(run_copy):
     config, workdir = run_copy
     (workdir / "config.json").unlink()
+    shutil.rmtree(workdir / "checkpoints")
     refused(config, workdir, "but no config.json", "--overwrite")
+
+
+def test_a_lost_config_json_is_recovered_from_the_checkpoint_and_the_run_goes_on(run_copy):
+    config, workdir = run_copy
+    before = snapshot(workdir)
+    (workdir / "config.json").unlink()
+    messages = []
+    experiment.train_and_evaluate(config, str(workdir), log=messages.append)
+    assert any("config.json was missing; recovered it from the checkpoint of epoch 1" in m for m in messages)
+    after = snapshot(workdir)
+    assert json.loads(after["config.json"]) == json.loads(before["config.json"])
+    assert after["summary.json"] == before["summary.json"]
+
+
+def test_a_relaunch_on_other_data_is_refused_naming_both_fingerprints(run_copy, tmp_path):
+    config, workdir = run_copy
+    other = tmp_path / "other_mnist"
+    shutil.copytree(config.data.dir, other)
+    images = other / "train-images-idx3-ubyte.gz"
+    content = bytearray(gzip.decompress(images.read_bytes()))
+    content[-1] ^= 0xFF  # one pixel of the last training image
+    images.write_bytes(gzip.compress(bytes(content)))
+    config.data.dir = str(other)
+    saved = json.loads((workdir / "config.json").read_text())[workdir_module.DATA_KEY]
+    message = refused(config, workdir, "holds a run trained on other data", f"sha256 {saved['sha256'][:16]}")
+    assert str(other) in message and "--overwrite" in message
+
+
+def test_the_same_data_in_another_directory_resumes(run_copy, tmp_path):
+    config, workdir = run_copy
+    before = snapshot(workdir)["summary.json"]
+    shutil.copytree(config.data.dir, tmp_path / "moved")
+    config.data.dir = str(tmp_path / "moved")
+    experiment.train_and_evaluate(config, str(workdir), log=lambda message: None)
+    assert json.loads(snapshot(workdir)["summary.json"])["accuracy"] == json.loads(before)["accuracy"]
+
+
+def test_more_training_examples_than_the_data_holds_are_refused_before_training(tmp_path):
+    small = write_synthetic_mnist(tmp_path / "small", num_train=2000, num_test=300)
+    config = synthetic_config(small)
+    config.train.max_examples = 5000
+    refused(config, tmp_path / "run", "config.train.max_examples=5000", "exceeds")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_damaged_config_json_is_refused(run_copy):

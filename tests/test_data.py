@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import os
+import shutil
+
 import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import data, download
+from advjax import data, download, idx
 from tests.helpers import IDX_NUM_TEST, IDX_NUM_TRAIN, IDX_NUM_VALIDATION, CopyFetch, data_config, expect_error, listing
 
 # ----------------------------------------------------------------------------
@@ -160,3 +164,91 @@ def test_to_float_images_scales_uint8_to_unit_interval():
     # does), so only the endpoints are compared exactly.
     chex.assert_trees_all_close(out, images.astype(np.float32) / np.float32(255.0), rtol=1e-6, atol=0)
     assert float(out[0, 0, 0, 0]) == 0.0 and float(out[-1, 0, 0, 0]) == 1.0
+
+
+# ----------------------------------------------------------------------------
+# The data's identity (load).
+
+# The official files as loaded (advjax.download.MNIST_FILES): a change of content_sha256 changes every run's identity.
+MNIST_SHA256 = "202e3be4c8ff396382c51a1cbb79eec32c01a789b80faec2c63682098c9f8bc8"
+
+
+def test_load_returns_the_data_load_mnist_does_and_their_identity(idx_dir):
+    config = data_config(source="idx", dir=str(idx_dir))
+    mnist, identity = data.load(config)
+    chex.assert_trees_all_equal(tuple(mnist), tuple(data.load_mnist(config)))
+    assert identity == {"name": "mnist", "source": "idx", "location": str(idx_dir), "sha256": identity["sha256"]}
+    assert len(identity["sha256"]) == 64 and int(identity["sha256"], 16) >= 0
+
+
+def test_the_same_content_elsewhere_or_unpacked_has_the_same_digest(tmp_path, idx_dir):
+    copy = shutil.copytree(idx_dir, tmp_path / "copy")
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    for packed in idx_dir.iterdir():
+        (unpacked / packed.name.removesuffix(".gz")).write_bytes(gzip.decompress(packed.read_bytes()))
+    identities = [data.load(data_config(dir=str(d)))[1] for d in (idx_dir, copy, unpacked)]
+    assert len({i["sha256"] for i in identities}) == 1
+    assert [i["location"] for i in identities] == [str(idx_dir), str(copy), str(unpacked)]
+
+
+def test_the_digest_does_not_depend_on_the_validation_split(idx_dir):
+    digests = {
+        data.load(data_config(dir=str(idx_dir), num_validation=n, split_seed=seed))[1]["sha256"]
+        for n, seed in ((10, 0), (20, 0), (10, 1))
+    }
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("name", [idx.TRAIN_IMAGES, idx.TRAIN_LABELS, idx.TEST_IMAGES, idx.TEST_LABELS])
+def test_one_changed_value_changes_the_digest(tmp_path, idx_dir, name):
+    copy = shutil.copytree(idx_dir, tmp_path / "copy")
+    packed = copy / f"{name}.gz"
+    content = bytearray(gzip.decompress(packed.read_bytes()))
+    content[-1] = (content[-1] + 1) % 10  # the last pixel or label, still a valid label
+    packed.write_bytes(gzip.compress(bytes(content)))
+    assert data.load(data_config(dir=str(copy)))[1]["sha256"] != data.load(data_config(dir=str(idx_dir)))[1]["sha256"]
+
+
+def test_the_digest_covers_dtype_and_shape():
+    images = np.zeros((4, 28, 28, 1), np.uint8)
+    split = data.Split(images, np.zeros(4, np.int32))
+    reshaped = data.Split(images.reshape(2, 56, 28, 1), np.zeros(4, np.int32))
+    as_int64 = data.Split(images, np.zeros(4, np.int64))
+    digests = {data.content_sha256(s, split) for s in (split, reshaped, as_int64)}
+    assert len(digests) == 3
+
+
+def test_identity_names_a_relative_directory_absolutely(tmp_path, idx_dir, monkeypatch):
+    monkeypatch.chdir(idx_dir.parent)
+    identity = data.load(data_config(source="auto", dir=idx_dir.name))[1]
+    assert (identity["source"], identity["location"]) == ("idx", str(idx_dir))
+
+
+def test_identity_names_the_download_cache(tmp_path, synthetic_mirror, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    cache = tmp_path / "cache"
+    download.download_mnist(cache, fetch=CopyFetch(synthetic_mirror))
+    identity = data.load(data_config(cache_dir=str(cache)))[1]
+    assert (identity["source"], identity["location"]) == ("download", str(cache))
+    assert identity["sha256"] == data.load(data_config(source="idx", dir=str(synthetic_mirror)))[1]["sha256"]
+
+
+def test_identity_names_the_tfds_data_dir_read(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with tfds.testing.mock_data(num_examples=30):
+        default_dir = data.load(data_config(source="tfds"))[1]
+        given = data.load(data_config(source="tfds", tfds_data_dir=str(tmp_path / "given")))[1]
+    assert (default_dir["source"], default_dir["location"]) == ("tfds", str(tmp_path / "tfds"))
+    assert given["location"] == str(tmp_path / "given")
+
+
+def test_identity_of_the_real_files(mnist_dir):
+    mnist, identity = data.load(data_config(source="idx", dir=str(mnist_dir), num_validation=10_000))
+    assert identity == {
+        "name": "mnist",
+        "source": "idx",
+        "location": os.path.abspath(mnist_dir),
+        "sha256": MNIST_SHA256,
+    }

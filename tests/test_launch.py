@@ -248,20 +248,21 @@ def test_a_workdir_of_another_config_is_refused_and_overwrite_replaces_its_run(t
     workdir = tmp_path / "run"
     shutil.copytree(whole, workdir)
     before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    other = [*overrides, "--config.train.checkpoints_to_keep=1"]  # a different config, the same programs
+    # A different config with the same programs and numbers: BP's epoch is one loop, which chunk_size does not shape.
+    other = [*overrides, "--config.train.chunk_size=4"]
 
     refused = launch("bp_adv", workdir, *other)
     assert refused.returncode == 2 and refused.stderr.count("error:") == 1
-    assert "config.train.checkpoints_to_keep: 2 there, 1 now" in refused.stderr and "--overwrite" in refused.stderr
+    assert "config.train.chunk_size: 8 there, 4 now" in refused.stderr and "--overwrite" in refused.stderr
     assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
 
     replaced = launch("bp_adv", workdir, *other, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert "resumed" not in replaced.stderr and "] epoch 1/3 " in replaced.stderr
-    assert checkpointed_epochs(workdir) == [3]
+    assert checkpointed_epochs(workdir) == [2, 3]
     assert (workdir / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["config"]["train"]["checkpoints_to_keep"] == 1
+    assert summary["config"]["train"]["chunk_size"] == 4
     assert summary["accuracy"] == json.loads((whole / "summary.json").read_text())["accuracy"]
 
 
@@ -310,3 +311,159 @@ def test_a_batch_the_devices_cannot_split_is_refused(tmp_path, synthetic_mnist_d
     assert result.returncode == 2
     assert "train.batch_size=30 is not divisible by the 4 devices" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# Faults of the machine and of concurrent launches: one line each, no traceback, no process left behind.
+
+
+def the_one_line(result: subprocess.CompletedProcess, *fragments: str, status: int = 2, prefix: str = "error:") -> str:
+    """The single `error:` (or `interrupted`, `warning:`) line of a launch, checked for `fragments` and `status`."""
+    assert result.returncode == status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def start_and_wait_for_epoch_1(command: list[str], workdir: pathlib.Path, log_path: pathlib.Path) -> subprocess.Popen:
+    """Starts `command`; returns once its checkpoint of epoch 1 is committed (or the process ended)."""
+    log = open(log_path, "w")  # closed when the process's output is read back
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and not (workdir / "checkpoints" / "1").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, log_path.read_text()[-3000:]
+    return process
+
+
+def test_a_live_run_is_neither_joined_nor_overwritten_by_a_second_launch(tmp_path, kill_test_setup):
+    overrides, _ = kill_test_setup
+    workdir = tmp_path / "run"
+    long_run = [*overrides, "--config.train.epochs=60"]  # outlives the second launches' start-up
+    live = start_and_wait_for_epoch_1(launch_command("bp_adv", workdir, *long_run), workdir, tmp_path / "live.log")
+    try:
+        commands = [
+            launch_command("bp_adv", workdir, *long_run),
+            [*launch_command("bp_adv", workdir, *long_run), "--overwrite", "--config.seed=1"],
+        ]
+        seconds = [
+            subprocess.Popen(c, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+        ]
+        results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=300)) for p in seconds]
+        for p, result in zip(seconds, results):
+            result.returncode = p.returncode
+        assert live.poll() is None, "the live run ended before the second launches were refused: lengthen it"
+    finally:
+        live.send_signal(signal.SIGTERM)
+        live.wait(timeout=10)
+    for result in results:
+        the_one_line(result, f"{workdir} is in use by process {live.pid} on ", "use another --workdir")
+    assert live.returncode == 143, (tmp_path / "live.log").read_text()[-3000:]
+    # Nothing of the live run was deleted or rewritten by the launch with --overwrite --config.seed=1.
+    assert json.loads((workdir / "config.json").read_text())["seed"] == 0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and records
+    assert max(checkpointed_epochs(workdir)) == len(records)
+
+
+@pytest.mark.parametrize("stop, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_run_stops_in_one_line_and_the_relaunch_ends_as_an_uninterrupted_run(
+    tmp_path, kill_test_setup, stop, status
+):
+    overrides, whole = kill_test_setup
+    workdir = tmp_path / "run"
+    process = start_and_wait_for_epoch_1(launch_command("bp_adv", workdir, *overrides), workdir, tmp_path / "run.log")
+    process.send_signal(stop)
+    process.wait(timeout=10)  # promptly: no background thread holds the process
+    log = (tmp_path / "run.log").read_text()
+    stopped = subprocess.CompletedProcess(process.args, process.returncode, "", log)
+    line = the_one_line(
+        stopped, f"interrupted by {stop.name} ", "relaunch the same command to", status=status, prefix="interrupted"
+    )
+    done = checkpointed_epochs(workdir)
+    assert f"resume after epoch {max(done)}" in line or not done, line
+
+    resumed = launch("bp_adv", workdir, *overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("summary.json", "metrics.jsonl"):
+        assert (workdir / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 1 MiB tmpfs: room for config.json, none for a checkpoint. Needs root."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full filesystem is simulated with a small tmpfs, which only root can mount")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]).returncode:
+        pytest.skip("this machine does not let root mount a tmpfs")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(small_filesystem, synthetic_mnist_dir):
+    workdir = small_filesystem / "run"
+    result = launch("bp", workdir, *synthetic_overrides(synthetic_mnist_dir), "--config.train.epochs=1")
+    the_one_line(result, f"cannot write the checkpoint of epoch 1 to {workdir}/checkpoints", "No space left on device")
+
+
+def test_an_unusable_compilation_cache_is_a_warning_and_the_run_goes_on(tmp_path, synthetic_mnist_dir):
+    overrides = synthetic_overrides(synthetic_mnist_dir, "--config.train.epochs=1")
+    result = launch("bp", tmp_path / "run", *overrides, "--compilation_cache=/proc/forbidden")
+    the_one_line(result, "/proc/forbidden", "running without the compilation cache", status=0, prefix="warning:")
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, fragments",
+    [
+        (["--config=configs/no_such.py", "--config.train.epochs=1"], ("--config=configs/no_such.py: no such file",)),
+        (["--config=configs", "--config.train.epochs=1"], ("--config=configs is a directory",)),
+        (["--config=configs/bp_adv.py", "stray"], ("unexpected arguments ['stray']",)),
+        (["--config=configs/bp_adv.py", "--num_processes=2", "--process_id=5"], ("--process_id=5 must be in 0..1",)),
+    ],
+    ids=["missing_config", "config_is_a_directory", "stray_argument", "process_id_out_of_range"],
+)
+def test_a_bad_command_line_is_one_error_line(tmp_path, arguments, fragments):
+    command = [sys.executable, "launch.py", *arguments, f"--workdir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    the_one_line(result, *fragments)
+
+
+def test_a_relative_config_path_from_another_directory_names_the_file_and_a_likely_one(tmp_path):
+    command = [sys.executable, str(REPO / "launch.py"), "--config=configs/bp_adv.py", f"--workdir={tmp_path / 'r'}"]
+    result = subprocess.run([*command, "--config.train.epochs=1"], cwd=tmp_path, capture_output=True, text=True)
+    the_one_line(result, f"relative paths are read from {tmp_path}", f"did you mean {REPO / 'configs/bp_adv.py'}?")
+
+
+def test_a_config_file_without_get_config_is_named(tmp_path):
+    (tmp_path / "mine.py").write_text("EPOCHS = 3\n")
+    for extra in ([], ["--config.train.epochs=1"]):
+        command = [sys.executable, "launch.py", f"--config={tmp_path / 'mine.py'}", f"--workdir={tmp_path / 'r'}"]
+        result = subprocess.run([*command, *extra], cwd=REPO, capture_output=True, text=True, timeout=120)
+        the_one_line(result, f"--config={tmp_path / 'mine.py'} defines no get_config()")
+
+
+def test_a_platform_the_machine_lacks_is_one_error_line(tmp_path):
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("this machine has a GPU")
+    env = dict(os.environ, JAX_PLATFORMS="cuda")
+    command = launch_command("bp_adv", tmp_path / "run")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    the_one_line(result, "JAX_PLATFORMS=cuda", "unset JAX_PLATFORMS")
+
+
+@pytest.mark.parametrize(
+    "process_id, missing", [(1, "process 0 (the coordinator at localhost:"), (0, "processes 1..1")]
+)
+def test_a_missing_cluster_peer_is_named_within_the_join_timeout(tmp_path, process_id, missing):
+    port = 29500 + os.getpid() % 400 + process_id
+    cluster = [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={process_id}"]
+    command = [*launch_command("bp_adv", tmp_path / "run"), *cluster, "--distributed_timeout=3"]
+    start = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    the_one_line(result, missing, "within 3 s")
+    assert time.monotonic() - start < 60

@@ -1,6 +1,8 @@
-"""Tests for advjax.runtime: the compilation cache setting and the compile-time meter."""
+"""Tests for advjax.runtime: the compilation cache setting, the compile-time meter, and stopping."""
 
 import os
+import signal
+import sys
 import time
 
 import jax
@@ -53,3 +55,40 @@ def test_compile_meter_counts_a_fresh_jits_compilation():
     assert first["cache_misses"] >= 1 and first["cache_hits"] == 0
     assert again == first
     assert reloaded["cache_hits"] >= 1 and reloaded["cache_misses"] == first["cache_misses"]
+
+
+def test_an_unusable_cache_directory_is_named_and_the_cache_left_off(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.raises(OSError, match=f"the compilation cache directory {blocker}/jax is unusable"):
+        runtime.enable_compilation_cache(str(blocker / "jax"))
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_raises_interrupted_which_no_except_exception_catches(stop):
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runtime.raise_on_stop_signals()
+        with pytest.raises(runtime.Interrupted) as info:
+            try:
+                signal.raise_signal(stop)
+            except Exception:  # the library's damage handlers must not take it
+                pytest.fail("Interrupted was caught as an Exception")
+        assert info.value.signum == stop and str(info.value) == stop.name
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def test_only_closed_loop_callbacks_are_silenced(capsys):
+    old = sys.excepthook, sys.unraisablehook
+    try:
+        runtime.quiet_closed_loop_callbacks()
+        sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)
+        assert capsys.readouterr().err == ""
+        sys.excepthook(ValueError, ValueError("a real fault"), None)
+        assert "ValueError: a real fault" in capsys.readouterr().err
+    finally:
+        sys.excepthook, sys.unraisablehook = old

@@ -285,7 +285,9 @@ def test_single_process_starts_no_coordinator(distributed_calls):
 
 def test_explicit_arguments_start_jax_distributed(distributed_calls):
     assert sharding.initialize_distributed("10.0.0.1:1234", 2, 1, environ={}) is True
-    assert distributed_calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}]
+    assert distributed_calls == [
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1, "initialization_timeout": 300}
+    ]
 
 
 @pytest.mark.parametrize("how", ("auto_detect", "environment"))
@@ -296,4 +298,13 @@ def test_cluster_detection_is_left_to_jax(distributed_calls, how):
     else:
         started = sharding.initialize_distributed(environ={sharding.COORDINATOR_ENV: "10.0.0.1:1234"})
     assert started is True
-    assert distributed_calls == [{"coordinator_address": None, "num_processes": None, "process_id": None}]
+    assert distributed_calls == [
+        {"coordinator_address": None, "num_processes": None, "process_id": None, "initialization_timeout": 300}
+    ]
+
+
+@pytest.mark.parametrize("num_processes, process_id", [(2, 5), (2, -1), (0, 0)])
+def test_a_process_id_outside_the_cluster_is_refused_before_jax_aborts(distributed_calls, num_processes, process_id):
+    with pytest.raises(sharding.DeviceError, match="--process_id|--num_processes"):
+        sharding.initialize_distributed("10.0.0.1:1234", num_processes, process_id, environ={})
+    assert distributed_calls == []

@@ -3,6 +3,10 @@ what a workdir holds (refuse, resume, re-evaluate, overwrite)."""
 
 import json
 import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -10,33 +14,7 @@ from advjax import workdir
 from tests.helpers import outputs, run_experiment, synthetic_config, tiny_config
 
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
-
-# ----------------------------------------------------------------------------
-# Atomic writes.
-
-
-def test_write_json_round_trips_and_leaves_no_temporary_file(tmp_path):
-    path = tmp_path / "summary.json"
-    workdir.write_json(str(path), {"accuracy": {"test": {"clean": 0.99}}})
-    assert json.loads(path.read_text()) == {"accuracy": {"test": {"clean": 0.99}}}
-    assert os.listdir(tmp_path) == ["summary.json"]
-
-
-def test_failed_write_keeps_the_old_file_intact(tmp_path):
-    path = tmp_path / "summary.json"
-    workdir.write_json(str(path), {"old": 1})
-    with pytest.raises(TypeError):
-        workdir.write_json(str(path), {"new": object()})  # not serializable: fails midway
-    assert json.loads(path.read_text()) == {"old": 1}
-    assert os.listdir(tmp_path) == ["summary.json"]
-
-
-def test_write_jsonl_writes_one_object_per_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    records = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
-    workdir.write_jsonl(str(path), records)
-    assert [json.loads(line) for line in path.read_text().splitlines()] == records
-
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------
 # Config identity.
@@ -145,3 +123,92 @@ def test_changing_only_evaluation_settings_keeps_the_trained_model(tmp_path, syn
     assert any("skipping training" in m for m in messages), messages
     assert second["epochs"] == first["epochs"] and second["accuracy"] == first["accuracy"]
     assert len(second["sweeps"]["gaussian"]["accuracy"]) == 2
+
+
+# ----------------------------------------------------------------------------
+# One writer per workdir, and a workdir or checkpoint directory that is a file.
+
+
+def test_a_second_holder_of_the_lock_is_refused_at_once_naming_the_first(tmp_path):
+    with workdir.locked(str(tmp_path)):
+        holder = (tmp_path / workdir.LOCK_FILE).read_text()
+        assert f"process {os.getpid()} on {socket.gethostname()}" in holder
+        with pytest.raises(workdir.WorkdirError, match=f"is in use by process {os.getpid()} on "):
+            with workdir.locked(str(tmp_path)):
+                pass
+    with workdir.locked(str(tmp_path)):  # released on leaving the block
+        pass
+    assert not (tmp_path / workdir.LOCK_FILE).exists()
+
+
+@pytest.mark.slow  # a subprocess
+def test_the_lock_dies_with_a_killed_process(tmp_path):
+    holding = (
+        "import sys, time; from advjax import workdir\n"
+        f"with workdir.locked({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", holding], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(workdir.WorkdirError, match=f"in use by process {process.pid} "):
+            with workdir.locked(str(tmp_path)):
+                pass
+    finally:
+        process.kill()
+        process.wait()
+    with workdir.locked(str(tmp_path)):  # SIGKILL freed it: no stale PID file to clean up
+        pass
+
+
+def test_a_workdir_or_a_checkpoint_directory_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "run").write_text("keep me")
+    with pytest.raises(workdir.WorkdirError, match="is a file, not a directory"):
+        workdir.prepare(str(tmp_path / "run"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "checkpoints").write_text("keep me")
+    with pytest.raises(workdir.WorkdirError, match="checkpoints is a file, not the checkpoint directory"):
+        workdir.prepare(str(tmp_path / "other"))
+
+
+def test_changing_how_many_checkpoints_are_kept_is_not_another_config(tmp_path):
+    config = tiny_config()
+    workdir.save_config(str(tmp_path), config)
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    config.train.checkpoints_to_keep = 5
+    workdir.check(str(tmp_path), config, overwrite=False)
+    config.train.epochs += 1
+    with pytest.raises(workdir.WorkdirError, match="config.train.epochs"):
+        workdir.check(str(tmp_path), config, overwrite=False)
+
+
+# ----------------------------------------------------------------------------
+# The data in the run's identity.
+
+IDENTITY = {"name": "mnist", "source": "idx", "location": "/data/a", "sha256": "a" * 64}
+OTHER = {"name": "mnist", "source": "idx", "location": "/data/b", "sha256": "b" * 64}
+
+
+def test_a_run_on_other_data_is_refused_naming_both_fingerprints(tmp_path):
+    workdir.save_config(str(tmp_path), tiny_config(), IDENTITY)
+    workdir.check_data(str(tmp_path), OTHER)  # a config.json alone: nothing trained on the old data
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    workdir.check_data(str(tmp_path), dict(IDENTITY, location="/moved"))  # the same content elsewhere
+    with pytest.raises(
+        workdir.WorkdirError, match=r"sha256 a{16}\.\.\. from /data/a; now sha256 b{16}\.\.\. from /data/b"
+    ):
+        workdir.check_data(str(tmp_path), OTHER)
+
+
+def test_the_data_identity_is_kept_apart_from_the_config_fields(tmp_path):
+    config = tiny_config()
+    workdir.save_config(str(tmp_path), config, IDENTITY)
+    assert workdir.read_saved_config(str(tmp_path)) == workdir.config_as_json(config)
+    assert workdir.read_data_identity(str(tmp_path)) == IDENTITY
+    assert workdir.config_as_json(workdir.load_config(str(tmp_path))) == workdir.config_as_json(config)
+
+
+def test_a_finished_run_on_other_data_is_not_reused(tmp_path):
+    config = tiny_config()
+    workdir.write_summary(str(tmp_path), {"config": workdir.config_as_json(config), "data": IDENTITY})
+    assert workdir.read_finished_summary(str(tmp_path), config, IDENTITY) is not None
+    assert workdir.read_finished_summary(str(tmp_path), config, OTHER) is None
