@@ -242,7 +242,11 @@ def _print_result(config, run_dir: str, result: dict, compiled: dict, cache: str
         print(f"\nWrote {result['report']} with Tables 1-5, figures and CSV/JSON results.")
         return
     print(f"\nAccuracy ({result['attack_labels']} labels for FGSM; eps={config.eval.eps}, sigma={config.eval.sigma}):")
-    print(report.accuracy_table(result["accuracy"]))
+    print(report.accuracy_table(result["accuracy"], result["eval_sizes"]))
+    if "robustness" in result:
+        robust = result["robustness"]
+        print(f"\nRobustness on the first {robust['num_examples']} {config.robust.split} images:")
+        print(report.robustness_table(robust))
     print("\nPerturbation statistics (after clipping, mean over images):")
     print(report.stats_table(result["perturbation_stats"]))
     print(f"\nWrote {run_dir}/summary.json, metrics.jsonl, timings.json and checkpoints/")

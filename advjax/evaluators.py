@@ -2,10 +2,14 @@
 
 Each evaluator takes the shared `Context` (config, model, params, data, keys,
 the eval sets) and returns the summary fields it owns; `evaluate_trained`
-runs them in order. A new evaluation is a function added to EVALUATORS.
+runs them in order. A new evaluation is an `Evaluator` added to EVALUATORS,
+naming the config fields its results depend on, so that a relaunch of a
+finished run reuses every part whose fields did not change (a change of
+`robust.*` alone reruns only the robustness report).
 """
 
 import functools
+import json
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -114,7 +118,39 @@ def robust(ctx: Context) -> dict:
     return {"robustness": report}
 
 
-EVALUATORS: tuple[Callable[[Context], dict], ...] = (splits, sweeps, by_eps, robust)
+class Evaluator(NamedTuple):
+    run: Callable[[Context], dict]
+    reads: tuple[str, ...]  # config fields (sections or dotted paths) its results depend on, beyond the model's
+    owns: tuple[str, ...]  # the summary fields it writes
+
+
+EVALUATORS: tuple[Evaluator, ...] = (
+    Evaluator(
+        splits,
+        ("eval", "num_devices"),
+        ("eval_sizes", "accuracy", "accuracy_std", "accuracy_per_seed", "perturbation_stats"),
+    ),
+    Evaluator(sweeps, ("eval", "num_devices"), ("sweeps",)),
+    Evaluator(by_eps, ("eval", "num_devices"), ("by_eps",)),
+    Evaluator(robust, ("robust", "eval.loop"), ("robustness",)),
+)
+
+
+def _field(config_json: dict, path: str):
+    for part in path.split("."):
+        config_json = config_json[part] if isinstance(config_json, dict) and part in config_json else None
+    return config_json
+
+
+def reusable(evaluator: Evaluator, config: ml_collections.ConfigDict, previous: dict | None) -> bool:
+    """Whether `previous` (the summary of the same trained model) holds this evaluator's results for `config`.
+
+    >>> reusable(EVALUATORS[0], config, workdir.read_summary("runs/bp_adv"))
+    """
+    if previous is None or not all(key in previous for key in evaluator.owns[:1]):
+        return False
+    current = json.loads(json.dumps(config.to_dict()))
+    return all(_field(previous["config"], path) == _field(current, path) for path in evaluator.reads)
 
 
 def _sweep_builder(config: ml_collections.ConfigDict, apply_fn: ApplyFn, mesh: Mesh | None) -> Callable:
@@ -135,12 +171,22 @@ def _sweep_builder(config: ml_collections.ConfigDict, apply_fn: ApplyFn, mesh: M
 
 
 def evaluate_trained(
-    config: ml_collections.ConfigDict, apply_fn: ApplyFn, params, mnist: data.MNIST, mesh: Mesh | None = None
+    config: ml_collections.ConfigDict,
+    apply_fn: ApplyFn,
+    params,
+    mnist: data.MNIST,
+    mesh: Mesh | None = None,
+    previous: dict | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """The summary's results: every evaluator of EVALUATORS, in order, on `params`.
 
-    Split i's key is fold_in(eval key, i) and the robustness report's fold_in(eval key, 3), where the
-    eval key is the fourth of seeds.seed_keys; the per-epoch checks use the eval key itself.
+    `previous`: the summary of a finished run of these same params, whose parts are reused
+    where the fields they depend on are unchanged (`reusable`). Split i's key is fold_in(eval
+    key, i) and the robustness report's fold_in(eval key, 3), where the eval key is the fourth
+    of seeds.seed_keys; the per-epoch checks use the eval key itself.
+
+    >>> results = evaluate_trained(config, apply_fn, params, mnist)
     """
     place, k = sharding.placer(mesh), config.num_seeds
     eval_rng = seeds.seed_keys(config.seed, k)[3]
@@ -152,5 +198,9 @@ def evaluate_trained(
     ctx = Context(config, apply_fn, params, mnist, mesh, sets, keys, eval_rng, _sweep_builder(config, apply_fn, mesh))
     results = {}
     for evaluator in EVALUATORS:
-        results.update(evaluator(ctx))
+        if reusable(evaluator, config, previous):
+            results.update({key: previous[key] for key in evaluator.owns if key in previous})
+            log(f"reusing the {evaluator.run.__name__} results of the finished run: their settings are unchanged")
+        else:
+            results.update(evaluator.run(ctx))
     return results

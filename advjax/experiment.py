@@ -101,6 +101,20 @@ def prepare_run(config: ml_collections.ConfigDict, run_dir: str, log: Callable[[
     return mnist, identity
 
 
+def same_model_summary(run_dir: str, records: list[dict], evaluated_epochs, identity: dict) -> dict | None:
+    """The workdir's summary.json if it evaluated the very params about to be evaluated (the same training
+    records, evaluated epochs and data: training is deterministic), else None.
+
+    >>> previous = same_model_summary("runs/bp_adv", fitted.records, None, identity)
+    """
+    summary = workdir.read_summary(run_dir)
+    try:
+        same = summary["epochs"] == records and summary["evaluated_epochs"] == evaluated_epochs
+        return summary if same and summary["data"]["sha256"] == identity["sha256"] else None
+    except (KeyError, TypeError):  # no summary, or one from before the data were recorded
+        return None
+
+
 def _fit_and_evaluate(config, run_dir: str, mnist: data.MNIST, identity: dict, log: Callable[[str], None]) -> dict:
     model, mesh = models.build_model(config.model), sharding.data_mesh_for(config.num_devices)
     fitted = fit.fit(config, model, mnist, run_dir, log, mesh, data_identity=identity)
@@ -114,10 +128,11 @@ def _fit_and_evaluate(config, run_dir: str, mnist: data.MNIST, identity: dict, l
 
     log(f"evaluating: FGSM eps={config.eval.eps}, Gaussian sigma={config.eval.sigma}, matched Gaussian, sweeps")
     start = time.perf_counter()
-    results = evaluators.evaluate_trained(config, models.eval_apply(model.apply), params, mnist, mesh)
+    previous = same_model_summary(run_dir, fitted.records, selected, identity)
+    results = evaluators.evaluate_trained(config, models.eval_apply(model.apply), params, mnist, mesh, previous, log)
     evaluation_seconds = time.perf_counter() - start
     # Wall-clock seconds go to timings.json; summary.json stays deterministic.
-    robust_seconds = results["robustness"].pop("seconds") if "robustness" in results else None
+    robust_seconds = results["robustness"].pop("seconds", None) if "robustness" in results else None
     summary = summarize(config, results, fitted, selected, mesh, identity)
     workdir.write_timings(run_dir, fitted.timings, evaluation_seconds, robust_seconds)
     workdir.write_summary(run_dir, summary)  # last: it marks a finished run

@@ -74,3 +74,65 @@ def gradient_misalignment(logits_fn: LogitsFn, images: jax.Array, perturbed: jax
     cosine = jnp.sum(clean * shifted, axis=1) / norms
     count = jnp.sum(has_direction)
     return jnp.sum(jnp.where(has_direction, 1.0 - cosine, 0.0)) / jnp.maximum(count, 1)
+
+
+# ----------------------------------------------------------------------------
+# Croce & Hein's (2020) difference-of-logits-ratio losses, as autoattack/autopgd_base.py defines them.
+
+# Added to the DLR denominators, as in the reference, so that equal top logits give 0 / 1e-12, not 0 / 0.
+DLR_EPSILON = 1e-12
+
+
+def require_classes(logits: jax.Array, needed: int, loss: str) -> None:
+    """Refuses logits with fewer classes than the loss ranks.
+
+    >>> require_classes(jnp.zeros((2, 2)), 3, "dlr_loss")  # ValueError: dlr_loss needs at least 3 classes
+    """
+    if logits.shape[-1] < needed:
+        raise ValueError(f"{loss} needs at least {needed} classes, got {logits.shape[-1]}")
+
+
+def label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """z_y per example.
+
+    >>> label_logit(jnp.array([[3.0, 1.0, 0.0]]), jnp.array([1]))  # [1.]
+    """
+    return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+def largest_other_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """max_{i != y} z_i per example: a tie with z_y gives z_y itself, so the margin is 0 either way.
+
+    >>> largest_other_logit(jnp.array([[3.0, 1.0, 0.0]]), jnp.array([0]))  # [1.]
+    """
+    is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
+    return jnp.max(jnp.where(is_label, -jnp.inf, logits), axis=-1)
+
+
+def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The untargeted DLR loss per example: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), pi sorting descending.
+
+    Dividing by a spread of the logits makes it invariant to shifting and
+    rescaling them, so a model cannot hide behind large or saturated logits; it
+    is positive exactly when the example is misclassified. Needs 3 classes.
+
+    >>> dlr_loss(jnp.array([[3.0, 1.0, 0.0]]), jnp.array([0]))  # -(3 - 1) / (3 - 0) = [-0.6667]
+    """
+    require_classes(logits, 3, "dlr_loss")
+    top = jax.lax.top_k(logits, 3)[0]
+    margin = label_logit(logits, labels) - largest_other_logit(logits, labels)
+    return -margin / (top[..., 0] - top[..., 2] + DLR_EPSILON)
+
+
+def targeted_dlr_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) -> jax.Array:
+    """The targeted DLR loss per example: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12), for APGD-T.
+
+    The denominator is again a spread of the logits, which keeps the loss
+    invariant to shifting and rescaling them. Needs 4 classes.
+
+    >>> targeted_dlr_loss(jnp.array([[4.0, 2.0, 1.0, 0.0]]), jnp.array([0]), jnp.array([1]))  # -2 / 3.5
+    """
+    require_classes(logits, 4, "targeted_dlr_loss")
+    top = jax.lax.top_k(logits, 4)[0]
+    margin = label_logit(logits, labels) - label_logit(logits, targets)
+    return -margin / (top[..., 0] - 0.5 * (top[..., 2] + top[..., 3]) + DLR_EPSILON)

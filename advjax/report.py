@@ -9,16 +9,47 @@ from advjax.files import write_bytes
 SPLITS = ("train", "validation", "test")
 
 
-def accuracy_table(accuracy: dict[str, dict[str, float]]) -> str:
-    """Markdown table: one row per split, one column per perturbation."""
+def accuracy_table(accuracy: dict[str, dict[str, float]], sizes: dict[str, int] | None = None) -> str:
+    """Markdown table: one row per split, one column per perturbation; with `sizes`, each split's image count.
+
+    >>> print(accuracy_table(summary["accuracy"], summary["eval_sizes"]))
+    """
     splits = [s for s in SPLITS if s in accuracy] + [s for s in accuracy if s not in SPLITS]
     columns = list(next(iter(accuracy.values())))
+    counted = sizes is not None
     lines = [
-        "| split | " + " | ".join(columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        "| split | " + ("images | " if counted else "") + " | ".join(columns) + " |",
+        "|---|" + ("---:|" if counted else "") + "---:|" * len(columns),
     ]
     for split in splits:
-        lines.append(f"| {split} | " + " | ".join(f"{accuracy[split][c]:.4f}" for c in columns) + " |")
+        count = f"{sizes[split]} | " if counted else ""
+        lines.append(f"| {split} | {count}" + " | ".join(f"{accuracy[split][c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _attack_name(name: str, attack: dict) -> str:
+    if attack["num_steps"] <= 1 and attack["num_restarts"] <= 1:
+        return name
+    return f"{name}-{attack['num_steps']} x {attack['num_restarts']}"
+
+
+def robustness_table(robustness: dict) -> str:
+    """Markdown table of the robustness report: accuracy per attack and eps, then the worst case per norm,
+    each row with its image count.
+
+    >>> print(robustness_table(summary["robustness"]))
+    """
+    rows, count = [], robustness["num_examples"]
+    for name, attack in robustness["attacks"].items():
+        rows.append(
+            (_attack_name(name, attack), attack["norm"], attack["num_examples"], attack["eps"], attack["accuracy"])
+        )
+    for norm, worst in robustness["worst_case"].items():
+        rows.append((f"worst case over {', '.join(worst['over'])}", norm, count, worst["eps"], worst["accuracy"]))
+    lines = ["| attack | norm | images | accuracy at eps |", "|---|---|---:|---|"]
+    for name, norm, images, grid, accuracy in rows:
+        cells = ", ".join(f"{a:.4f} @ {e:g}" for e, a in zip(grid, accuracy))
+        lines.append(f"| {name} | {norm} | {images} | {cells} |")
     return "\n".join(lines)
 
 

@@ -67,3 +67,44 @@ def test_evaluate_trained_runs_each_split_on_its_own_key_and_the_sweep_on_the_co
     }
     # No eps grid, no eps table, no robustness report: none is computed.
     assert "fgsm" not in results["sweeps"] and results["by_eps"] == {} and "robustness" not in results
+
+
+def test_each_evaluator_writes_exactly_the_fields_it_owns(synthetic_mnist_dir):
+    # `owns` is what a relaunch copies from the previous summary: it must be the whole of each part.
+    config = synthetic_config(synthetic_mnist_dir)
+    config.eval.sigma_grid, config.eval.table_eps = (0.0, 0.5), (0.1,)
+    config.robust.enabled, config.robust.num_examples, config.robust.batch_size = True, 50, 50
+    config.robust.eps_grid, config.robust.pgd_steps, config.robust.pgd_restarts = (0.1,), 2, 1
+    mnist = data.load_mnist(config.data)
+    model = models.build_model(config.model)
+    params, apply_fn = train.init_params(jax.random.key(1), model), models.eval_apply(model.apply)
+    results = evaluators.evaluate_trained(config, apply_fn, params, mnist)
+    owned = [key for evaluator in evaluators.EVALUATORS for key in evaluator.owns]
+    assert sorted(results) == sorted(owned)
+
+
+@pytest.mark.slow  # three runs
+def test_a_relaunch_changing_only_robust_settings_reruns_only_the_robustness_report(
+    tmp_path, synthetic_mnist_dir, monkeypatch
+):
+    config = synthetic_config(synthetic_mnist_dir)
+    config.robust.enabled, config.robust.num_examples, config.robust.batch_size = True, 50, 50
+    config.robust.eps_grid, config.robust.pgd_steps, config.robust.pgd_restarts = (0.1,), 2, 1
+    first = run_experiment(config, tmp_path)
+    ran = []
+    spied = tuple(
+        e._replace(run=lambda ctx, run=e.run: (ran.append(run.__name__), run(ctx))[1]) for e in evaluators.EVALUATORS
+    )
+    monkeypatch.setattr(evaluators, "EVALUATORS", spied)
+    config.robust.eps_grid = (0.1, 0.2)
+    messages = []
+    second = run_experiment(config, tmp_path, log=messages.append)
+    assert ran == ["robust"]
+    assert second["accuracy"] == first["accuracy"] and second["sweeps"] == first["sweeps"]
+    assert len(second["robustness"]["attacks"]["pgd"]["accuracy"]) == 2
+    assert sum("reusing the" in m for m in messages) == 3
+    # Evaluation settings changed: everything but the robustness report runs again.
+    ran.clear()
+    config.eval.eps = 0.2
+    third = run_experiment(config, tmp_path)
+    assert ran == ["splits", "sweeps", "by_eps"] and third["robustness"] == second["robustness"]

@@ -176,3 +176,69 @@ def test_gradient_misalignment_leaves_out_confident_examples_and_stays_finite(li
     keep = np.array([3, 4, 5])
     expected = numpy_misalignment(weights, weights, bias, images[keep], perturbed[keep], labels[keep])
     np.testing.assert_allclose(penalty, expected, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# The DLR losses (Croce & Hein 2020), against hand computations.
+
+
+def test_dlr_loss_matches_hand_computations_including_ties():
+    logits = jnp.array(
+        [
+            [3.0, 1.0, 0.0, -1.0],  # correct: -(3 - 1) / (3 - 0)
+            [1.0, 4.0, 2.0, 0.0],  # wrong, label 0: -(1 - 4) / (4 - 1)
+            [2.0, 2.0, 1.0, 0.0],  # the label ties the top: margin 0
+            [5.0, 0.0, 5.0, 5.0],  # a three-way tie at the top: margin 0 over 0 + 1e-12
+            [0.0, 1.0, 1.0, 1.0],  # the label below a tie: -(0 - 1) / (1 - 1 + 1e-12)
+        ]
+    )
+    labels = jnp.array([0, 0, 1, 2, 0])
+    expected = np.array([-2.0 / 3.0, 1.0, 0.0, 0.0, 1e12])
+    np.testing.assert_allclose(losses.dlr_loss(logits, labels), expected, rtol=1e-6)
+
+
+def test_targeted_dlr_loss_matches_hand_computations_including_ties():
+    logits = jnp.array(
+        [
+            [4.0, 2.0, 1.0, 0.0],  # -(4 - 2) / (4 - (1 + 0) / 2)
+            [1.0, 3.0, 0.0, -2.0],  # the target leads: -(1 - 3) / (3 - (0 - 2) / 2)
+            [2.0, 2.0, 1.0, 1.0],  # label and target tie: 0
+        ]
+    )
+    labels, targets = jnp.array([0, 0, 0]), jnp.array([1, 1, 1])
+    expected = np.array([-2.0 / 3.5, 2.0 / 4.0, 0.0])
+    np.testing.assert_allclose(losses.targeted_dlr_loss(logits, labels, targets), expected, rtol=1e-6)
+    five = jnp.array([[0.0, 1.0, 2.0, 3.0, 4.0]])  # -(0 - 2) / (4 - (2 + 1) / 2)
+    np.testing.assert_allclose(losses.targeted_dlr_loss(five, jnp.array([0]), jnp.array([2])), [2.0 / 2.5], rtol=1e-6)
+
+
+def test_dlr_losses_are_invariant_to_shifting_and_scaling_the_logits():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((6, 10)), jnp.float32)
+    labels, targets = jnp.arange(6), jnp.arange(6)[::-1] + 4
+    for transformed in (logits + 7.0, 3.0 * logits, 0.5 * logits - 2.0):
+        np.testing.assert_allclose(losses.dlr_loss(transformed, labels), losses.dlr_loss(logits, labels), rtol=1e-4)
+        np.testing.assert_allclose(
+            losses.targeted_dlr_loss(transformed, labels, targets),
+            losses.targeted_dlr_loss(logits, labels, targets),
+            rtol=1e-4,
+        )
+
+
+def test_dlr_loss_is_positive_exactly_when_misclassified_and_its_gradient_is_finite_at_ties():
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((32, 5)), jnp.float32)
+    labels = jnp.asarray(np.random.default_rng(2).integers(0, 5, 32))
+    misclassified = np.asarray(jnp.argmax(logits, axis=-1) != labels)
+    np.testing.assert_array_equal(np.asarray(losses.dlr_loss(logits, labels)) > 0, misclassified)
+    ties = jnp.array([[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 0.0, 0.0]])
+    for loss in (
+        lambda z: losses.dlr_loss(z, jnp.array([0, 1])),
+        lambda z: losses.targeted_dlr_loss(z, jnp.array([0, 1]), jnp.array([1, 0])),
+    ):
+        chex.assert_tree_all_finite(jax.grad(lambda z, f=loss: jnp.sum(f(z)))(ties))
+
+
+def test_dlr_losses_refuse_too_few_classes():
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        losses.dlr_loss(jnp.zeros((2, 2)), jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        losses.targeted_dlr_loss(jnp.zeros((2, 3)), jnp.array([0, 1]), jnp.array([1, 0]))
