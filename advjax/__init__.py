@@ -10,10 +10,12 @@ What a notebook needs, for a model trained here or one of its own: a model is
     pgd = advjax.make_robust_sweep(apply_fn, advjax.AttackSpec("pgd", num_steps=50, num_restarts=10))
     pgd(params, eval_set, jax.random.key(0), (0.1, 0.3)).accuracy
     x_adv = advjax.attacks.pgd(lambda x: apply_fn(params, x), x, y, 0.3, jax.random.key(0))
+    result = advjax.autoattack(lambda x: apply_fn(params, x), x, y, eps=0.3, key=jax.random.key(0))
 """
 
-from advjax import attacks, deepfool, noise, norms
+from advjax import apgd, attacks, deepfool, fab, iterative, noise, norms, square
 from advjax.attack_specs import AttackSpec
+from advjax.auto_attack import AutoAttackResult, autoattack
 from advjax.checkpoint import Restored, restore
 from advjax.eval_fold import EvalSet, make_eval_set
 from advjax.evaluate import make_evaluator, make_sweep
@@ -21,11 +23,16 @@ from advjax.robustness import RobustResult, make_robust_sweep, worst_case
 
 __all__ = [
     "AttackSpec",
+    "AutoAttackResult",
     "EvalSet",
     "Restored",
     "RobustResult",
+    "apgd",
     "attacks",
+    "autoattack",
     "deepfool",
+    "fab",
+    "iterative",
     "make_eval_set",
     "make_evaluator",
     "make_robust_sweep",
@@ -33,5 +40,6 @@ __all__ = [
     "noise",
     "norms",
     "restore",
+    "square",
     "worst_case",
 ]

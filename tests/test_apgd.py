@@ -213,6 +213,7 @@ def test_apgd_targeted_aims_at_the_ranked_class_and_fools_the_mlp_as_often_as_th
     assert np.all(np.asarray(state.fooled)[np.asarray(state.best_loss) > 0])
 
 
+@pytest.mark.slow  # compiles the attack twice over: in the full tier
 def test_the_state_leads_with_the_batch_axis_and_unrolling_changes_nothing():
     logits_fn = mlp_logits_fn(mlp_params())
     images, labels = small_images(3), jnp.arange(8) % MLP_CLASSES
@@ -268,6 +269,7 @@ def test_apgd_fools_the_linear_model_exactly_where_the_closed_form_says_it_can(l
 # jit, vmap over a seed axis of parameters, and bad arguments.
 
 
+@pytest.mark.slow  # compiles the attack twice over: in the full tier
 def test_apgd_vmapped_over_seeds_of_parameters_equals_separate_calls():
     models = [binary_like_model(seed) for seed in range(3)]
     stacked = [jnp.asarray(np.stack(parts), jnp.float32) for parts in zip(*models)]

@@ -365,7 +365,8 @@ def test_a_live_run_is_neither_joined_nor_overwritten_by_a_second_launch(tmp_pat
     assert json.loads((workdir / "config.json").read_text())["seed"] == 0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, len(records) + 1)) and records
-    assert max(checkpointed_epochs(workdir)) == len(records)
+    # The signal may land between an epoch's checkpoint and its metrics.jsonl, which a relaunch rewrites from it.
+    assert max(checkpointed_epochs(workdir)) in (len(records), len(records) + 1)
 
 
 @pytest.mark.parametrize("stop, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -143,6 +143,7 @@ def test_signs_are_redrawn_until_the_square_changes_the_image():
 # The attack.
 
 
+@pytest.mark.slow  # compiles the attack twice over: in the full tier
 def test_queries_stay_within_the_budget_and_one_forward_pass_is_made_per_query():
     shape, num_queries = (4, 8, 8, 1), 30
     calls = []
@@ -243,6 +244,7 @@ def test_square_fools_a_linear_model_where_a_fooling_perturbation_exists():
     assert linf_norms(adversarial - images).max() <= eps + 1e-6
 
 
+@pytest.mark.slow  # compiles the attack twice over: in the full tier
 def test_the_jitted_loop_matches_step_by_step_and_eps_can_be_vmapped():
     shape = (4, 6, 6, 3)
     _, logits_fn = small_linear_model(shape[1:])

@@ -1,0 +1,179 @@
+"""AutoAttack (Croce & Hein, ICML 2020): a cascade of attacks, each on the points still robust, and the worst case.
+
+The standard version, L-inf: APGD-CE; APGD-T (targeted DLR, the 9 most likely
+other classes); FAB-T (9 targets); Square (5000 queries). An example counts as
+robust only while every attack so far has left it correctly classified, and
+the adversarial image kept for it is the first that fooled the model.
+
+Static shapes meet the shrinking robust set by compaction between attacks: the
+examples still robust are gathered, padded to the next power of two (so each
+attack compiles for a handful of sizes only), attacked, and scattered back.
+`compact=False` masks instead: every attack runs on every example, and the
+whole cascade is one traceable function.
+
+AutoAttack's own warnings (its `flags_doc.md`) are returned as `flags`: outputs
+that look like probabilities, examples with a zero input gradient, and Square
+lowering the accuracy after the white-box attacks (a sign of gradient masking).
+A JAX `logits_fn` is a pure function, so the reference's check for randomised
+models has nothing to find here: a randomised model takes its key explicitly.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from advjax import apgd, attacks, fab, iterative, loops, square
+from advjax.losses import LogitsFn
+
+VERSIONS: tuple[str, ...] = ("standard",)
+NORMS: tuple[str, ...] = ("linf",)
+STANDARD_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "square")
+# The reference's tolerances: outputs within 1e-5 of a distribution are taken for probabilities, and Square
+# warns when it lowers the accuracy by more than 0.2 points after the white-box attacks.
+PROBABILITY_TOLERANCE, SQUARE_TOLERANCE = 1e-5, 0.002
+
+
+class AutoAttackResult(NamedTuple):
+    adversarial: jax.Array  # per example, the first image that fooled the model; the clean image if none did
+    robust: dict[str, np.ndarray]  # "clean", then each attack: which examples are still robust after it (bool [B])
+    flags: list[str]  # AutoAttack's warnings, each one line
+
+
+def _check_arguments(labels: jax.Array, num_classes: int, eps: float, norm: str, version: str, budgets: dict) -> None:
+    if version not in VERSIONS:
+        raise ValueError(f"version={version!r} is not one of {VERSIONS}")
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is not one of {NORMS} (the L2 cascade needs L2 FAB and Square)")
+    if not eps > 0:
+        raise ValueError(f"eps={eps!r} must be positive")
+    for name, value in budgets.items():
+        if not (isinstance(value, int) and value > 0):
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in 0..{num_classes - 1} for a model of {num_classes} classes")
+    if num_classes < max(apgd.STANDARD_TARGET_RANKS):
+        raise ValueError(f"the standard version's 9 targets need at least 10 classes; the model has {num_classes}")
+
+
+def standard_attacks(
+    logits_fn: LogitsFn, eps: float, *, num_steps: int = 100, num_queries: int = 5000
+) -> dict[str, Callable[[], list[iterative.IterativeAttack]]]:
+    """The standard version's attacks, L-inf, in cascade order, each built when asked for; a name may
+    stand for several attacks (one per target).
+
+    >>> apgd_t = standard_attacks(logits_fn, 0.3)["apgd-t"]()  # 9 attacks, the 2nd to 10th most likely classes
+    """
+    ranks = apgd.STANDARD_TARGET_RANKS
+    return {
+        "apgd-ce": lambda: [apgd.make_apgd(logits_fn, eps, loss="ce", num_steps=num_steps)],
+        "apgd-t": lambda: [apgd.make_apgd_targeted(logits_fn, eps, num_steps=num_steps, target_rank=r) for r in ranks],
+        "fab-t": lambda: [fab.make_fab_targeted(logits_fn, eps, num_steps=num_steps, target_rank=r) for r in ranks],
+        "square": lambda: [square.make_square(logits_fn, eps, num_queries=num_queries)],
+    }
+
+
+def compiled_attack(attack: iterative.IterativeAttack, form: str = "auto", chunk_size: int = 4) -> Callable:
+    """(images, labels, key) -> adversarial images, with the steps in the loop form the backend runs fast.
+
+    >>> x_adv = compiled_attack(apgd.make_apgd(logits_fn, 0.3))(images, labels, key)
+    """
+    init, finalize = jax.jit(attack.init), jax.jit(attack.finalize)
+    # XLA:CPU runs convolution gradients slowly inside loops (docs/design.md, "Convolutions in XLA:CPU loops").
+    fold = loops.make_fold(lambda state, step: attack.step(state, step), form=form, chunk_size=chunk_size)
+
+    def run(images, labels, key):
+        return finalize(fold(attack.num_steps, init(images, labels, key)))
+
+    return run
+
+
+def _bucket(count: int, total: int) -> int:
+    """The padded size for `count` examples: the next power of two, at most the batch."""
+    return min(total, 1 << max(0, count - 1).bit_length())
+
+
+def _attack_robust(run: Callable, logits_fn, images, labels, key, robust: np.ndarray, compact: bool):
+    """(still robust after the attack [B], its adversarial images where it fooled the model)."""
+    if not compact:
+        adversarial = run(images, labels, key)
+        return np.asarray(attacks.predicted_labels(logits_fn, adversarial) == labels) & robust, adversarial
+    index = np.flatnonzero(robust)
+    padded = np.resize(index, _bucket(len(index), len(robust)))  # repeats of real examples: no effect on them
+    adversarial = run(images[padded], labels[padded], key)
+    fooled = np.asarray(attacks.predicted_labels(logits_fn, adversarial) != labels[padded])[: len(index)]
+    survived = robust.copy()
+    survived[index[fooled]] = False
+    full = jnp.asarray(images).at[index].set(adversarial[: len(index)])
+    return survived, full
+
+
+def _flags(logits_fn, images, labels, robust: dict[str, np.ndarray]) -> list[str]:
+    flags = []
+    outputs = logits_fn(images)
+    if bool(jnp.all(jnp.abs(outputs.sum(-1) - 1) < PROBABILITY_TOLERANCE) & (outputs.min() > -PROBABILITY_TOLERANCE)):
+        flags.append("the outputs look like probabilities (they sum to one): pass logits, not softmax outputs")
+    gradient = attacks.input_gradient(logits_fn, images, labels)
+    zero = int(jnp.sum(jnp.all(gradient.reshape(len(labels), -1) == 0, axis=-1)))
+    if zero:
+        flags.append(f"{zero} examples have a zero input gradient: gradient-based attacks cannot be trusted on them")
+    if "square" in robust and len(robust) > 2:
+        white_box = min(float(r.mean()) for name, r in robust.items() if name not in ("square", "clean"))
+        if float(robust["square"].mean()) < white_box - SQUARE_TOLERANCE:
+            flags.append(
+                f"Square lowered the robust accuracy by {white_box - float(robust['square'].mean()):.2%} after the "
+                "white-box attacks: a sign of gradient masking; run Square longer or an adaptive attack"
+            )
+    return flags
+
+
+def autoattack(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    eps: float,
+    key: jax.Array,
+    norm: str = "linf",
+    version: str = "standard",
+    attacks_to_run: Sequence[str] = STANDARD_ATTACKS,
+    num_steps: int = 100,
+    num_queries: int = 5000,
+    compact: bool = True,
+    form: str = "auto",
+) -> AutoAttackResult:
+    """AutoAttack's cascade on float images in [0, 1]: the adversarial images, who is robust after each attack, flags.
+
+    >>> result = advjax.autoattack(logits_fn, x, y, eps=0.3, key=jax.random.key(0))
+    >>> float(result.robust["square"].mean())  # AutoAttack's robust accuracy
+    """
+    num_classes = int(jax.eval_shape(logits_fn, images[:1]).shape[-1])
+    _check_arguments(labels, num_classes, eps, norm, version, {"num_steps": num_steps, "num_queries": num_queries})
+    unknown = sorted(set(attacks_to_run) - set(STANDARD_ATTACKS))
+    if unknown:
+        raise ValueError(f"attacks_to_run names {unknown}; each must be one of {STANDARD_ATTACKS}")
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    robust = {"clean": np.asarray(attacks.predicted_labels(logits_fn, images) == labels)}
+    adversarial, current = images, robust["clean"]
+    builders = standard_attacks(logits_fn, eps, num_steps=num_steps, num_queries=num_queries)
+    for stage, name in enumerate(n for n in STANDARD_ATTACKS if n in attacks_to_run):
+        for i, attack in enumerate(builders[name]()):
+            if not current.any():
+                break
+            survived, candidate = _attack_robust(
+                compiled_attack(attack, form),
+                logits_fn,
+                images,
+                labels,
+                jax.random.fold_in(key, 16 * stage + i),
+                current,
+                compact,
+            )
+            fooled_now = jnp.asarray(current & ~survived).reshape((-1,) + (1,) * (images.ndim - 1))
+            adversarial = jnp.where(fooled_now, candidate, adversarial)
+            current = survived
+        robust[name] = current
+    return AutoAttackResult(adversarial, robust, _flags(logits_fn, images, labels, robust))

@@ -1,0 +1,103 @@
+"""Tests for advjax.auto_attack: the cascade's robust sets, its adversarial images, its flags and its refusals."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from advjax import attacks, auto_attack
+from tests.helpers import linf_norms, random_linear_model, uniform_images
+
+EPS = 0.03
+SHORT = {"num_steps": 5, "num_queries": 20}  # budgets that keep the cascade to seconds
+FAST_STAGES = ("apgd-ce", "square")
+
+
+@pytest.fixture(scope="module")
+def model():
+    _, _, logits_fn = random_linear_model(0, scale=0.02)
+    images = jnp.asarray(uniform_images(16))
+    labels = jnp.argmax(logits_fn(images), -1)  # every example starts correctly classified
+    return logits_fn, images, labels
+
+
+def run(model, **kwargs):
+    logits_fn, images, labels = model
+    options = {"eps": EPS, "key": jax.random.key(0), "attacks_to_run": FAST_STAGES, "form": "scan", **SHORT, **kwargs}
+    return auto_attack.autoattack(logits_fn, images, labels, **options)
+
+
+@pytest.mark.slow  # four attacks compiled
+def test_the_cascades_robust_set_is_the_intersection_of_its_stages(model):
+    logits_fn, images, labels = model
+    result = run(model, compact=False)
+    # Masked, each stage attacks every example with the cascade's key: alone it gives the same verdicts.
+    builders = auto_attack.standard_attacks(logits_fn, EPS, **SHORT)
+    expected = result.robust["clean"]
+    for stage, name in enumerate(FAST_STAGES):
+        (attack,) = builders[name]()
+        key = jax.random.fold_in(jax.random.key(0), 16 * stage)
+        alone = auto_attack.compiled_attack(attack, form="scan")(images, labels, key)
+        expected = expected & np.asarray(attacks.predicted_labels(logits_fn, alone) == labels)
+        np.testing.assert_array_equal(result.robust[name], expected, err_msg=name)
+    assert result.robust["apgd-ce"].sum() < len(labels)  # the budget fools some: the test has teeth
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_adversarial_images_fool_where_the_cascade_says_and_stay_in_the_ball(model, compact):
+    logits_fn, images, labels = model
+    result = run(model, compact=compact)
+    broken = ~result.robust[FAST_STAGES[-1]]
+    predicted = np.asarray(attacks.predicted_labels(logits_fn, result.adversarial))
+    assert np.all(predicted[broken] != np.asarray(labels)[broken])
+    np.testing.assert_array_equal(np.asarray(result.adversarial)[~broken], np.asarray(images)[~broken])
+    assert linf_norms(np.asarray(result.adversarial) - np.asarray(images)).max() <= EPS + 1e-6
+    for before, after in zip(list(result.robust.values()), list(result.robust.values())[1:]):
+        assert np.all(after <= before)  # robustness only shrinks
+
+
+def test_compaction_pads_to_powers_of_two_no_larger_than_the_batch():
+    assert [auto_attack._bucket(n, 100) for n in (1, 2, 3, 5, 64, 65, 100)] == [1, 2, 4, 8, 64, 100, 100]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"version": "plus"}, "version='plus'"),
+        ({"norm": "l1"}, "norm='l1'"),
+        ({"eps": 0.0}, "eps=0.0 must be positive"),
+        ({"num_steps": 0}, "num_steps=0 must be a positive integer"),
+        ({"num_queries": -1}, "num_queries=-1 must be a positive integer"),
+        ({"attacks_to_run": ("apgd-ce", "pgd")}, "attacks_to_run names ['pgd']"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them(model, override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(model, **override)
+
+
+def test_labels_out_of_range_are_refused(model):
+    logits_fn, images, labels = model
+    with pytest.raises(ValueError, match="labels must be in 0..9"):
+        auto_attack.autoattack(logits_fn, images, labels.at[0].set(10), eps=EPS, key=jax.random.key(0), **SHORT)
+
+
+@pytest.mark.slow  # three cascades
+def test_probabilities_and_zero_gradients_are_flagged(model):
+    logits_fn, images, labels = model
+    probabilities = run((lambda x: jax.nn.softmax(logits_fn(x)), images, labels))
+    assert any("look like probabilities" in flag for flag in probabilities.flags)
+    assert not any("probabilities" in flag for flag in run(model).flags)
+    # Gradients blocked at the input: the white-box attacks see nothing, and say so.
+    masked = run((lambda x: logits_fn(jax.lax.stop_gradient(x)), images, labels))
+    assert any(f"{len(labels)} examples have a zero input gradient" in flag for flag in masked.flags)
+
+
+def test_square_doing_better_than_the_white_box_attacks_is_flagged(model):
+    logits_fn, images, labels = model
+    masked = (lambda x: logits_fn(jax.lax.stop_gradient(x)), images, labels)
+    result = run(masked, num_queries=200)
+    assert result.robust["square"].mean() < result.robust["apgd-ce"].mean() - auto_attack.SQUARE_TOLERANCE
+    assert any("Square lowered the robust accuracy" in flag for flag in result.flags)
