@@ -170,9 +170,9 @@ def test_restore_of_a_keep_best_run_loads_each_seeds_evaluated_epoch(tmp_path, s
     evaluated = {}
     original = evaluators.evaluate_trained
 
-    def capture(config, apply_fn, params, mnist, mesh=None):
+    def capture(config, apply_fn, params, mnist, *args, **kwargs):
         evaluated["params"] = params
-        return original(config, apply_fn, params, mnist, mesh)
+        return original(config, apply_fn, params, mnist, *args, **kwargs)
 
     monkeypatch.setattr(evaluators, "evaluate_trained", capture)
     summary = run_experiment(config, tmp_path)

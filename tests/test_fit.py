@@ -117,9 +117,9 @@ def test_keep_best_evaluates_each_seeds_epoch_of_best_pgd_check_and_keeps_its_ch
     evaluated = {}
     original_evaluate = evaluators.evaluate_trained
 
-    def capture(config, apply_fn, params, mnist, mesh=None):
+    def capture(config, apply_fn, params, mnist, *args, **kwargs):
         evaluated["params"] = params
-        return original_evaluate(config, apply_fn, params, mnist, mesh)
+        return original_evaluate(config, apply_fn, params, mnist, *args, **kwargs)
 
     monkeypatch.setattr(overfitting, "make_configured_check", ScriptedCheck(pgd))
     monkeypatch.setattr(evaluators, "evaluate_trained", capture)

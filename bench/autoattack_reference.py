@@ -1,0 +1,316 @@
+"""advjax's AutoAttack stages against the reference (fra31/auto-attack, PyTorch), same model and images. Prints JSON.
+
+    python bench/autoattack_reference.py --workdir=RUN --eps=0.1 [--num_examples=1000]
+        [--reference_dir=/work/autoattack] [--attacks=apgd-ce,apgd-t,fab-t,square] [--reference_whole] [--unroll]
+
+RUN is a finished advjax run (`advjax.restore`); the images are the first
+`num_examples` test images of its data (`advjax.data.load_mnist(config.data)`,
+so set ADVJAX_DATA_DIR as for training). The reference is not part of this
+repository: check it out anywhere and pass its directory, e.g.
+
+    git --git-dir=<fetched bare repo> --work-tree=/work/autoattack checkout HEAD -- .
+    pip install torch
+
+1. The restored Flax params are copied into the same network in PyTorch
+   (Dense kernels [in, out] -> Linear weights [out, in], conv kernels HWIO ->
+   OIHW, NCHW input permuted to NHWC before flattening, as Flax flattens). The
+   two models' logits on the images must agree to 1e-4, or the script prints
+   the port's JSON and exits 1.
+2. advjax runs each stage on every image, under jax.jit; an example counts as
+   robust while its clean image and every stage so far are classified
+   correctly: APGD-CE (`apgd.make_apgd`, 100 steps), APGD-T (one
+   `apgd.make_apgd_targeted` per rank in `apgd.STANDARD_TARGET_RANKS`), FAB-T
+   (`fab.make_fab_targeted` per rank, skipped with a note while advjax/fab.py
+   does not exist) and Square (`square.make_square`, 5000 queries). Each attack
+   is called twice: the first call includes compilation, the second does not.
+3. The reference runs the same stages as `AutoAttack(model, norm='Linf',
+   eps=eps, version='standard', seed=0)`, one stage per `run_standard_evaluation`
+   call (its `attacks_to_run` set to that stage) on the examples still robust:
+   the cascade one standard call runs, with each stage's robust accuracy and
+   time. `--reference_whole` also times one call over all the stages.
+`difference_points` is advjax's robust accuracy minus the reference's, in points.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+PORT_TOLERANCE = 1e-4
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished advjax run (advjax.restore).", required=True)
+_EPS = flags.DEFINE_float("eps", 0.3, "L-inf radius, on images in [0, 1].")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "The first N test images.")
+_REFERENCE_DIR = flags.DEFINE_string("reference_dir", "/work/autoattack", "A checkout of fra31/auto-attack.")
+_ATTACKS = flags.DEFINE_list("attacks", list(STAGES), f"Stages, in AutoAttack's order, from {STAGES}.")
+_BATCH = flags.DEFINE_integer("reference_batch_size", 1000, "The reference's batch size (bs).")
+_SEED = flags.DEFINE_integer("seed", 0, "advjax's key and the reference's seed.")
+_WHOLE = flags.DEFINE_bool("reference_whole", False, "Also time one reference call over all the stages.")
+_UNROLL = flags.DEFINE_bool(
+    "unroll",
+    False,
+    "Unroll APGD's and FAB's steps instead of a fori_loop (docs/design.md, convolutions in XLA:CPU loops). "
+    "For small_cnn the loop is about as fast and compiles in a second, where 100 unrolled steps took 51 s.",
+)
+_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
+
+
+def import_reference(path: str):
+    if not os.path.isfile(os.path.join(path, "autoattack", "autoattack.py")):
+        sys.exit(f"no AutoAttack checkout at --reference_dir={path} (expected {path}/autoattack/autoattack.py)")
+    sys.path.insert(0, path)
+    import autoattack
+
+    return autoattack
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"cpu_count": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": sys.version.split()[0]}
+
+
+# ----------------------------------------------------------------------------- the PyTorch port
+
+
+def torch_model(name: str, params: dict):
+    """The restored network as a torch.nn.Sequential on NCHW images: bp, small_cnn or cnn (models.py)."""
+    import torch
+    from torch import nn
+
+    tensor = lambda a: torch.from_numpy(np.array(a, np.float32))
+
+    class FlattenNHWC(nn.Module):  # Flax flattens [B, H, W, C]: permute first so the Dense rows line up
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1).flatten(1)
+
+    def linear(p):
+        layer = nn.Linear(*p["kernel"].shape)
+        layer.weight.data, layer.bias.data = tensor(p["kernel"]).T.contiguous(), tensor(p["bias"])
+        return layer
+
+    def conv(p, stride, padding):
+        height, width, inputs, outputs = p["kernel"].shape
+        layer = nn.Conv2d(inputs, outputs, (height, width), stride=stride, padding=padding)
+        layer.weight.data, layer.bias.data = tensor(p["kernel"]).permute(3, 2, 0, 1).contiguous(), tensor(p["bias"])
+        return layer
+
+    dense = [params[f"Dense_{i}"] for i in range(sum(k.startswith("Dense_") for k in params))]
+    head = [m for p in dense[:-1] for m in (linear(p), nn.ReLU())] + [linear(dense[-1])]
+    if name == "bp":
+        body = []
+    elif name == "small_cnn":  # 4x4 stride 2, PyTorch's padding 1
+        body = [conv(params["Conv_0"], 2, 1), nn.ReLU(), conv(params["Conv_1"], 2, 1), nn.ReLU()]
+    elif name == "cnn":  # 5x5 SAME, 2x2 max-pool; dropout is off in eval mode
+        body = [m for c in ("Conv_0", "Conv_1") for m in (conv(params[c], 1, 2), nn.ReLU(), nn.MaxPool2d(2))]
+    else:
+        sys.exit(f"no PyTorch port of model {name!r}")
+    model = nn.Sequential(*body, FlattenNHWC(), *head).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- advjax's side
+
+
+def advjax_attacks(stage: str, logits_fn, eps: float) -> tuple[list, str | None]:
+    """The IterativeAttacks one stage runs, or ([], why it is skipped)."""
+    from advjax import apgd, square
+
+    if stage == "apgd-ce":
+        return [apgd.make_apgd(logits_fn, eps, loss="ce", num_steps=100)], None
+    if stage == "apgd-t":
+        return [apgd.make_apgd_targeted(logits_fn, eps, target_rank=r) for r in apgd.STANDARD_TARGET_RANKS], None
+    if stage == "square":
+        return [square.make_square(logits_fn, eps, num_queries=5000)], None
+    try:
+        from advjax import fab
+    except ImportError:
+        return [], "advjax.fab does not exist: FAB-T skipped on advjax's side"
+    try:
+        return [fab.make_fab_targeted(logits_fn, eps, target_rank=r) for r in apgd.STANDARD_TARGET_RANKS], None
+    except TypeError as e:
+        return [], f"advjax.fab.make_fab_targeted(logits_fn, eps, target_rank=r) failed ({e}): FAB-T skipped"
+
+
+def run_advjax(params, apply_fn, images, labels, eps: float, stages, notes: list) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from advjax import iterative
+
+    logits_fn = lambda x: apply_fn(params, x)
+    predict = jax.jit(lambda x: jnp.argmax(logits_fn(x), axis=-1))
+    x, y = jnp.asarray(images), jnp.asarray(labels)
+    robust = np.asarray(predict(x)) == labels
+    result = {"clean_accuracy": float(robust.mean()), "stages": [], "unrolled_steps": _UNROLL.value}
+    max_perturbation = 0.0
+    for index, stage in enumerate(stages):
+        attacks, skipped = advjax_attacks(stage, logits_fn, eps)
+        if skipped:
+            notes.append(skipped)
+            result["stages"].append({"attack": stage, "skipped": skipped})
+            continue
+        first = second = 0.0
+        for j, attack in enumerate(attacks):
+            unroll = _UNROLL.value and stage != "square"  # Square takes no gradients
+            run = jax.jit(lambda x, y, k, a=attack, u=unroll: iterative.run(a, x, y, k, unroll=u))
+            key = jax.random.fold_in(jax.random.key(_SEED.value), 100 * index + j)
+            start = time.perf_counter()
+            adversarial = run(x, y, key).block_until_ready()
+            middle = time.perf_counter()
+            run(x, y, key).block_until_ready()
+            first, second = first + middle - start, second + time.perf_counter() - middle
+            robust &= np.asarray(predict(adversarial)) == labels
+            max_perturbation = max(max_perturbation, float(jnp.max(jnp.abs(adversarial - x))))
+            print(
+                f"advjax {stage} {j + 1}/{len(attacks)}: {middle - start:.1f}s, robust {robust.mean():.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        result["stages"].append(
+            {
+                "attack": stage,
+                "robust_accuracy": float(robust.mean()),
+                "seconds_first_call": first,
+                "seconds_second_call": second,
+            }
+        )
+    ran = [s for s in result["stages"] if "skipped" not in s]
+    result["robust_accuracy"] = float(robust.mean())
+    result["total_seconds_first_call"] = sum(s["seconds_first_call"] for s in ran)
+    result["total_seconds_second_call"] = sum(s["seconds_second_call"] for s in ran)
+    result["max_linf_perturbation"] = max_perturbation
+    return result
+
+
+# ----------------------------------------------------------------------------- the reference's side
+
+
+def run_reference(autoattack, model, images_nchw, labels, eps: float, stages) -> dict:
+    import torch
+
+    x, y = torch.from_numpy(images_nchw), torch.from_numpy(labels.astype(np.int64))
+    adversary = autoattack.AutoAttack(
+        model, norm="Linf", eps=eps, version="standard", seed=_SEED.value, verbose=False, device="cpu"
+    )
+    with torch.no_grad():
+        robust = (model(x).argmax(1) == y).numpy()
+    result = {"clean_accuracy": float(robust.mean()), "stages": []}
+    max_perturbation = 0.0
+    for stage in stages:
+        indices = np.flatnonzero(robust)
+        start = time.perf_counter()
+        if len(indices):
+            adversary.attacks_to_run = [stage]
+            with contextlib.redirect_stdout(sys.stderr):  # the reference prints its checks' warnings
+                adversarial = adversary.run_standard_evaluation(x[indices], y[indices], bs=_BATCH.value)
+            with torch.no_grad():
+                robust[indices] = (model(adversarial).argmax(1) == y[indices]).numpy()
+            max_perturbation = max(max_perturbation, float((adversarial - x[indices]).abs().max()))
+        seconds = time.perf_counter() - start
+        print(f"reference {stage}: {seconds:.1f}s, robust {robust.mean():.3f}", file=sys.stderr, flush=True)
+        result["stages"].append({"attack": stage, "robust_accuracy": float(robust.mean()), "seconds": seconds})
+    result["robust_accuracy"] = float(robust.mean())
+    result["total_seconds"] = sum(s["seconds"] for s in result["stages"])
+    result["max_linf_perturbation"] = max_perturbation
+    if _WHOLE.value:
+        adversary.attacks_to_run = list(stages)
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):
+            adversarial = adversary.run_standard_evaluation(x, y, bs=_BATCH.value)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            accuracy = float((model(adversarial).argmax(1) == y).numpy().mean())
+        result["whole_call"] = {"robust_accuracy": accuracy, "seconds": seconds}
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def points(fraction: float) -> float:
+    return round(100 * fraction, 6)
+
+
+def main(argv):
+    del argv
+    stages = [s for s in STAGES if s in _ATTACKS.value]
+    if len(stages) != len(_ATTACKS.value):
+        sys.exit(f"--attacks={','.join(_ATTACKS.value)}: each must be one of {STAGES}, named once")
+    autoattack = import_reference(_REFERENCE_DIR.value)
+    import jax
+    import torch
+
+    import advjax
+    from advjax import data
+
+    torch.set_num_threads(_THREADS.value)
+    config, params, apply_fn, epochs = advjax.restore(_WORKDIR.value)
+    if config.num_seeds > 1:  # params lead with a seed axis: take seed 0's
+        params = jax.tree_util.tree_map(lambda p: p[0], params)
+    test = data.load_mnist(config.data).test
+    n = _NUM_EXAMPLES.value
+    images = test.images[:n].astype(np.float32) / 255.0  # as data.to_float_images
+    labels = np.asarray(test.labels[:n], np.int32)
+    images_nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    model = torch_model(config.model.name, jax.device_get(params))
+
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(images_nchw)).numpy()
+    jax_logits = np.asarray(jax.jit(apply_fn)(params, images))
+    port_difference = float(np.max(np.abs(torch_logits - jax_logits)))
+    output = {
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "reference_dir": os.path.abspath(_REFERENCE_DIR.value),
+        "workdir": os.path.abspath(_WORKDIR.value),
+        "model": config.model.name,
+        "epoch": epochs[0],
+        "eps": _EPS.value,
+        "num_examples": len(labels),
+        "attacks": stages,
+        "port_max_logit_difference": port_difference,
+        "port_predictions_differ": int(np.sum(torch_logits.argmax(1) != jax_logits.argmax(1))),
+    }
+    if not port_difference <= PORT_TOLERANCE:
+        output["error"] = f"the PyTorch port's logits differ from advjax's by {port_difference:.3g} > {PORT_TOLERANCE}"
+        print(json.dumps(output, indent=2))
+        sys.exit(1)
+
+    notes = []
+    ours = run_advjax(params, apply_fn, images, labels, _EPS.value, stages, notes)
+    reference = run_reference(autoattack, model, images_nchw, labels, _EPS.value, stages)
+    by_stage = {s["attack"]: s for s in reference["stages"]}
+    for stage in ours["stages"]:
+        if "skipped" not in stage:
+            stage["difference_points"] = points(stage["robust_accuracy"] - by_stage[stage["attack"]]["robust_accuracy"])
+    difference = points(ours["robust_accuracy"] - reference["robust_accuracy"])
+    output.update(
+        advjax=ours,
+        reference=reference,
+        difference_points=difference,
+        within_half_a_point=abs(difference) <= 0.5,
+        notes=notes,
+    )
+    print(json.dumps(output, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
