@@ -23,7 +23,8 @@ from tests.helpers import (
     uniform_images,
 )
 
-pytestmark = pytest.mark.usefixtures("quick_compile_module")
+# The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quick_compile_module")]
 
 SMALL_SHAPE = (8, MLP_SIDE, MLP_SIDE, 1)
 SMALL_PIXELS = MLP_SIDE * MLP_SIDE
@@ -142,6 +143,7 @@ def test_the_first_period_counts_its_first_rise_from_the_start_loss():
     np.testing.assert_array_equal(state.rises, [0, 1])
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_a_constant_loss_halves_the_step_at_every_checkpoint():
     weights, bias = np.zeros((SMALL_PIXELS, 4)), np.array([1.0, 0.0, -1.0, -2.0])
     attack = apgd.make_apgd(linear_logits_fn(weights, bias), 0.1, num_steps=10)
@@ -153,6 +155,7 @@ def test_a_constant_loss_halves_the_step_at_every_checkpoint():
 # The attack on a random linear model and the small MLP.
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_never_ends_below_its_start_loss(loss):
     _, _, logits_fn = random_linear_model(0)
@@ -200,6 +203,7 @@ def test_the_start_lies_on_the_sphere_of_the_ball(norm, eps):
     np.testing.assert_allclose(distance, eps, rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_apgd_targeted_aims_at_the_ranked_class_and_fools_the_mlp_as_often_as_the_loss_says():
     logits_fn = mlp_logits_fn(mlp_params())
     images = small_images(2)
@@ -298,6 +302,7 @@ def test_make_apgd_refuses_bad_arguments():
         apgd.make_apgd_targeted(logits_fn, 0.1, target_rank=1)
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_the_objectives_are_the_losses_module_s():
     logits = jnp.asarray(np.random.default_rng(6).standard_normal((5, 6)), jnp.float32)
     labels, targets = jnp.arange(5), jnp.arange(5) + 1

@@ -10,6 +10,10 @@ import pytest
 from advjax import attacks, auto_attack
 from tests.helpers import linf_norms, random_linear_model, uniform_images
 
+# The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
+pytestmark = pytest.mark.slow
+
+
 EPS = 0.03
 SHORT = {"num_steps": 5, "num_queries": 20}  # budgets that keep the cascade to seconds
 FAST_STAGES = ("apgd-ce", "square")
@@ -45,6 +49,7 @@ def test_the_cascades_robust_set_is_the_intersection_of_its_stages(model):
     assert result.robust["apgd-ce"].sum() < len(labels)  # the budget fools some: the test has teeth
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 @pytest.mark.parametrize("compact", [False, True])
 def test_adversarial_images_fool_where_the_cascade_says_and_stay_in_the_ball(model, compact):
     logits_fn, images, labels = model
@@ -95,6 +100,7 @@ def test_probabilities_and_zero_gradients_are_flagged(model):
     assert any(f"{len(labels)} examples have a zero input gradient" in flag for flag in masked.flags)
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_square_doing_better_than_the_white_box_attacks_is_flagged(model):
     logits_fn, images, labels = model
     masked = (lambda x: logits_fn(jax.lax.stop_gradient(x)), images, labels)

@@ -441,6 +441,7 @@ def test_restore_refuses_a_checkpoint_that_config_json_does_not_describe(tmp_pat
     assert 'config.model.name: "bp" there, "cnn" now' in message and "\n" not in message
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_restore_of_a_tree_unlike_the_model_is_one_workdir_error(tmp_path):
     config = tiny_config()
     workdir.save_config(str(tmp_path), config)

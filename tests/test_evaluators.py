@@ -11,6 +11,7 @@ from tests.helpers import run_experiment, synthetic_config
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_summary_holds_every_split_perturbation_sweep_and_eps_table(tmp_path, synthetic_mnist_dir):
     config = synthetic_config(synthetic_mnist_dir)
     config.train.epochs = 2
@@ -69,6 +70,7 @@ def test_evaluate_trained_runs_each_split_on_its_own_key_and_the_sweep_on_the_co
     assert "fgsm" not in results["sweeps"] and results["by_eps"] == {} and "robustness" not in results
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_each_evaluator_writes_exactly_the_fields_it_owns(synthetic_mnist_dir):
     # `owns` is what a relaunch copies from the previous summary: it must be the whole of each part.
     config = synthetic_config(synthetic_mnist_dir)

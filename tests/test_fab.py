@@ -21,7 +21,8 @@ from tests.helpers import (
     uniform_images,
 )
 
-pytestmark = pytest.mark.usefixtures("quick_compile_module")
+# The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quick_compile_module")]
 
 SMALL_SHAPE = (8, MLP_SIDE, MLP_SIDE, 1)
 TOLERANCE = 1e-6  # float32 rounding of x + delta - x
@@ -206,6 +207,7 @@ def mlp_run():
     return logits_fn, images, labels, state
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_every_result_is_in_the_unit_interval_and_the_clean_image_or_within_eps(mlp_run):
     logits_fn, images, labels, state = mlp_run
     distance = np.asarray(state.distance)
@@ -228,6 +230,7 @@ def test_the_targets_are_the_ranked_classes_of_the_clean_images(mlp_run):
     np.testing.assert_array_equal(state.targets, jnp.argsort(-logits_fn(images), axis=-1)[:, 2])
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_an_example_already_misclassified_keeps_distance_zero_and_comes_back_unchanged():
     logits_fn = mlp_logits_fn(mlp_params())
     images = small_images(2)

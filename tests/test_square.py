@@ -9,6 +9,10 @@ import pytest
 from advjax import iterative, square
 from tests.helpers import assert_in_unit_interval, linear_logits_fn, linf_norms
 
+# The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
+pytestmark = pytest.mark.slow
+
+
 EPS = 0.1
 
 
@@ -105,6 +109,7 @@ def test_margins_are_the_label_logit_minus_the_best_other():
     np.testing.assert_allclose(square.margins(logits, jnp.array([0, 2])), [1.0, -2.0])
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_the_start_is_vertical_stripes_of_plus_minus_eps_clipped_to_pixels():
     images = small_images((4, 6, 6, 3))
     state = square.square_init(
@@ -129,6 +134,7 @@ def test_the_square_mask_is_one_square_whose_corner_is_drawn_as_the_reference_dr
     np.testing.assert_array_equal(square.square_mask(jax.random.key(0), 8, 8, 8), np.ones((8, 8), bool))
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_signs_are_redrawn_until_the_square_changes_the_image():
     image = jnp.full((6, 6, 1), 0.5)
     raised = image + EPS  # every square already at +eps: only -eps changes it
@@ -165,6 +171,7 @@ def test_queries_stay_within_the_budget_and_one_forward_pass_is_made_per_query()
     np.testing.assert_array_equal(np.asarray(end.queries)[~np.asarray(end.fooled)], num_queries)
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 def test_examples_fooled_early_stop_changing_and_stop_spending_queries():
     shape = (4, 8, 8, 1)
     _, logits_fn = small_linear_model(shape[1:], scale=0.3)
@@ -185,6 +192,7 @@ def test_examples_fooled_early_stop_changing_and_stop_spending_queries():
     assert np.all(np.asarray(early.queries)[fooled] <= 61)
 
 
+@pytest.mark.slow  # compiles a whole attack or run: in the full tier
 @pytest.mark.parametrize("shape", [(4, 8, 8, 1), (4, 6, 6, 3)])
 def test_results_stay_in_the_eps_ball_and_in_pixels(shape):
     _, logits_fn = small_linear_model(shape[1:])
