@@ -113,12 +113,25 @@ def should_halve(
     return oscillating | stalled
 
 
-def ranked_class(logits: jax.Array, rank: int) -> jax.Array:
+def ranked_class(logits: jax.Array, rank: int | jax.Array) -> jax.Array:
     """The class with the rank-th largest logit per example (1 the prediction): APGD-T's targets.
+
+    `rank` may be traced, so that one compiled attack serves every target rank;
+    ties go to the lower class index, as top_k breaks them.
 
     >>> targets = ranked_class(logits_fn(images), 2)  # the runner-up class of each clean image
     """
-    return jax.lax.top_k(logits, rank)[1][..., rank - 1]
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    return jnp.take_along_axis(order, jnp.full(logits.shape[:-1] + (1,), rank - 1, jnp.int32), axis=-1)[..., 0]
+
+
+def check_target_rank(target_rank: int | jax.Array) -> None:
+    """Refuses a Python rank below 2 (1 is the prediction); a traced rank is the caller's to check.
+
+    >>> check_target_rank(2)
+    """
+    if isinstance(target_rank, int) and target_rank < 2:
+        raise ValueError(f"target_rank must be at least 2 (1 is the prediction), got {target_rank}")
 
 
 def onto_sphere(delta: jax.Array, eps: jax.Array | float, norm: Norm) -> jax.Array:
@@ -356,7 +369,6 @@ def make_apgd_targeted(
 
     >>> attack = make_apgd_targeted(logits_fn, 8 / 255, target_rank=3)
     """
-    if target_rank < 2:
-        raise ValueError(f"target_rank must be at least 2 (1 is the prediction), got {target_rank}")
+    check_target_rank(target_rank)
     choose_targets = lambda images, labels: ranked_class(logits_fn(images), target_rank)
     return build_apgd(logits_fn, eps, norm, "dlr_targeted", num_steps, momentum, rho, choose_targets)

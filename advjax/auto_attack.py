@@ -6,18 +6,26 @@ robust only while every attack so far has left it correctly classified, and
 the adversarial image kept for it is the first that fooled the model.
 
 Static shapes meet the shrinking robust set by compaction between attacks: the
-examples still robust are gathered, padded to the next power of two (so each
-attack compiles for a handful of sizes only), attacked, and scattered back.
+examples still robust are gathered, padded up to a sixteenth of their power of
+two (so each attack compiles for a handful of sizes and wastes at most a
+sixteenth on padding), attacked, and scattered back.
 `compact=False` masks instead: every attack runs on every example, and the
 whole cascade is one traceable function.
 
 AutoAttack's own warnings (its `flags_doc.md`) are returned as `flags`: outputs
-that look like probabilities, examples with a zero input gradient, and Square
-lowering the accuracy after the white-box attacks (a sign of gradient masking).
-A JAX `logits_fn` is a pure function, so the reference's check for randomised
-models has nothing to find here: a randomised model takes its key explicitly.
+that look like probabilities, a randomised model (two calls on the same images
+disagree, as the reference checks), examples with a zero input gradient, and
+Square lowering the accuracy after the white-box attacks (a sign of gradient
+masking). A pure JAX `logits_fn` never trips the randomness check; one that
+draws from state of its own between calls does.
+
+The attacks that differ only in their target (APGD-T's and FAB-T's nine ranks)
+share one compiled fold: the rank is a traced argument of `init`, and steps
+read the targets from the state (`compiled_family`).
 """
 
+import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -40,6 +48,7 @@ class AutoAttackResult(NamedTuple):
     adversarial: jax.Array  # per example, the first image that fooled the model; the clean image if none did
     robust: dict[str, np.ndarray]  # "clean", then each attack: which examples are still robust after it (bool [B])
     flags: list[str]  # AutoAttack's warnings, each one line
+    seconds: dict[str, float]  # each attack's wall-clock time, compilation included
 
 
 def _check_arguments(labels: jax.Array, num_classes: int, eps: float, norm: str, version: str, budgets: dict) -> None:
@@ -59,41 +68,59 @@ def _check_arguments(labels: jax.Array, num_classes: int, eps: float, norm: str,
         raise ValueError(f"the standard version's 9 targets need at least 10 classes; the model has {num_classes}")
 
 
-def standard_attacks(
-    logits_fn: LogitsFn, eps: float, *, num_steps: int = 100, num_queries: int = 5000
-) -> dict[str, Callable[[], list[iterative.IterativeAttack]]]:
-    """The standard version's attacks, L-inf, in cascade order, each built when asked for; a name may
-    stand for several attacks (one per target).
+class Family(NamedTuple):
+    """Attacks that differ only in their target rank, which enters `make(rank).init` alone,
+    so that one compiled fold serves every rank (`compiled_family`)."""
 
-    >>> apgd_t = standard_attacks(logits_fn, 0.3)["apgd-t"]()  # 9 attacks, the 2nd to 10th most likely classes
+    make: Callable[[int | jax.Array], iterative.IterativeAttack]
+    ranks: tuple[int, ...]  # one attack per rank, in cascade order; (0,) for an untargeted attack
+
+
+def standard_families(logits_fn: LogitsFn, eps: float, *, num_steps: int = 100, num_queries: int = 5000):
+    """The standard version's attacks, L-inf, in cascade order: {name: Family}.
+
+    >>> apgd_t = standard_families(logits_fn, 0.3)["apgd-t"]  # 9 ranks, the 2nd to 10th most likely classes
+    >>> attack = apgd_t.make(apgd_t.ranks[0])
     """
-    ranks = apgd.STANDARD_TARGET_RANKS
+    ranks, untargeted = apgd.STANDARD_TARGET_RANKS, (0,)
     return {
-        "apgd-ce": lambda: [apgd.make_apgd(logits_fn, eps, loss="ce", num_steps=num_steps)],
-        "apgd-t": lambda: [apgd.make_apgd_targeted(logits_fn, eps, num_steps=num_steps, target_rank=r) for r in ranks],
-        "fab-t": lambda: [fab.make_fab_targeted(logits_fn, eps, num_steps=num_steps, target_rank=r) for r in ranks],
-        "square": lambda: [square.make_square(logits_fn, eps, num_queries=num_queries)],
+        "apgd-ce": Family(lambda _: apgd.make_apgd(logits_fn, eps, loss="ce", num_steps=num_steps), untargeted),
+        "apgd-t": Family(lambda r: apgd.make_apgd_targeted(logits_fn, eps, num_steps=num_steps, target_rank=r), ranks),
+        "fab-t": Family(lambda r: fab.make_fab_targeted(logits_fn, eps, num_steps=num_steps, target_rank=r), ranks),
+        "square": Family(lambda _: square.make_square(logits_fn, eps, num_queries=num_queries), untargeted),
     }
 
 
-def compiled_attack(attack: iterative.IterativeAttack, form: str = "auto", chunk_size: int = 4) -> Callable:
-    """(images, labels, key) -> adversarial images, with the steps in the loop form the backend runs fast.
+def compiled_family(family: Family, form: str = "auto", chunk_size: int = 4) -> Callable:
+    """(images, labels, key, rank) -> adversarial images, compiled once for every rank of the family.
 
-    >>> x_adv = compiled_attack(apgd.make_apgd(logits_fn, 0.3))(images, labels, key)
+    The rank is a traced argument of `init` only: a step reads the targets from
+    the state, so every rank shares one compiled fold per shape. The steps run in
+    the loop form the backend runs fast.
+
+    >>> run = compiled_family(standard_families(logits_fn, 0.3)["apgd-t"])
+    >>> x_adv = run(images, labels, key, 3)  # toward each image's third most likely class
     """
-    init, finalize = jax.jit(attack.init), jax.jit(attack.finalize)
+    template = family.make(family.ranks[0])
+    init = jax.jit(lambda images, labels, key, rank: family.make(rank).init(images, labels, key))
+    finalize = jax.jit(template.finalize)
     # XLA:CPU runs convolution gradients slowly inside loops (docs/design.md, "Convolutions in XLA:CPU loops").
-    fold = loops.make_fold(lambda state, step: attack.step(state, step), form=form, chunk_size=chunk_size)
+    fold = loops.make_fold(template.step, form=form, chunk_size=chunk_size)
 
-    def run(images, labels, key):
-        return finalize(fold(attack.num_steps, init(images, labels, key)))
+    def run(images, labels, key, rank):
+        return finalize(fold(template.num_steps, init(images, labels, key, jnp.int32(rank))))
 
     return run
 
 
 def _bucket(count: int, total: int) -> int:
-    """The padded size for `count` examples: the next power of two, at most the batch."""
-    return min(total, 1 << max(0, count - 1).bit_length())
+    """The padded size for `count` examples: rounded up to a sixteenth of its power of two, at most the batch.
+
+    Sixteen sizes per octave waste at most a sixteenth of the work on padding, and
+    the few examples each attack fools rarely move the robust set to a new size.
+    """
+    granularity = 1 << max(0, count.bit_length() - 5)  # a sixteenth of the power of two at or below count
+    return min(total, -(-max(count, 1) // granularity) * granularity)
 
 
 def _attack_robust(run: Callable, logits_fn, images, labels, key, robust: np.ndarray, compact: bool):
@@ -116,6 +143,11 @@ def _flags(logits_fn, images, labels, robust: dict[str, np.ndarray]) -> list[str
     outputs = logits_fn(images)
     if bool(jnp.all(jnp.abs(outputs.sum(-1) - 1) < PROBABILITY_TOLERANCE) & (outputs.min() > -PROBABILITY_TOLERANCE)):
         flags.append("the outputs look like probabilities (they sum to one): pass logits, not softmax outputs")
+    if not bool(jnp.array_equal(outputs, logits_fn(images))):
+        flags.append(
+            "two calls on the same images disagree: the model is randomised, and the standard version's "
+            "robust accuracy does not hold for it (AutoAttack's 'rand' version, with EoT, is its attack)"
+        )
     gradient = attacks.input_gradient(logits_fn, images, labels)
     zero = int(jnp.sum(jnp.all(gradient.reshape(len(labels), -1) == 0, axis=-1)))
     if zero:
@@ -144,8 +176,11 @@ def autoattack(
     num_queries: int = 5000,
     compact: bool = True,
     form: str = "auto",
+    log: Callable[[str], None] = lambda line: None,
 ) -> AutoAttackResult:
     """AutoAttack's cascade on float images in [0, 1]: the adversarial images, who is robust after each attack, flags.
+
+    `log` receives one line after each attack (its robust count and seconds): progress for a long cascade.
 
     >>> result = advjax.autoattack(logits_fn, x, y, eps=0.3, key=jax.random.key(0))
     >>> float(result.robust["square"].mean())  # AutoAttack's robust accuracy
@@ -158,22 +193,23 @@ def autoattack(
     images, labels = jnp.asarray(images), jnp.asarray(labels)
     robust = {"clean": np.asarray(attacks.predicted_labels(logits_fn, images) == labels)}
     adversarial, current = images, robust["clean"]
-    builders = standard_attacks(logits_fn, eps, num_steps=num_steps, num_queries=num_queries)
+    families = standard_families(logits_fn, eps, num_steps=num_steps, num_queries=num_queries)
+    seconds = {}
     for stage, name in enumerate(n for n in STANDARD_ATTACKS if n in attacks_to_run):
-        for i, attack in enumerate(builders[name]()):
+        start = time.perf_counter()
+        run = compiled_family(families[name], form)
+        for i, rank in enumerate(families[name].ranks):
             if not current.any():
                 break
+            key_i = jax.random.fold_in(key, 16 * stage + i)
             survived, candidate = _attack_robust(
-                compiled_attack(attack, form),
-                logits_fn,
-                images,
-                labels,
-                jax.random.fold_in(key, 16 * stage + i),
-                current,
-                compact,
+                functools.partial(run, rank=rank), logits_fn, images, labels, key_i, current, compact
             )
             fooled_now = jnp.asarray(current & ~survived).reshape((-1,) + (1,) * (images.ndim - 1))
             adversarial = jnp.where(fooled_now, candidate, adversarial)
             current = survived
         robust[name] = current
-    return AutoAttackResult(adversarial, robust, _flags(logits_fn, images, labels, robust))
+        seconds[name] = time.perf_counter() - start  # the verdicts came to the host: the attack has finished
+        count = f"{int(current.sum())} of {len(current)} still robust ({current.mean():.2%})"
+        log(f"AutoAttack {name}: {count}, {seconds[name]:.1f} s")
+    return AutoAttackResult(adversarial, robust, _flags(logits_fn, images, labels, robust), seconds)

@@ -18,9 +18,9 @@ and `perturb`, targeted branch), `autoattack/fab_pt.py`
 one run per target (no random start, as `use_rand_start=(counter > 0)` gives
 with `n_restarts=1`), alpha_max 0.1, eta 1.05, beta 0.9. Where it departs:
 
-- `hyperplane_step` finds the linear piece of the box-clipped decrease by
-  counting the breakpoints below the gap, where the reference bisects over
-  them, so that the shapes are static; both give the same minimal step;
+- `hyperplane_step` brackets the radius by bisection on its value and solves
+  the linear piece there, where the reference sorts the breakpoints and
+  bisects over them; both give the minimal step, to float32's resolution;
 - every example is attacked, where the reference attacks only those the model
   classifies correctly: an example already misclassified keeps distance 0 and
   is returned unchanged, as the reference returns it, and a cascade masks
@@ -47,6 +47,8 @@ STANDARD_TARGET_RANKS: tuple[int, ...] = apgd.STANDARD_TARGET_RANKS
 STEP_NORM_FLOOR = 1e-8
 # The reference's later restarts start this fraction of eps from the clean image, inside the ball.
 START_FRACTION = 0.5
+# Halvings of the largest room that bracket the radius: 2^-24 of it is below float32's resolution there.
+RADIUS_BISECTIONS = 24
 
 
 class FABState(NamedTuple):
@@ -71,25 +73,30 @@ def linf_distances(points: jax.Array, images: jax.Array) -> jax.Array:
 def radius_reaching(gap: jax.Array, weights: jax.Array, room: jax.Array) -> jax.Array:
     """The least r >= 0 with sum_i weights_i min(r, room_i) >= gap over the last axis; inf where none.
 
-    The sum is increasing and piecewise linear in r with breakpoints at the
-    sorted rooms, so the number of breakpoints where it is still below `gap`
-    names the piece that r lies on, where one division solves for r.
+    The sum is increasing and piecewise linear in r, with breakpoints at the
+    rooms. Bisection on r narrows it to RADIUS_BISECTIONS halvings of the
+    largest room; one division then solves the linear piece the lower end lies
+    on, clamped to the bracket. It replaces a sort of the breakpoints, which
+    XLA:CPU runs far slower than a few dozen elementwise sums
+    (docs/design.md, "FAB's projection without a sort").
 
     >>> radius_reaching(jnp.array(0.3), jnp.array([1.0, 1.0]), jnp.array([0.1, 0.5]))  # 0.2
     """
-    order = jnp.argsort(room, axis=-1)
-    room = jnp.take_along_axis(room, order, axis=-1)
-    weights = jnp.take_along_axis(weights, order, axis=-1)
-    zero = jnp.zeros_like(room[..., :1])
-    # saturated[k]: the decrease of the k pixels with least room, all at their bounds; free[k]: the others' weight.
-    saturated = jnp.concatenate([zero, jnp.cumsum(weights * room, axis=-1)], axis=-1)
-    free = jnp.concatenate([jnp.cumsum(weights[..., ::-1], axis=-1)[..., ::-1], zero], axis=-1)
-    at_breakpoints = saturated[..., 1:] + room * free[..., 1:]
-    piece = jnp.sum(at_breakpoints < gap[..., None], axis=-1, keepdims=True)
-    base = jnp.take_along_axis(saturated, piece, axis=-1)[..., 0]
-    slope = jnp.take_along_axis(free, piece, axis=-1)[..., 0]
-    radius = jnp.maximum(gap - base, 0.0) / jnp.where(slope > 0, slope, 1.0)
-    return jnp.where(piece[..., 0] < room.shape[-1], radius, jnp.inf)
+    decrease = lambda r: jnp.sum(weights * jnp.minimum(r[..., None], room), axis=-1)
+    top = jnp.max(room, axis=-1)
+
+    def halve(_, bracket):
+        low, high = bracket
+        middle = (low + high) / 2.0
+        short = decrease(middle) < gap
+        return jnp.where(short, middle, low), jnp.where(short, high, middle)
+
+    low, high = jax.lax.fori_loop(0, RADIUS_BISECTIONS, halve, (jnp.zeros_like(top), top))
+    saturated = room <= low[..., None]
+    base = jnp.sum(jnp.where(saturated, weights * room, 0.0), axis=-1)
+    slope = jnp.sum(jnp.where(saturated, 0.0, weights), axis=-1)
+    radius = jnp.clip((gap - base) / jnp.where(slope > 0, slope, 1.0), low, high)
+    return jnp.where(decrease(top) >= gap, radius, jnp.inf)
 
 
 def hyperplane_step(points: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -238,8 +245,7 @@ def make_fab_targeted(
 
     >>> x_adv = iterative.run(make_fab_targeted(logits_fn, 8 / 255, target_rank=3), images, labels, jax.random.key(0))
     """
-    if target_rank < 2:
-        raise ValueError(f"target_rank must be at least 2 (1 is the prediction), got {target_rank}")
+    apgd.check_target_rank(target_rank)
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
 

@@ -204,6 +204,15 @@ def test_the_start_lies_on_the_sphere_of_the_ball(norm, eps):
 
 
 @pytest.mark.slow  # compiles a whole attack or run: in the full tier
+def test_ranked_class_takes_a_traced_rank_and_breaks_ties_as_top_k_does():
+    logits = jnp.array([[0.5, 2.0, 2.0, -1.0], [3.0, 1.0, 2.0, 0.0]])
+    traced = jax.jit(apgd.ranked_class)
+    for rank in range(1, 5):
+        expected = jax.lax.top_k(logits, rank)[1][:, rank - 1]
+        np.testing.assert_array_equal(traced(logits, jnp.int32(rank)), expected, err_msg=str(rank))
+    np.testing.assert_array_equal(apgd.ranked_class(logits, 2), [2, 2])  # the tie at 2.0 goes to class 1 first
+
+
 def test_apgd_targeted_aims_at_the_ranked_class_and_fools_the_mlp_as_often_as_the_loss_says():
     logits_fn = mlp_logits_fn(mlp_params())
     images = small_images(2)

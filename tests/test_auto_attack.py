@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import attacks, auto_attack
+from advjax import attacks, auto_attack, iterative
 from tests.helpers import linf_norms, random_linear_model, uniform_images
 
 # The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
@@ -38,12 +38,12 @@ def test_the_cascades_robust_set_is_the_intersection_of_its_stages(model):
     logits_fn, images, labels = model
     result = run(model, compact=False)
     # Masked, each stage attacks every example with the cascade's key: alone it gives the same verdicts.
-    builders = auto_attack.standard_attacks(logits_fn, EPS, **SHORT)
+    families = auto_attack.standard_families(logits_fn, EPS, **SHORT)
     expected = result.robust["clean"]
     for stage, name in enumerate(FAST_STAGES):
-        (attack,) = builders[name]()
+        (rank,) = families[name].ranks
         key = jax.random.fold_in(jax.random.key(0), 16 * stage)
-        alone = auto_attack.compiled_attack(attack, form="scan")(images, labels, key)
+        alone = iterative.run(families[name].make(rank), images, labels, key)
         expected = expected & np.asarray(attacks.predicted_labels(logits_fn, alone) == labels)
         np.testing.assert_array_equal(result.robust[name], expected, err_msg=name)
     assert result.robust["apgd-ce"].sum() < len(labels)  # the budget fools some: the test has teeth
@@ -63,8 +63,23 @@ def test_adversarial_images_fool_where_the_cascade_says_and_stay_in_the_ball(mod
         assert np.all(after <= before)  # robustness only shrinks
 
 
-def test_compaction_pads_to_powers_of_two_no_larger_than_the_batch():
-    assert [auto_attack._bucket(n, 100) for n in (1, 2, 3, 5, 64, 65, 100)] == [1, 2, 4, 8, 64, 100, 100]
+def test_compaction_pads_to_sixteenths_of_a_power_of_two_no_larger_than_the_batch():
+    sizes = (1, 2, 3, 17, 64, 65, 100, 802, 1000, 1025)
+    assert [auto_attack._bucket(n, 2000) for n in sizes] == [1, 2, 3, 17, 64, 68, 100, 832, 1024, 1088]
+    assert auto_attack._bucket(100, 100) == 100
+    assert all(n <= auto_attack._bucket(n, 10**6) <= n * 17 / 16 for n in range(1, 5000))
+
+
+@pytest.mark.parametrize("name", ["apgd-t", "fab-t"])
+def test_one_compiled_family_serves_every_rank_as_its_own_attack_would(model, name):
+    logits_fn, images, labels = model
+    family = auto_attack.standard_families(logits_fn, EPS, **SHORT)[name]
+    shared = auto_attack.compiled_family(family, form="scan")
+    for rank in (2, 5, 10):
+        # The same compiled structure with the rank a Python constant: one attack, built for that rank alone.
+        alone = auto_attack.compiled_family(auto_attack.Family(lambda _, r=rank: family.make(r), (rank,)), form="scan")
+        key = jax.random.key(rank)
+        np.testing.assert_array_equal(shared(images, labels, key, rank), alone(images, labels, key, 0), str(rank))
 
 
 @pytest.mark.parametrize(
@@ -98,6 +113,15 @@ def test_probabilities_and_zero_gradients_are_flagged(model):
     # Gradients blocked at the input: the white-box attacks see nothing, and say so.
     masked = run((lambda x: logits_fn(jax.lax.stop_gradient(x)), images, labels))
     assert any(f"{len(labels)} examples have a zero input gradient" in flag for flag in masked.flags)
+
+
+@pytest.mark.slow  # a cascade
+def test_a_model_whose_calls_disagree_is_flagged_as_randomised(model):
+    logits_fn, images, labels = model
+    calls = iter(range(10**6))
+    noisy = lambda x: logits_fn(x) + 1e-3 * next(calls)  # a new output at every call, as a randomised model gives
+    assert any("randomised" in flag for flag in run((noisy, images, labels), attacks_to_run=("apgd-ce",)).flags)
+    assert not any("randomised" in flag for flag in run(model, attacks_to_run=("apgd-ce",)).flags)
 
 
 @pytest.mark.slow  # compiles a whole attack or run: in the full tier
