@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 from jax import lax
 
+from advjax import apgd, iterative, restarts
 from advjax.attacks import bim, fgm_l2, fgsm, fgsm_random_start, least_likely_labels, pgd
 from advjax.deepfool import deepfool_within
 from advjax.losses import LogitsFn
@@ -42,6 +43,24 @@ def _deepfool_attack(logits_fn, images, labels, eps, key, *, max_iter=50, oversh
     return deepfool_within(logits_fn, images, labels, eps, max_iter=max_iter, overshoot=overshoot)
 
 
+def apgd_ce(logits_fn, images, labels, eps, key, *, num_steps=100, num_restarts=1, unroll: bool = False):
+    """APGD-CE (L-inf) with restarts: restart r starts from `fold_in(key, r)`, as PGD's restarts and the
+    robustness fold's ticks do; per example the restart that fools the model, else the highest loss, is kept.
+
+    >>> adversarial = apgd_ce(logits_fn, images, labels, 0.3, jax.random.key(0), num_steps=25)
+    """
+    if num_restarts < 1:
+        raise ValueError(f"num_restarts must be at least 1, got {num_restarts}")
+    attack = apgd.make_apgd(logits_fn, eps, loss="ce", num_steps=num_steps)
+
+    def run(restart):
+        adversarial = iterative.run(attack, images, labels, jax.random.fold_in(key, restart), unroll=unroll)
+        return adversarial, restarts.attack_outcome(logits_fn, adversarial, labels)
+
+    best = lax.fori_loop(1, num_restarts, lambda restart, best: restarts.keep_worst(best, run(restart)), run(0))
+    return best[0]
+
+
 ATTACKS: dict[str, Callable[..., jax.Array]] = {
     "fgsm": _fgsm_attack,
     "fgm_l2": _fgm_l2_attack,
@@ -50,6 +69,7 @@ ATTACKS: dict[str, Callable[..., jax.Array]] = {
     "pgd": functools.partial(pgd, norm="linf"),
     "pgd_l2": functools.partial(pgd, norm="l2"),
     "deepfool": _deepfool_attack,
+    "apgd_ce": apgd_ce,
 }
 
 

@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import jax
 
-from advjax import attack_registry, attacks, restarts
+from advjax import apgd, attack_registry, attacks, iterative, restarts
+from advjax.losses import LogitsFn
 
 # The norm each attack's eps is measured in: a worst case is only taken over
 # attacks of the same norm, since their eps grids mean different things.
@@ -18,9 +19,17 @@ ATTACK_NORMS: dict[str, str] = {
     "fgm_l2": "l2",
     "pgd_l2": "l2",
     "deepfool": "l2",
+    "apgd_ce": "linf",
+    "autoattack": "linf",
 }
-# Attacks run as projected steps, one per tick; the rest take one tick per batch.
-ITERATIVE = ("bim", "pgd", "pgd_l2")
+# Attacks whose steps run one per tick (an IterativeAttack each, `iterative_attack`); the rest take one per batch.
+ITERATIVE = ("bim", "pgd", "pgd_l2", "apgd_ce")
+# Projected steps of a set size; APGD adapts its own step (2 eps, halved per example), so it takes none.
+FIXED_STEP = ("bim", "pgd", "pgd_l2")
+# Attacks that draw a random start and so gain from restarts (APGD always starts at a random point).
+RESTARTABLE = ("pgd", "pgd_l2", "apgd_ce")
+# Names of robust.attacks that are whole cascades, run by advjax.autoattack_report rather than as a spec.
+CASCADES = ("autoattack",)
 # 'clean' is the zero perturbation: inside every eps ball, so every worst case includes it.
 NAMES = ("clean",) + tuple(attack_registry.ATTACKS)
 
@@ -43,7 +52,7 @@ class AttackSpec(NamedTuple):
 
     name: str  # a key of attack_registry.ATTACKS, or 'clean'
     num_steps: int | None = None  # iterative: steps per restart; deepfool: max_iter; None: the attack's default
-    num_restarts: int = 1  # pgd / pgd_l2 only; the per-example worst restart is kept
+    num_restarts: int = 1  # pgd / pgd_l2 / apgd_ce only; the per-example worst restart is kept
     step_size: float | None = None  # absolute, per step (pixels for L-inf)
     relative_step_size: float | None = None  # per step, as a multiple of eps
     random_start: bool = True  # pgd / pgd_l2 only (bim starts at the clean image, fgsm_random_start always draws)
@@ -75,9 +84,10 @@ def num_steps(spec: AttackSpec) -> int:
 def _check_step_size(spec: AttackSpec) -> None:
     if spec.step_size is not None and spec.relative_step_size is not None:
         raise ValueError(f"{spec.name}: give step_size or relative_step_size, not both")
-    takes_step = spec.name in ITERATIVE or spec.name == "fgsm_random_start"
+    takes_step = spec.name in FIXED_STEP or spec.name == "fgsm_random_start"
     if not takes_step and (spec.step_size is not None or spec.relative_step_size is not None):
-        raise ValueError(f"{spec.name} takes no step size")
+        adapts = " (APGD adapts its own)" if spec.name == "apgd_ce" else ""
+        raise ValueError(f"{spec.name} takes no step size{adapts}")
 
 
 def _check_restarts(spec: AttackSpec) -> None:
@@ -92,10 +102,17 @@ def _check_restarts(spec: AttackSpec) -> None:
         raise ValueError(
             f"{spec.name} is a one-step attack: stop_on_success and restart_selection apply to bim, pgd and pgd_l2"
         )
-    restartable = spec.name in ("pgd", "pgd_l2") and spec.random_start
+    if spec.name == "apgd_ce" and (spec.stop_on_success or not spec.random_start):
+        raise ValueError(
+            "apgd_ce always starts at a random point of the eps sphere and takes every step (it keeps the "
+            "first point that fools the model): random_start must be True and stop_on_success False"
+        )
+    restartable = spec.name in RESTARTABLE and spec.random_start
     if spec.num_restarts > 1 and not restartable:
         # Without a random draw every restart repeats the same deterministic attack.
-        raise ValueError(f"{spec.name}: restarts need a random start (pgd or pgd_l2 with random_start=True)")
+        raise ValueError(
+            f"{spec.name}: restarts need a random start (pgd or pgd_l2 with random_start=True, or apgd_ce)"
+        )
 
 
 def check_spec(spec: AttackSpec) -> None:
@@ -131,6 +148,8 @@ def describe_step_size(spec: AttackSpec) -> float | str | None:
 
     >>> describe_step_size(AttackSpec("pgd"))  # '2.5 * eps / num_steps'
     """
+    if spec.name == "apgd_ce":
+        return "2 * eps, halved per example at APGD's checkpoints"
     if spec.name not in ITERATIVE and spec.name != "fgsm_random_start":
         return None
     if spec.step_size is not None:
@@ -141,13 +160,19 @@ def describe_step_size(spec: AttackSpec) -> float | str | None:
 
 
 def attack_specs(section) -> dict[str, AttackSpec]:
-    """config.robust's attacks as specs. All attack the true labels; the label-leaking check adds predicted labels.
+    """config.robust's attacks as specs (CASCADES left out). All attack the true labels; the label-leaking check
+    adds predicted labels.
 
     >>> attack_specs(config.robust)["pgd"].num_restarts  # 10
     """
     specs = {}
     for name in section.attacks:
-        if name in ITERATIVE:
+        if name in CASCADES:
+            continue
+        if name == "apgd_ce":
+            # PGD's step and restart counts; APGD adapts its step, and the protocol's options are PGD's.
+            specs[name] = AttackSpec(name, num_steps=section.pgd_steps, num_restarts=section.pgd_restarts)
+        elif name in ITERATIVE:
             # The absolute step is in L-inf pixels; L2 PGD keeps its relative default.
             absolute = section.pgd_step_size if section.pgd_step_size > 0 and ATTACK_NORMS[name] == "linf" else None
             specs[name] = AttackSpec(
@@ -163,3 +188,23 @@ def attack_specs(section) -> dict[str, AttackSpec]:
         else:
             specs[name] = AttackSpec(name)
     return specs
+
+
+def iterative_attack(spec: AttackSpec, logits_fn: LogitsFn, eps: jax.Array | float) -> iterative.IterativeAttack:
+    """The one run (no restarts) of an ITERATIVE spec at `eps` as (init, step, finalize): what the
+    robustness fold's ticks take, and what `attack_registry.make_attack(spec.name)` runs per restart.
+
+    >>> attack = iterative_attack(AttackSpec("apgd_ce", num_steps=25), logits_fn, 0.3)  # apgd.make_apgd's
+    """
+    norm, steps = ATTACK_NORMS[spec.name], num_steps(spec)
+    if spec.name == "apgd_ce":
+        return apgd.make_apgd(logits_fn, eps, norm=norm, loss="ce", num_steps=steps)
+    return attacks.make_pgd(
+        logits_fn,
+        eps,
+        norm=norm,
+        num_steps=steps,
+        step_size=step_size(spec, eps),
+        random_start=spec.random_start and spec.name != "bim",
+        stop_on_success=spec.stop_on_success,
+    )

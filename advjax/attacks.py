@@ -18,15 +18,21 @@ The attacks: `fgsm`, `fgm_l2`, `fgsm_random_start` (Wong et al. 2020),
 restarts); DeepFool is advjax.deepfool, and advjax.attack_registry gives every
 evaluation attack one signature. The norm-specific pieces (steps, projections,
 random starts) are advjax.norms.
+
+There is one PGD: `make_pgd`, an advjax.iterative.IterativeAttack whose step
+is `ascent_step`. `pgd` runs it once per restart, `bim` from the clean image,
+`fgsm` for one step of eps from the clean image (bit for bit x + eps sign(g)),
+`iterate` and `fgsm_random_start` from a given start, and the robustness
+fold (advjax.robustness) one step per tick.
 """
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from advjax import losses
+from advjax import iterative, losses
 from advjax.losses import LogitsFn
 from advjax.norms import (
     Norm,
@@ -96,9 +102,13 @@ def fgsm(
 ) -> jax.Array:
     """Fast gradient sign method: x + eps * sign(grad_x J), clipped to [0, 1].
 
+    It is one PGD step of eps from the clean image: the projection onto the
+    eps ball leaves x +- eps as it is, bit for bit.
+
     >>> adversarial = fgsm(logits_fn, images, labels, 0.1)
     """
-    return clip_to_pixels(images + eps * fgsm_direction(logits_fn, images, labels, targeted=targeted))
+    one_step = make_pgd(logits_fn, eps, num_steps=1, step_size=eps, random_start=False, targeted=targeted)
+    return iterative.run(one_step, images, labels, None)
 
 
 def least_likely_labels(logits: jax.Array) -> jax.Array:
@@ -133,6 +143,21 @@ def default_step_size(eps: jax.Array | float, num_steps: int) -> jax.Array | flo
     return 2.5 * eps / num_steps
 
 
+def projected_ascent(
+    adversarial: jax.Array,
+    gradient: jax.Array,
+    images: jax.Array,
+    eps: jax.Array | float,
+    step_size: jax.Array | float,
+    norm: Norm,
+) -> jax.Array:
+    """A steepest-ascent step of `step_size` along `gradient`, back into the eps ball around `images` and [0, 1].
+
+    >>> adversarial = projected_ascent(adversarial, gradient, images, 0.3, 0.01, "linf")
+    """
+    return project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
+
+
 def ascent_step(
     logits_fn: LogitsFn,
     images: jax.Array,
@@ -144,7 +169,7 @@ def ascent_step(
     targeted: bool = False,
     stop_on_success: bool = False,
 ) -> jax.Array:
-    """One projected steepest-ascent step from `adversarial`, back into the eps ball around `images` and [0, 1].
+    """One projected steepest-ascent step on the cross-entropy from `adversarial`: PGD's step.
 
     With `stop_on_success` (untargeted), examples no longer classified as `labels`
     stay where they are, as in Wong et al.'s (2020) evaluation.
@@ -152,7 +177,7 @@ def ascent_step(
     >>> adversarial = ascent_step(logits_fn, images, labels, adversarial, 0.3, 0.01)
     """
     gradient = ascent_gradient(logits_fn, adversarial, labels, targeted)
-    stepped = project(adversarial + step_size * steepest_ascent(gradient, norm), images, eps, norm)
+    stepped = projected_ascent(adversarial, gradient, images, eps, step_size, norm)
     if not stop_on_success:
         return stepped
     # The same forward pass as the gradient's: XLA merges the two (the compiled
@@ -161,23 +186,58 @@ def ascent_step(
     return jnp.where(per_example(still_correct, adversarial), stepped, adversarial)
 
 
-def repeat(
-    step: Callable[[int, jax.Array], jax.Array], num_steps: int, start: jax.Array, unroll: bool = False
-) -> jax.Array:
-    """`step` applied `num_steps` times: written out when `unroll` (or for one step), else a fori_loop.
+class PGDState(NamedTuple):
+    """A projected-gradient attack's state; every leaf leads with the batch axis."""
 
-    Written out, because XLA:CPU runs the CNN's input-gradient convolutions
-    slowly inside a loop (docs/design.md, "Convolutions in XLA:CPU loops"), and
-    lax.fori_loop keeps even a one-trip or `unroll=True` loop as a while loop.
-    The price is a compile that grows with the steps.
+    images: jax.Array  # the clean images, the centres of the eps balls
+    labels: jax.Array  # what the attack climbs away from (toward, when targeted)
+    adversarial: jax.Array  # the current iterate
 
-    >>> x = repeat(lambda i, x: x + 1.0, 3, jnp.zeros(2))  # [3., 3.]
+
+def current_iterate(state: PGDState) -> jax.Array:
+    """A projected-gradient attack's result: its last iterate (make_pgd's finalize, and TRADES's).
+
+    >>> adversarial = current_iterate(attack.init(images, labels, jax.random.key(0)))  # the start
     """
-    if unroll or num_steps == 1:
-        for index in range(num_steps):
-            start = step(index, start)
-        return start
-    return lax.fori_loop(0, num_steps, step, start)
+    return state.adversarial
+
+
+def make_pgd(
+    logits_fn: LogitsFn,
+    eps: jax.Array | float,
+    *,
+    norm: Norm = "linf",
+    num_steps: int = 40,
+    step_size: jax.Array | float | None = None,
+    random_start: bool = True,
+    targeted: bool = False,
+    stop_on_success: bool = False,
+) -> iterative.IterativeAttack:
+    """One run of PGD (no restarts) as (init, step, finalize): the one PGD step that `pgd`, `bim`,
+    `fgsm` and the robustness fold's ticks all take.
+
+    init draws the start uniformly from the eps ball with the key it is given
+    (the clean image with `random_start=False`); each step is `ascent_step`
+    of `step_size` (2.5 eps / num_steps by default).
+
+    >>> x_adv = iterative.run(make_pgd(logits_fn, 0.3, num_steps=40), images, labels, jax.random.key(0))
+    """
+    check_norm(norm)
+    if stop_on_success and targeted:
+        raise ValueError("stop_on_success is for untargeted attacks")
+    step_size = default_step_size(eps, num_steps) if step_size is None else step_size
+
+    def init(images, labels, key):
+        return PGDState(images, labels, uniform_in_ball(key, images, eps, norm) if random_start else images)
+
+    def step(state, iteration):
+        del iteration  # every PGD step is alike
+        adversarial = ascent_step(
+            logits_fn, state.images, state.labels, state.adversarial, eps, step_size, norm, targeted, stop_on_success
+        )
+        return state._replace(adversarial=adversarial)
+
+    return iterative.IterativeAttack(init, step, current_iterate, num_steps)
 
 
 def iterate(
@@ -193,15 +253,13 @@ def iterate(
     unroll: bool = False,
     stop_on_success: bool = False,
 ) -> jax.Array:
-    """`num_steps` projected steepest-ascent steps from `start`: the core of BIM and PGD (see `repeat` for `unroll`).
+    """`make_pgd`'s `num_steps` steps from a given `start` (see iterative.run_steps for `unroll`).
 
     >>> adversarial = iterate(logits_fn, images, labels, images, 0.3, 0.01, 40)
     """
-    check_norm(norm)
-    step = lambda _, adversarial: ascent_step(
-        logits_fn, images, labels, adversarial, eps, step_size, norm, targeted, stop_on_success
-    )
-    return repeat(step, num_steps, start, unroll)
+    settings = dict(norm=norm, num_steps=num_steps, step_size=step_size, targeted=targeted)
+    attack = make_pgd(logits_fn, eps, random_start=False, stop_on_success=stop_on_success, **settings)
+    return attack.finalize(iterative.run_steps(attack, PGDState(images, labels, start), unroll=unroll))
 
 
 def fgsm_random_start(
@@ -279,8 +337,8 @@ def bim(
 
     >>> adversarial = bim(logits_fn, images, labels, 0.3, num_steps=10)
     """
-    step_size = default_step_size(eps, num_steps) if step_size is None else step_size
-    return iterate(logits_fn, images, labels, images, eps, step_size, num_steps, "linf", targeted, unroll)
+    attack = make_pgd(logits_fn, eps, num_steps=num_steps, step_size=step_size, random_start=False, targeted=targeted)
+    return iterative.run(attack, images, labels, None, unroll=unroll)
 
 
 def pgd(
@@ -312,23 +370,27 @@ def pgd(
 
     >>> adversarial = pgd(logits_fn, images, labels, 0.3, jax.random.key(0), num_steps=50, num_restarts=10)
     """
-    check_norm(norm)
     if random_start and key is None:
         raise ValueError("pgd with random_start needs a PRNG key")
     if num_restarts < 1:
         raise ValueError(f"num_restarts must be at least 1, got {num_restarts}")
     if restart_selection not in RESTART_SELECTIONS:
         raise ValueError(f"restart_selection must be one of {tuple(RESTART_SELECTIONS)}, got {restart_selection!r}")
-    if stop_on_success and targeted:
-        raise ValueError("stop_on_success is for untargeted attacks")
-    step_size = default_step_size(eps, num_steps) if step_size is None else step_size
+    attack = make_pgd(
+        logits_fn,
+        eps,
+        norm=norm,
+        num_steps=num_steps,
+        step_size=step_size,
+        random_start=random_start,
+        targeted=targeted,
+        stop_on_success=stop_on_success,
+    )
     keep = RESTART_SELECTIONS[restart_selection]
 
     def run(restart):
-        start = uniform_in_ball(jax.random.fold_in(key, restart), images, eps, norm) if random_start else images
-        adversarial = iterate(
-            logits_fn, images, labels, start, eps, step_size, num_steps, norm, targeted, unroll, stop_on_success
-        )
+        restart_key = None if key is None else jax.random.fold_in(key, restart)  # the robustness fold's draw too
+        adversarial = iterative.run(attack, images, labels, restart_key, unroll=unroll)
         return adversarial, attack_outcome(logits_fn, adversarial, labels, targeted)
 
     best = lax.fori_loop(1, num_restarts, lambda restart, best: keep(best, run(restart)), run(0))

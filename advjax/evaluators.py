@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from advjax import data, evaluate, robustness, seeds, sharding
+from advjax import autoattack_report, data, evaluate, robustness, seeds, sharding
 from advjax.eval_fold import EvalSet, make_eval_set, shard_eval_set
 from advjax.models import ApplyFn
 
@@ -34,6 +34,7 @@ class Context(NamedTuple):
     keys: dict[str, jax.Array]  # per split, placed on the mesh
     eval_rng: jax.Array
     sweep: Callable  # perturbation -> its sweep (evaluate.make_sweep), built once
+    log: Callable[[str], None] = lambda message: None  # evaluate_trained's log, for warnings
 
 
 def eval_sets(mnist: data.MNIST, eval_config: ml_collections.ConfigDict) -> dict[str, EvalSet]:
@@ -103,7 +104,10 @@ def by_eps(ctx: Context) -> dict:
 
 
 def robust(ctx: Context) -> dict:
-    """The robustness report (config.robust), when enabled. It runs on one device."""
+    """The robustness report (config.robust), when enabled, with AutoAttack's when listed. It runs on one device.
+
+    AutoAttack's cascades run first: their final robust set joins the report's L-inf worst case.
+    Its flags go to the log too, one warning line each."""
     c = ctx.config
     if not c.robust.enabled:
         return {}
@@ -112,9 +116,19 @@ def robust(ctx: Context) -> dict:
     index = len(ctx.sets)
     key = seeds.map_over_seeds(lambda k: jax.random.fold_in(k, index), c.num_seeds)(ctx.eval_rng)
     params = ctx.params if ctx.mesh is None else jax.device_get(ctx.params)
+    cascades, extra = None, None
+    if autoattack_report.requested(c.robust):
+        cascades = autoattack_report.run_cascades(
+            ctx.apply_fn, params, robust_set, key, c.robust, c.eval.loop, c.num_seeds, c.seed
+        )
+        extra = {autoattack_report.NAME: autoattack_report.final_robust(cascades, c.num_seeds)}
     report = robustness.robustness_report(
-        ctx.apply_fn, params, robust_set, key, c.robust, c.eval.loop, num_seeds=c.num_seeds
+        ctx.apply_fn, params, robust_set, key, c.robust, c.eval.loop, num_seeds=c.num_seeds, extra_linf=extra
     )
+    if cascades is not None:
+        report = autoattack_report.with_autoattack(report, cascades, c.robust, c.num_seeds)
+        for line in autoattack_report.flag_lines(report[autoattack_report.NAME]):
+            ctx.log(line)
     return {"robustness": report}
 
 
@@ -195,7 +209,8 @@ def evaluate_trained(
         split: place(seeds.map_over_seeds(lambda key, i=i: jax.random.fold_in(key, i), k)(eval_rng))
         for i, split in enumerate(sets)
     }
-    ctx = Context(config, apply_fn, params, mnist, mesh, sets, keys, eval_rng, _sweep_builder(config, apply_fn, mesh))
+    sweep = _sweep_builder(config, apply_fn, mesh)
+    ctx = Context(config, apply_fn, params, mnist, mesh, sets, keys, eval_rng, sweep, log)
     results = {}
     for evaluator in EVALUATORS:
         if reusable(evaluator, config, previous):

@@ -121,8 +121,9 @@ def _fit_and_evaluate(config, run_dir: str, mnist: data.MNIST, identity: dict, l
     params, selected = fitted.state.params, None
     if config.train.keep_best:
         params, selected = fit.restore_best_params(run_dir, fitted.state, config, fitted.records)
+        attack = overfitting.CHECK_ATTACKS[overfitting.check_attack(fitted.records[-1])]
         log(
-            f"evaluating the epoch{'s' if len(selected) > 1 else ''} of best held-out PGD accuracy: "
+            f"evaluating the epoch{'s' if len(selected) > 1 else ''} of best held-out {attack} accuracy: "
             f"{', '.join(map(str, selected))}"
         )
 

@@ -39,7 +39,7 @@ class _Epochs(NamedTuple):
     data: tuple  # (images uint8, labels) on the device
     keys: tuple  # (shuffle, step, eval) keys
     progress: Callable  # params -> clean accuracy on the whole validation split
-    overfitting_check: Callable | None  # params -> the held-out FGSM and PGD accuracy
+    overfitting_check: Callable | None  # params -> the held-out FGSM and PGD (or APGD-CE) accuracy
     place: Callable
 
 
@@ -182,7 +182,7 @@ def fit(
                 overfitting.warn_if_overfitting(records, log)
             timings.append(timing)
             # The checkpoint first: a run killed between these writes resumes from it and rewrites the files.
-            check = overfitting.pgd_per_seed(record, config.num_seeds) if keep_best else None
+            check = overfitting.check_per_seed(record, config.num_seeds) if keep_best else None
             checkpoint.save_epoch(manager, epoch, state, config, records, check, data_identity=data_identity)
             workdir.write_metrics(run_dir, records)
             workdir.write_timings(run_dir, timings)
@@ -202,7 +202,7 @@ def restore_best_params(
     `last` is the final state: its params when every best epoch is the last, else the template to restore into.
 
     Wong et al.'s early stopping: one-step training can lose its robustness
-    within an epoch, and the held-out PGD check sees it.
+    within an epoch, and the held-out PGD (or APGD-CE) check sees it.
     """
     epochs = overfitting.best_epochs(records, config.num_seeds)
     if all(e == len(records) for e in epochs):

@@ -11,6 +11,11 @@ compiled fold's ticks and a cascade alike.
 
 The state is any pytree whose leaves lead with the batch dimension, so a
 cascade can mask or gather examples between attacks.
+
+Written to it: PGD (attacks.make_pgd, which FGSM, BIM and the robustness
+fold's ticks also run), TRADES's inner maximisation
+(objectives.make_trades_attack), APGD, FAB and Square. Restarts are the
+caller's: one `run` per restart key.
 """
 
 from collections.abc import Callable
@@ -28,18 +33,30 @@ class IterativeAttack(NamedTuple):
     num_steps: int
 
 
-def run(attack: IterativeAttack, images: jax.Array, labels: jax.Array, key: jax.Array, *, unroll: bool = False):
-    """The adversarial images: init, `num_steps` steps, finalize; traceable, so it jits and vmaps.
+def run_steps(attack: IterativeAttack, state: State, *, unroll: bool = False) -> State:
+    """The state after the attack's `num_steps` steps from `state`: a fori_loop, or written out when
+    `unroll` (or for one step).
 
-    `unroll=True` unrolls the steps in Python instead of one `fori_loop`: XLA:CPU runs
-    convolution gradients slowly inside loops (docs/design.md, "Convolutions in XLA:CPU loops").
+    Written out, because XLA:CPU runs the CNN's input-gradient convolutions
+    slowly inside a loop (docs/design.md, "Convolutions in XLA:CPU loops"), and
+    lax.fori_loop keeps even a one-trip or `unroll=True` loop as a while loop.
+    The price is a compile that grows with the steps.
+
+    >>> state = run_steps(attack, attack.init(images, labels, jax.random.key(0)), unroll=True)
+    """
+    if unroll or attack.num_steps == 1:
+        for iteration in range(attack.num_steps):
+            state = attack.step(state, iteration)
+        return state
+    return jax.lax.fori_loop(0, attack.num_steps, lambda i, s: attack.step(s, i), state)
+
+
+def run(
+    attack: IterativeAttack, images: jax.Array, labels: jax.Array, key: jax.Array | None, *, unroll: bool = False
+) -> jax.Array:
+    """The adversarial images: init, `num_steps` steps (see `run_steps` for `unroll`), finalize;
+    traceable, so it jits and vmaps. `key` may be None for an attack whose init draws nothing.
 
     >>> x_adv = jax.jit(lambda x, y, k: run(attack, x, y, k))(images, labels, jax.random.key(0))
     """
-    state = attack.init(images, labels, key)
-    if unroll:
-        for iteration in range(attack.num_steps):
-            state = attack.step(state, iteration)
-    else:
-        state = jax.lax.fori_loop(0, attack.num_steps, lambda i, s: attack.step(s, i), state)
-    return attack.finalize(state)
+    return attack.finalize(run_steps(attack, attack.init(images, labels, key), unroll=unroll))

@@ -5,6 +5,9 @@ Every attack is crafted from the current params in eval mode (docs/design.md,
 gradient is taken ("Frozen adversary"). `step` is the optimizer step the loss
 is taken at; it sets the attack's eps during train.eps_warmup_epochs (None:
 the full eps). The logits returned are those training accuracy is reported on.
+The inner attacks are the library's (advjax.attacks; PGD through
+`attacks.make_pgd`), and TRADES's is an IterativeAttack of its own here
+(`make_trades_attack`), built on the same projected step.
 """
 
 from collections.abc import Callable
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from advjax import attacks, losses, models, noise
+from advjax import attacks, iterative, losses, models, noise
 from advjax.losses import LogitsFn
 from advjax.norms import clip_to_pixels, project_linf, uniform_in_ball
 
@@ -44,6 +47,41 @@ def attack_unroll(setting: str, backend: str | None = None) -> bool:
     return setting == "unrolled"
 
 
+class TradesState(NamedTuple):
+    """TRADES's inner maximisation's state; every leaf leads with the batch axis."""
+
+    images: jax.Array  # the clean images, the centres of the eps balls
+    reference: jax.Array  # the clean logits, frozen: the prediction the attack pushes away from
+    adversarial: jax.Array  # the current iterate
+
+
+def make_trades_attack(
+    logits_fn: LogitsFn, eps: jax.Array | float, step_size: jax.Array | float, num_steps: int
+) -> iterative.IterativeAttack:
+    """TRADES's inner maximisation (Zhang et al. 2019): L-inf PGD on KL(f(x) || f(x')) from x + 0.001 N(0, 1).
+
+    It needs no labels (init ignores them): it pushes the prediction away from
+    the clean one, which init computes once and the state carries.
+
+    >>> x_adv = iterative.run(make_trades_attack(logits_fn, 0.3, 0.01, 40), images, None, jax.random.key(0))
+    """
+
+    def init(images, labels, key):
+        del labels  # the clean prediction stands in for them
+        start = images + 0.001 * jax.random.normal(key, images.shape, images.dtype)
+        return TradesState(images, jax.lax.stop_gradient(logits_fn(images)), project_linf(start, images, eps))
+
+    def step(state, iteration):
+        del iteration  # every step is alike
+        summed_kl = lambda z: jnp.sum(losses.kl_divergence(state.reference, logits_fn(z)))
+        gradient = jax.grad(summed_kl)(state.adversarial)
+        return state._replace(
+            adversarial=attacks.projected_ascent(state.adversarial, gradient, state.images, eps, step_size, "linf")
+        )
+
+    return iterative.IterativeAttack(init, step, attacks.current_iterate, num_steps)
+
+
 def trades_adversary(
     logits_fn: LogitsFn,
     images: jax.Array,
@@ -53,18 +91,11 @@ def trades_adversary(
     num_steps: int,
     unroll: bool = False,
 ) -> jax.Array:
-    """TRADES's inner maximisation: PGD on KL(f(x) || f(x')) from x + 0.001 N(0, 1), in the L-inf ball.
+    """TRADES's adversarial images: `make_trades_attack` run from `key` (see iterative.run_steps for `unroll`).
 
-    It needs no labels: it pushes the prediction away from the clean one.
+    >>> adversarial = trades_adversary(logits_fn, images, jax.random.key(0), 0.3, 0.01, 40)
     """
-    reference = jax.lax.stop_gradient(logits_fn(images))
-
-    def step(_, adversarial):
-        gradient = jax.grad(lambda z: jnp.sum(losses.kl_divergence(reference, logits_fn(z))))(adversarial)
-        return project_linf(adversarial + step_size * jnp.sign(gradient), images, eps)
-
-    start = project_linf(images + 0.001 * jax.random.normal(key, images.shape, images.dtype), images, eps)
-    return attacks.repeat(step, num_steps, start, unroll)
+    return iterative.run(make_trades_attack(logits_fn, eps, step_size, num_steps), images, None, key, unroll=unroll)
 
 
 def attack_eps_schedule(train_config: ml_collections.ConfigDict, steps_per_epoch: int | None) -> Callable:

@@ -33,9 +33,37 @@ def _attack_name(name: str, attack: dict) -> str:
     return f"{name}-{attack['num_steps']} x {attack['num_restarts']}"
 
 
+def _autoattack_rows(autoattack: dict) -> list[tuple]:
+    """One row per AutoAttack stage: the robust accuracy after it and every stage before it (cumulative)."""
+    budget = f"{autoattack['version']}, {autoattack['num_steps']} steps, {autoattack['num_queries']} queries"
+    stages = list(autoattack["stages"])
+    names = [f"autoattack ({budget}): {stages[0]}"] + [f"autoattack: {stages[0]} to {stage}" for stage in stages[1:]]
+    return [
+        (
+            name,
+            autoattack["norm"],
+            autoattack["num_examples"],
+            autoattack["eps"],
+            autoattack["stages"][stage]["accuracy"],
+        )
+        for name, stage in zip(names, stages)
+    ]
+
+
+def autoattack_flags(autoattack: dict) -> str:
+    """AutoAttack's flags, one line each naming seed and eps (empty when none).
+
+    >>> print(autoattack_flags(summary["robustness"]["autoattack"]))
+    """
+    return "\n".join(
+        f"AutoAttack flag (seed {f['seed']}, eps {', '.join(f'{e:g}' for e in f['eps'])}): {f['flag']}"
+        for f in autoattack["flags"]
+    )
+
+
 def robustness_table(robustness: dict) -> str:
-    """Markdown table of the robustness report: accuracy per attack and eps, then the worst case per norm,
-    each row with its image count.
+    """Markdown table of the robustness report: accuracy per attack and eps, AutoAttack's cumulative stages,
+    then the worst case per norm, each row with its image count; AutoAttack's flags follow the table.
 
     >>> print(robustness_table(summary["robustness"]))
     """
@@ -44,13 +72,16 @@ def robustness_table(robustness: dict) -> str:
         rows.append(
             (_attack_name(name, attack), attack["norm"], attack["num_examples"], attack["eps"], attack["accuracy"])
         )
+    if "autoattack" in robustness:
+        rows += _autoattack_rows(robustness["autoattack"])
     for norm, worst in robustness["worst_case"].items():
         rows.append((f"worst case over {', '.join(worst['over'])}", norm, count, worst["eps"], worst["accuracy"]))
     lines = ["| attack | norm | images | accuracy at eps |", "|---|---|---:|---|"]
     for name, norm, images, grid, accuracy in rows:
         cells = ", ".join(f"{a:.4f} @ {e:g}" for e, a in zip(grid, accuracy))
         lines.append(f"| {name} | {norm} | {images} | {cells} |")
-    return "\n".join(lines)
+    flags = autoattack_flags(robustness["autoattack"]) if "autoattack" in robustness else ""
+    return "\n".join(lines) + (f"\n\n{flags}" if flags else "")
 
 
 def stats_table(perturbation_stats: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -10,22 +10,25 @@ model.
 
 An iterative attack's evaluation is itself one fold (advjax.eval_fold) over
 "ticks": (batch, restart, step) flattened, batch outermost. Each tick takes
-one projected step; a restart's first tick draws its start, its last tick
-scores it and keeps the per-example worst case, and the kept correctness is
-written into a [grid, batch, example] array that only leaves the device at the
-end. Ticks rather than `attacks.pgd` per batch, because on XLA:CPU the
-input-gradient convolutions run slowly inside any while loop ("Convolutions in
-XLA:CPU loops"), and PGD-100 x 10 restarts cannot be unrolled whole. Starts
-and scoring sit under `lax.cond`, so they run only on the ticks that need
-them. One-step attacks and DeepFool take one tick per batch.
+one step of the spec's IterativeAttack (`attack_specs.iterative_attack`:
+`attacks.make_pgd` for BIM and PGD, the very attack `attacks.pgd` runs, and
+`apgd.make_apgd` for APGD-CE) on its state (carried per grid point, whatever
+its fields); a restart's first tick runs the attack's init
+(the start), its last tick scores its finalize and keeps the per-example worst
+case, and the kept correctness is written into a [grid, batch, example] array
+that only leaves the device at the end. Ticks rather than `attacks.pgd` per
+batch, because on XLA:CPU the input-gradient convolutions run slowly inside
+any while loop ("Convolutions in XLA:CPU loops"), and PGD-100 x 10 restarts
+cannot be unrolled whole. Starts and scoring sit under `lax.cond`, so they
+run only on the ticks that need them. One-step attacks and DeepFool take one tick per batch.
 
 The eps grid is vmapped inside each tick, so all grid points advance together
 and a new grid of the same length reuses the compiled code.
 
 Key scheme (so a direct call can be matched): batch b uses
 `batch_key = fold_in(key, b)`. An iterative attack's restart r starts from
-`uniform_in_ball(fold_in(batch_key, r), ...)`, exactly what
-`attacks.pgd(..., key=batch_key)` draws; a one-step attack gets `batch_key`
+its init with `fold_in(batch_key, r)`, exactly what `attacks.pgd(..., key=batch_key)`
+and `attack_registry.apgd_ce(..., key=batch_key)` use; a one-step attack gets `batch_key`
 itself, as `attack_registry.make_attack(name)(..., key=batch_key)` would. Every grid
 point uses the same keys (common random numbers).
 """
@@ -33,7 +36,7 @@ point uses the same keys (common random numbers).
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,10 +47,12 @@ from advjax import attack_registry, attacks, restarts, seeds
 from advjax.attack_specs import (
     ATTACK_NORMS,
     ITERATIVE,
+    RESTARTABLE,
     AttackSpec,
     attack_specs,
     check_spec,
     describe_step_size,
+    iterative_attack,
     num_steps,
     step_size,
 )
@@ -84,8 +89,8 @@ class _Carry(NamedTuple):
     """The fold's state. The fields after `correct` are None for one-tick attacks."""
 
     correct: jax.Array  # bool [G, num_batches, B]: per example, correct on the kept adversarial image
-    adversarial: jax.Array | None = None  # float [G, B, ...]: the running restart's iterate
-    attack_labels: jax.Array | None = None  # int32 [B]: what the attack climbs away from
+    attack: Any = None  # the running restart's IterativeAttack state, per grid point: leaves [G, B, ...]
+    labels: jax.Array | None = None  # [B]: the labels the attack moves away from (true or predicted)
     kept_correct: jax.Array | None = None  # bool [G, B]: correctness on the worst restart so far
     kept: restarts.AttackOutcome | None = None  # [G, B] each: that restart's success and objective
 
@@ -118,36 +123,31 @@ def _one_tick_per_batch(spec: AttackSpec) -> Callable:
 
 
 def _iterative_per_tick(spec: AttackSpec) -> Callable:
-    """One projected step per tick; a restart's first tick draws its start, its last scores it."""
-    steps, num_restarts, norm = num_steps(spec), spec.num_restarts, ATTACK_NORMS[spec.name]
-    random_start = spec.random_start and spec.name != "bim"
+    """One step of the spec's IterativeAttack per tick; a restart's first tick runs its init, its last scores
+    its finalize."""
+    steps, num_restarts = num_steps(spec), spec.num_restarts
     select = jax.vmap(restarts.RESTART_SELECTIONS[spec.restart_selection])
 
     def per_tick(carry: _Carry, batch, logits_fn, grid) -> _Carry:
         restart, step = (batch.tick // steps) % num_restarts, batch.tick % steps
-        x = batch.images
+        attack_at = lambda eps: iterative_attack(spec, logits_fn, eps)  # the very attack a direct call runs
 
         def start(c: _Carry) -> _Carry:
-            if random_start:
-                restart_key = jax.random.fold_in(batch.key, restart)  # attacks.pgd's draw for this restart
-                first = jax.vmap(lambda eps: attacks.uniform_in_ball(restart_key, x, eps, norm))(grid)
-            else:
-                first = jnp.broadcast_to(x, c.adversarial.shape)
-            labels = attack_labels(logits_fn, x, batch.labels, spec.use_predicted_labels)
-            return c._replace(adversarial=first, attack_labels=labels)
+            labels = attack_labels(logits_fn, batch.images, batch.labels, spec.use_predicted_labels)
+            restart_key = jax.random.fold_in(batch.key, restart)  # a direct call's key for this restart
+            states = jax.vmap(lambda eps: attack_at(eps).init(batch.images, labels, restart_key))(grid)
+            return c._replace(attack=states, labels=labels.astype(jnp.int32))
 
         carry = _when(True if steps == 1 else step == 0, start, carry)
-        take_step = lambda a, eps: attacks.ascent_step(
-            logits_fn, x, carry.attack_labels, a, eps, step_size(spec, eps), norm, stop_on_success=spec.stop_on_success
-        )
-        carry = carry._replace(adversarial=jax.vmap(take_step)(carry.adversarial, grid))
+        carry = carry._replace(attack=jax.vmap(lambda state, eps: attack_at(eps).step(state, step))(carry.attack, grid))
 
         def score(c: _Carry) -> _Carry:
-            def outcome(a):
-                logits = logits_fn(a)  # one forward pass serves the outcome and the correctness
-                return _is_correct(logits, batch), restarts.attack_outcome(lambda _: logits, a, c.attack_labels)
+            def outcome(state, eps):
+                adversarial = attack_at(eps).finalize(state)
+                logits = logits_fn(adversarial)  # one forward pass serves the outcome and the correctness
+                return _is_correct(logits, batch), restarts.attack_outcome(lambda _: logits, adversarial, c.labels)
 
-            candidate = jax.vmap(outcome)(c.adversarial)
+            candidate = jax.vmap(outcome)(c.attack, grid)
             if num_restarts > 1:
                 # As attacks.pgd: the first restart is kept as is, later ones through the restart selection.
                 merged = select((c.kept_correct, c.kept), candidate)
@@ -161,6 +161,17 @@ def _iterative_per_tick(spec: AttackSpec) -> Callable:
     return per_tick
 
 
+def _state_shapes(spec: AttackSpec, batch_size: int, image_shape: tuple) -> Any:
+    """The attack state's shapes and dtypes for one batch at one eps.
+
+    Traced with a stand-in model: every state here (PGD's, APGD's) is shaped by the images alone."""
+    stand_in = lambda x: x.reshape(x.shape[0], -1)
+    images = jax.ShapeDtypeStruct((batch_size,) + image_shape, jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    init = lambda x, y, key: iterative_attack(spec, stand_in, 0.1).init(x, y, key)
+    return jax.eval_shape(init, images, labels, jax.random.key(0))
+
+
 def _initial_carry(spec: AttackSpec, num_seeds: int, grid_size: int, eval_set: EvalSet) -> _Carry:
     lead = seeds.seed_shape(num_seeds)
     num_batches, batch_size = eval_set.labels.shape
@@ -168,10 +179,12 @@ def _initial_carry(spec: AttackSpec, num_seeds: int, grid_size: int, eval_set: E
     if spec.name not in ITERATIVE:
         return _Carry(correct)
     per_example = lead + (grid_size, batch_size)
+    # A buffer per leaf, never one array twice: the fold donates its carry, leaf by leaf.
+    shapes = _state_shapes(spec, batch_size, tuple(eval_set.images.shape[2:]))
     return _Carry(
         correct=correct,
-        adversarial=jnp.zeros(lead + (grid_size, batch_size) + eval_set.images.shape[2:], jnp.float32),
-        attack_labels=jnp.zeros(lead + (batch_size,), jnp.int32),
+        attack=jax.tree.map(lambda s: jnp.zeros(lead + (grid_size,) + s.shape, s.dtype), shapes),
+        labels=jnp.zeros(lead + (batch_size,), jnp.int32),
         kept_correct=jnp.zeros(per_example, bool),
         kept=restarts.AttackOutcome(jnp.zeros(per_example, bool), jnp.zeros(per_example, jnp.float32)),
     )
@@ -268,7 +281,7 @@ def _describe_attack(name: str, spec: AttackSpec, grid: tuple, result: RobustRes
         "num_steps": num_steps(spec),
         "num_restarts": spec.num_restarts,
         "step_size": describe_step_size(spec),
-        "random_start": spec.random_start if name in ("pgd", "pgd_l2") else name == "fgsm_random_start",
+        "random_start": spec.random_start if name in RESTARTABLE else name == "fgsm_random_start",
         "restart_selection": spec.restart_selection,
         "stop_on_success": spec.stop_on_success,
         "labels": "predicted" if spec.use_predicted_labels else "true",
@@ -276,12 +289,48 @@ def _describe_attack(name: str, spec: AttackSpec, grid: tuple, result: RobustRes
     }
 
 
+def _checked_extra(extra_linf: Mapping[str, np.ndarray] | None, shape: tuple, runs: Mapping) -> dict:
+    """extra_linf as bool arrays, refused where a name clashes with a run or a shape is not [K?, G, N]."""
+    extra = {name: np.asarray(correct, bool) for name, correct in (extra_linf or {}).items()}
+    for name, correct in extra.items():
+        if name in runs or correct.shape != shape:
+            raise ValueError(f"extra_linf[{name!r}]: expected a new name and shape {shape}, got {correct.shape}")
+    return extra
+
+
+def _worst_cases(runs: dict, results: dict, grids: dict, extra: dict, k: int, l2: bool) -> dict:
+    """Per norm (L2 only when an L2 attack is configured), the worst case over clean, that norm's runs and,
+    for L-inf, the extra evaluations."""
+    worst = {}
+    for norm in ("linf", "l2") if l2 else ("linf",):
+        members = [n for n, s in runs.items() if n != "clean" and ATTACK_NORMS[s.name] == norm]
+        # clean.correct has a grid axis of 1: it broadcasts over the eps grid.
+        correct = {"clean": results["clean"].correct, **{n: results[n].correct for n in members}}
+        correct |= extra if norm == "linf" else {}
+        worst[norm] = {
+            "eps": list(grids[norm]),
+            **seeds.seed_summary(worst_case_correct(correct).mean(-1), k),
+            "over": list(correct),
+        }
+    return worst
+
+
 def robustness_report(
-    apply_fn: ApplyFn, params, eval_set: EvalSet, key: jax.Array, section, form: str = "auto", *, num_seeds: int = 1
+    apply_fn: ApplyFn,
+    params,
+    eval_set: EvalSet,
+    key: jax.Array,
+    section,
+    form: str = "auto",
+    *,
+    num_seeds: int = 1,
+    extra_linf: Mapping[str, np.ndarray] | None = None,
 ) -> dict:
     """Every configured attack over its eps grid, worst cases and the label-leaking check, as a JSON-ready dict.
 
     `section` is a validated config.robust; `eval_set` the caller's (see `robust_eval_set`).
+    `extra_linf`: per-example correctness [K?, G, N] of other L-inf evaluations on the same eval set and
+    eps grid (e.g. {"autoattack": its final robust set}); each joins the L-inf worst case and its "over" list.
     Wall-clock times are under "seconds", apart from the deterministic results.
 
     >>> robustness_report(apply_fn, params, robust_eval_set(images, labels, config.robust), key, config.robust)
@@ -295,6 +344,8 @@ def robustness_report(
         "fgsm_predicted_labels": AttackSpec("fgsm", use_predicted_labels=True),
     }
     runs.setdefault("fgsm", AttackSpec("fgsm"))
+    linf_shape = seeds.seed_shape(num_seeds) + (len(grids["linf"]), eval_set.num_examples)
+    extra = _checked_extra(extra_linf, linf_shape, runs)
     results, seconds = _run_attacks(apply_fn, params, eval_set, key, section, form, runs, grids, num_seeds)
     clean, k = results["clean"], num_seeds
     report = {
@@ -314,15 +365,5 @@ def robustness_report(
     for name, spec in specs.items():
         grid = grids[ATTACK_NORMS[name]]
         report["attacks"][name] = _describe_attack(name, spec, grid, results[name], eval_set.num_examples, k)
-    for norm in ("linf", "l2"):
-        members = [n for n, s in runs.items() if n != "clean" and ATTACK_NORMS[s.name] == norm]
-        if norm == "l2" and not any(ATTACK_NORMS[n] == "l2" for n in specs):
-            continue
-        # clean.correct has a grid axis of 1: it broadcasts over the eps grid.
-        correct = worst_case_correct({"clean": clean.correct, **{n: results[n].correct for n in members}})
-        report["worst_case"][norm] = {
-            "eps": list(grids[norm]),
-            **seeds.seed_summary(correct.mean(-1), k),
-            "over": ["clean"] + members,
-        }
+    report["worst_case"] = _worst_cases(runs, results, grids, extra, k, l2=any(ATTACK_NORMS[n] == "l2" for n in specs))
     return report

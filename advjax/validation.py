@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from advjax import attack_registry, data, loops, models, objectives, sharding, train
-from advjax.attack_specs import ATTACK_NORMS, PGD_PROTOCOLS
+from advjax import attack_registry, auto_attack, data, loops, models, objectives, overfitting, sharding, train
+from advjax.attack_specs import ATTACK_NORMS, CASCADES, PGD_PROTOCOLS
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,8 @@ def sequence_of(ok: Callable[[Any], bool], items: str, non_empty: bool = False) 
 
 # JAX's PRNG takes seeds modulo 2**32: seed 2**32 would repeat seed 0's every bit, and 2**63 overflows.
 SEED_LIMIT = 2**32
+# What robust.attacks may name: every evaluation attack, and AutoAttack's cascade.
+ROBUST_ATTACKS = tuple(attack_registry.ATTACKS) + CASCADES
 
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": int_in(0, SEED_LIMIT),
@@ -110,6 +112,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.attack_unroll": one_of(objectives.ATTACK_UNROLL),
     "train.overfitting_check_examples": non_negative_int(),
     "train.overfitting_check_steps": positive_int(),
+    "train.overfitting_check_attack": one_of(tuple(overfitting.CHECK_ATTACKS)),
     "eval.eps": number_in(0.0, 1.0),
     "eval.sigma": number_in(0.0, 10.0),
     "eval.use_predicted_labels": boolean(),
@@ -132,15 +135,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda x: _is_number(x) and x >= 0, "non-negative numbers (the label-leaking check needs L-inf eps)", True
     ),
     "robust.l2_eps_grid": sequence_of(lambda x: _is_number(x) and x >= 0, "non-negative numbers"),
-    "robust.attacks": sequence_of(
-        lambda n: n in attack_registry.ATTACKS, f"attack names, each one of {tuple(attack_registry.ATTACKS)}"
-    ),
+    "robust.attacks": sequence_of(lambda n: n in ROBUST_ATTACKS, f"attack names, each one of {ROBUST_ATTACKS}"),
     "robust.pgd_steps": positive_int(),
     "robust.pgd_restarts": positive_int(),
     "robust.pgd_step_size": non_negative_number(),
     "robust.pgd_protocol": one_of(tuple(PGD_PROTOCOLS)),
     "robust.deepfool_max_iter": positive_int(),
     "robust.chunk_size": positive_int(),
+    "robust.autoattack_version": one_of(auto_attack.VERSIONS),
+    "robust.autoattack_steps": positive_int(),
+    "robust.autoattack_queries": positive_int(),
 }
 
 
@@ -256,7 +260,7 @@ def _check_keep_best(config: ml_collections.ConfigDict) -> None:
     if config.train.mode not in objectives.ADVERSARIAL_MODES:
         raise ConfigError(
             f"config.train.keep_best=True needs an adversarial train.mode (one of {objectives.ADVERSARIAL_MODES}), "
-            f"whose per-epoch PGD check chooses the epoch; train.mode is {config.train.mode!r}"
+            f"whose per-epoch PGD (or APGD-CE) check chooses the epoch; train.mode is {config.train.mode!r}"
         )
     if config.train.overfitting_check_examples == 0:
         raise ConfigError(

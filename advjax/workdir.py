@@ -51,6 +51,10 @@ NOT_TRAINING = (
     "data.tfds_data_dir",
 )
 
+# Config fields added after runs were written, each with the value that does what those runs did: a saved
+# config without one reads as holding it, so a relaunch of an older run still resumes, re-evaluates or reuses.
+ADDED_FIELDS = {"train.overfitting_check_attack": "pgd"}
+
 
 class WorkdirError(ValueError):
     """The workdir holds a run this launch must not continue: another config or data, damaged
@@ -107,9 +111,25 @@ def config_as_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(json.dumps(config.to_dict()))
 
 
+def with_added_fields(config_json: dict) -> dict:
+    """A JSON config with every field of ADDED_FIELDS it lacks set to the value older runs had.
+
+    >>> with_added_fields({"train": {"epochs": 3}})  # {"train": {"epochs": 3, "overfitting_check_attack": "pgd"}}
+    """
+    filled = json.loads(json.dumps(config_json))
+    for path, value in ADDED_FIELDS.items():
+        *parents, leaf = path.split(".")
+        node = filled
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
+    return filled
+
+
 def training_part(config_json: dict) -> dict:
     """The fields of a JSON config that determine the trained model (NOT_TRAINING left out)."""
-    part = json.loads(json.dumps(config_json))
+    part = with_added_fields(config_json)
     for path in NOT_TRAINING:
         *parents, leaf = path.split(".")
         node = part
@@ -182,7 +202,7 @@ def read_saved_config(workdir: str) -> dict | None:
     """The config of `workdir`'s config.json as JSON (its data identity left out), None when there is none;
     a damaged one is refused."""
     saved = _read_config_file(workdir)
-    return None if saved is None else {k: v for k, v in saved.items() if k != DATA_KEY}
+    return None if saved is None else with_added_fields({k: v for k, v in saved.items() if k != DATA_KEY})
 
 
 def read_data_identity(workdir: str) -> dict | None:
@@ -299,7 +319,8 @@ def read_finished_summary(
     unreadable, of another config or of other data."""
     summary = read_summary(workdir)
     try:
-        same = json.dumps(summary["config"], sort_keys=True) == json.dumps(config_as_json(config), sort_keys=True)
+        saved = with_added_fields(summary["config"])
+        same = json.dumps(saved, sort_keys=True) == json.dumps(config_as_json(config), sort_keys=True)
         if data_identity is not None:
             same = same and summary["data"]["sha256"] == data_identity["sha256"]
     except (KeyError, TypeError):  # not a summary (or one without its data): not trusted, the run is resumed or redone

@@ -59,12 +59,15 @@ def get_config() -> ml_collections.ConfigDict:
     # (0: off). Against catastrophic overfitting of one-step training, at the price of a double backward pass.
     config.train.grad_align = 0.0
     config.train.attack_unroll = "auto"  # auto | loop | unrolled: attack steps unrolled on CPU, a loop elsewhere
-    # Adversarial modes: FGSM and PGD accuracy at train.eps on this many held-out
+    # Adversarial modes: FGSM and a multi-step attack's accuracy at train.eps on this many held-out
     # validation images after every epoch, to catch catastrophic overfitting (0: off).
     config.train.overfitting_check_examples = 500
-    config.train.overfitting_check_steps = 10
-    # Adversarial modes: evaluate each seed's epoch of highest held-out PGD accuracy in
-    # that check instead of the last (Wong et al.'s early stopping); its checkpoint is kept.
+    # The multi-step attack: "pgd" (one random start, step 2.5 eps / steps) or "apgd_ce" (APGD-CE,
+    # stronger at a similar cost per step; its step-size schedule wants a few dozen steps, e.g. 25-50).
+    config.train.overfitting_check_attack = "pgd"
+    config.train.overfitting_check_steps = 10  # that attack's steps
+    # Adversarial modes: evaluate each seed's epoch of highest held-out accuracy under that
+    # attack instead of the last (Wong et al.'s early stopping); its checkpoint is kept.
     config.train.keep_best = False
     # The training epoch's fold: auto | scan | chunked (advjax/loops.py). auto: one
     # fori_loop, except on CPU for models with convolutions, where it is chunked.
@@ -109,11 +112,12 @@ def get_config() -> ml_collections.ConfigDict:
         0.3,
     )  # L-inf eps for fgsm, fgsm_random_start, bim, pgd and the label-leaking check
     config.robust.l2_eps_grid = (1.0, 2.0, 3.0)  # L2 eps for fgm_l2, pgd_l2 and deepfool (used only if one is listed)
-    # Any of advjax.attacks.ATTACKS; all attack the true labels. A multi-step
+    # Any of advjax.attack_registry.ATTACKS (apgd_ce: APGD-CE alone, L-inf), or "autoattack" (its standard
+    # cascade at each L-inf eps, advjax/autoattack_report.py); all attack the true labels. A multi-step
     # attack belongs here always: FGSM alone hides gradient masking (docs/design.md, "Catastrophic overfitting").
     config.robust.attacks = ("fgsm", "pgd")
-    config.robust.pgd_steps = 100  # steps per restart for bim, pgd and pgd_l2 (MNIST challenge: PGD-100)
-    config.robust.pgd_restarts = 10  # random restarts for pgd and pgd_l2; the worst per example is kept
+    config.robust.pgd_steps = 100  # steps per restart for bim, pgd, pgd_l2 and apgd_ce (MNIST challenge: PGD-100)
+    config.robust.pgd_restarts = 10  # random restarts for pgd, pgd_l2 and apgd_ce; the worst per example is kept
     config.robust.pgd_step_size = (
         0.01  # L-inf step in pixels for bim and pgd; 0: 2.5 eps / steps (pgd_l2 always uses that)
     )
@@ -122,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
     # first success, as in Wong et al.'s evaluation; weaker, for comparing with their figures.
     config.robust.pgd_protocol = "strict"
     config.robust.deepfool_max_iter = 50
+    config.robust.autoattack_version = "standard"  # AutoAttack's version (advjax.autoattack), if listed
+    config.robust.autoattack_steps = 100  # AutoAttack: iterations of APGD-CE, and of APGD-T and FAB-T per target class
+    config.robust.autoattack_queries = 5000  # AutoAttack: Square's queries (forward passes) per example
     config.robust.chunk_size = 4  # attack steps per compiled chunk in the chunked (CPU) loop form
     return config
 

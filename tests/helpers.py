@@ -415,6 +415,7 @@ LINF_ATTACKS = {
     "fgsm_random_start": {},
     "bim": {"num_steps": 4},
     "pgd": {"num_steps": 4, "num_restarts": 2},
+    "apgd_ce": {"num_steps": 4, "num_restarts": 2},
 }
 
 

@@ -99,3 +99,38 @@ def test_config_robust_attacks_become_specs():
     assert (wong["pgd"].restart_selection, wong["pgd"].stop_on_success) == ("highest_loss", True)
     assert (wong["pgd_l2"].restart_selection, wong["pgd_l2"].stop_on_success) == ("highest_loss", True)
     assert (wong["bim"].restart_selection, wong["bim"].stop_on_success) == ("success_first", False)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (attack_specs.AttackSpec("apgd_ce", step_size=0.1), "takes no step size .APGD adapts its own"),
+        (attack_specs.AttackSpec("apgd_ce", relative_step_size=0.1), "takes no step size"),
+        (attack_specs.AttackSpec("apgd_ce", stop_on_success=True), "stop_on_success False"),
+        (attack_specs.AttackSpec("apgd_ce", random_start=False), "random_start must be True"),
+        (attack_specs.AttackSpec("apgd_ce", num_steps=0), "num_steps must be at least 1"),
+        (attack_specs.AttackSpec("apgd_ce", num_restarts=0), "num_restarts must be at least 1"),
+    ],
+)
+def test_apgd_ce_specs_that_would_compute_something_else_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec)
+
+
+def test_apgd_ce_is_an_iterative_linf_attack_with_restarts_and_its_own_step_rule():
+    default_steps = inspect.signature(attack_registry.ATTACKS["apgd_ce"]).parameters["num_steps"].default
+    assert attack_specs.num_steps(attack_specs.AttackSpec("apgd_ce")) == default_steps == 100
+    assert "apgd_ce" in attack_specs.NAMES and "apgd_ce" in attack_specs.ITERATIVE
+    assert attack_specs.ATTACK_NORMS["apgd_ce"] == "linf"
+    attack_specs.check_spec(attack_specs.AttackSpec("apgd_ce", num_steps=25, num_restarts=3))
+    assert "2 * eps" in attack_specs.describe_step_size(attack_specs.AttackSpec("apgd_ce"))
+
+
+def test_config_robust_apgd_ce_takes_pgds_step_and_restart_counts_and_is_a_valid_robust_attack():
+    section = default.get_config().robust
+    section.attacks, section.pgd_steps, section.pgd_restarts = ("fgsm", "apgd_ce"), 25, 2
+    section.pgd_protocol = "wong2020"  # PGD's protocol options do not apply to APGD
+    validate_robust(section)
+    assert attack_specs.attack_specs(section)["apgd_ce"] == attack_specs.AttackSpec(
+        "apgd_ce", num_steps=25, num_restarts=2
+    )

@@ -402,6 +402,11 @@ def test_one_step_pgd_without_random_start_equals_fgsm_exactly():
     reference = fgsm(logits_fn, images, labels, eps)
     chex.assert_trees_all_equal(one_step, reference)
     assert np.mean(np.asarray(one_step) != np.asarray(images)) > 0.5
+    # And FGSM, itself one step of make_pgd, is still the sign formula written out, bit for bit.
+    sign_formula = jax.jit(
+        lambda x, y: norms.clip_to_pixels(x + eps * jnp.sign(attacks.input_gradient(logits_fn, x, y)))
+    )
+    chex.assert_trees_all_equal(reference, sign_formula(images, labels))
 
 
 @pytest.mark.usefixtures("quick_compile")

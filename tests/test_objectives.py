@@ -14,7 +14,16 @@ import pytest
 
 from advjax import attacks, losses, models, noise, norms, objectives, train
 from configs import default
-from tests.helpers import IMAGE_SHAPE, Setup, numpy_cross_entropy, run_experiment, small_config, synthetic_data
+from tests.helpers import (
+    IMAGE_SHAPE,
+    Setup,
+    numpy_cross_entropy,
+    random_linear_model,
+    run_experiment,
+    small_config,
+    synthetic_data,
+    uniform_images,
+)
 
 
 def jax_mean_cross_entropy(logits, labels) -> jax.Array:
@@ -359,6 +368,25 @@ def test_trades_adversary_stays_in_the_ball_and_raises_the_kl():
     assert float(jnp.max(jnp.abs(far - x))) <= 0.3 + 1e-6
     assert 0.0 <= float(jnp.min(far)) and float(jnp.max(far)) <= 1.0
     assert kl(far) > 100 * max(kl(near), 1e-9)
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_trades_attack_is_its_loop_written_out_bit_for_bit(unroll):
+    # The inner maximisation as objectives.py wrote it before it became an IterativeAttack.
+    _, _, logits_fn = random_linear_model(3, scale=0.1)
+    x, key, eps, step_size, steps = jnp.asarray(uniform_images(4, seed=5)), jax.random.key(6), 0.3, 0.05, 3
+
+    @jax.jit
+    def written_out(x, key):
+        reference = jax.lax.stop_gradient(logits_fn(x))
+        adversarial = norms.project_linf(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), x, eps)
+        for _ in range(steps):
+            gradient = jax.grad(lambda z: jnp.sum(losses.kl_divergence(reference, logits_fn(z))))(adversarial)
+            adversarial = norms.project_linf(adversarial + step_size * jnp.sign(gradient), x, eps)
+        return adversarial
+
+    attack = jax.jit(lambda x, k: objectives.trades_adversary(logits_fn, x, k, eps, step_size, steps, unroll))
+    np.testing.assert_array_equal(attack(x, key), written_out(x, key))
 
 
 @pytest.mark.usefixtures("quick_compile")

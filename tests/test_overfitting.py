@@ -98,3 +98,67 @@ def test_the_check_runs_for_adversarial_modes_only_and_not_when_switched_off(mod
     apply_fn = models.eval_apply(models.build_model(config.model).apply)
     check = overfitting.make_configured_check(config, apply_fn, validation)
     assert (check is not None) == checked
+
+
+# ----------------------------------------------------------------------------
+# The check's multi-step attack as config: PGD (the default) or APGD-CE.
+
+
+def test_an_apgd_ce_check_is_fgsm_and_the_folds_apgd_ce_at_eps_under_its_name(monkeypatch):
+    params, es, key, apply_fn = mlp_params(), mlp_eval_set(), jax.random.key(5), models.eval_apply(mlp_apply)
+    built = []  # the specs the check builds: on this tiny model PGD-3 and APGD-CE-3 happen to agree in accuracy
+    spy = lambda fn, spec, **kwargs: built.append(spec) or robustness.make_robust_sweep(fn, spec, **kwargs)
+    monkeypatch.setattr(overfitting, "make_robust_sweep", spy)
+    check = overfitting.make_check(apply_fn, 0.3, 3, attack="apgd_ce", form="chunked")(params, es, key)
+    assert built == [attack_specs.AttackSpec("fgsm"), attack_specs.AttackSpec("apgd_ce", num_steps=3)]
+    apgd_ce = robustness.make_robust_sweep(apply_fn, built[1], form="scan")
+    expected = float(apgd_ce(params, es, key, (0.3,)).accuracy[0])
+    assert set(check) == {"fgsm", "apgd_ce"} and check["apgd_ce"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="must be one of \\('pgd', 'apgd_ce'\\), got 'bim'"):
+        overfitting.make_check(apply_fn, 0.3, 3, attack="bim")
+
+
+def test_the_configured_check_runs_the_configured_attack_with_its_steps(monkeypatch):
+    made = []
+    monkeypatch.setattr(overfitting, "make_check", lambda *args, **kwargs: made.append((args, kwargs)) or None)
+    config = tiny_config("bp", "fgsm")
+    config.train.overfitting_check_attack, config.train.overfitting_check_steps = "apgd_ce", 25
+    validation = data.Split(np.zeros((60, 28, 28, 1), np.uint8), np.zeros(60, np.int32))
+    overfitting.make_configured_check(config, models.eval_apply(models.build_model(config.model).apply), validation)
+    ((args, kwargs),) = made
+    assert args[1:] == (config.train.eps, 25) and kwargs["attack"] == "apgd_ce"
+
+
+def test_apgd_ce_records_pick_epochs_warn_and_summarise_under_their_attacks_name():
+    records = [
+        {"epoch": e, "overfitting_check": {"fgsm": f, "apgd_ce": a}}
+        for e, (f, a) in enumerate([(0.6, 0.5), (0.9, 0.7), (0.95, 0.1)], 1)
+    ]
+    assert overfitting.check_attack(records[0]) == "apgd_ce"
+    assert overfitting.best_epochs(records, 1) == [2]
+    assert overfitting.check_per_seed(records[1], 1) == [0.7]
+    summary = overfitting.summary(records)
+    assert summary["apgd_ce_accuracy_by_epoch"] == [0.5, 0.7, 0.1] and "pgd_accuracy_by_epoch" not in summary
+    assert summary["epoch"] == 3 and "APGD-CE accuracy more than" in summary["rule"]
+    messages = []
+    overfitting.warn_if_overfitting(records, messages.append)
+    assert messages == [
+        "WARNING: catastrophic overfitting in epoch 3: APGD-CE accuracy 0.100, FGSM 0.950 on "
+        "held-out images; FGSM accuracy no longer measures robustness"
+    ]
+
+
+def test_records_written_before_the_choice_read_as_pgd_and_keep_their_summary():
+    old = records_of([(0.6, 0.5), (0.9, 0.7)])  # what every run wrote before train.overfitting_check_attack
+    assert overfitting.check_attack(old[0]) == "pgd" and overfitting.best_epochs(old, 1) == [2]
+    assert list(overfitting.summary(old)) == [
+        "epoch",
+        "gradient_masking_epochs",
+        "pgd_accuracy_by_epoch",
+        "fgsm_accuracy_by_epoch",
+        "rule",
+    ]
+    assert overfitting.summary(old)["rule"] == (
+        "catastrophic overfitting: PGD accuracy more than 0.2 below its best in an earlier epoch; "
+        "gradient masking: FGSM accuracy more than 0.5 above PGD accuracy"
+    )

@@ -16,7 +16,18 @@ import numpy as np
 import optax
 import pytest
 
-from advjax import attack_registry, attack_specs, attacks, eval_fold, models, norms, restarts, robustness
+from advjax import (
+    apgd,
+    attack_registry,
+    attack_specs,
+    attacks,
+    eval_fold,
+    iterative,
+    models,
+    norms,
+    restarts,
+    robustness,
+)
 from advjax.data import to_float_images
 from tests.helpers import (
     GRID,
@@ -148,6 +159,45 @@ def test_l2_pgd_on_predicted_labels_and_one_step_attacks_equal_direct_calls():
         grid = (0.5, 2.0) if name == "deepfool" else GRID
         expected = direct_correct(params, es, key, grid, attack_registry.make_attack(name))
         np.testing.assert_array_equal(swept(params, es, key, grid).correct, expected, err_msg=name)
+
+
+# 5 steps: APGD's checkpoints fall after every step, so the fold runs its halving rule on every tick.
+APGD_CE = attack_specs.AttackSpec("apgd_ce", num_steps=5)
+
+
+def test_tick_fold_apgd_ce_equals_a_direct_run_of_make_apgd_per_batch_with_the_same_keys():
+    def direct(f, x, y, eps, batch_key):  # restart 0's key, as the module docstring's scheme says
+        attack = apgd.make_apgd(f, eps, loss="ce", num_steps=5)
+        return iterative.run(attack, x, y, jax.random.fold_in(batch_key, 0))
+
+    params, es, key = mlp_params(), mlp_eval_set(), jax.random.key(3)
+    expected = direct_correct(params, es, key, GRID, direct)
+    swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), APGD_CE, form="chunked", chunk_size=4)
+    np.testing.assert_array_equal(swept(params, es, key, GRID).correct, expected)
+    assert 0 < expected.sum() and expected[-1].sum() < expected[0].sum()  # it bites, yet not everywhere
+    # A different key moves some start: the comparison is not blind to the key scheme.
+    assert not np.array_equal(direct_correct(params, es, jax.random.key(4), GRID, direct), expected)
+
+
+@pytest.mark.slow
+def test_apgd_ce_restarts_in_the_fold_equal_the_registry_attack_and_keep_the_worst_case():
+    spec = APGD_CE._replace(num_restarts=3)
+    params, es, key = mlp_params(), mlp_eval_set(), jax.random.key(3)
+    swept = robustness.make_robust_sweep(models.eval_apply(mlp_apply), spec, form="scan")(params, es, key, GRID)
+    registry = attack_registry.make_attack("apgd_ce", num_steps=5, num_restarts=3)
+    np.testing.assert_array_equal(swept.correct, direct_correct(params, es, key, GRID, registry))
+    one = robustness.make_robust_sweep(models.eval_apply(mlp_apply), APGD_CE, form="scan")(params, es, key, GRID)
+    assert np.all(swept.correct <= one.correct)
+
+
+def test_an_apgd_ce_tick_holds_no_while_loop():
+    sweep = robustness.make_robust_sweep(models.eval_apply(mlp_apply), APGD_CE, form="chunked")
+    es, grid = mlp_eval_set(), jnp.asarray(GRID)
+    carry = sweep.initial_carry(len(GRID), es)
+    args = (carry, 0, (mlp_params(), jax.random.key(0)), ((es.images, es.labels, es.mask), grid))
+    jaxpr = str(jax.make_jaxpr(sweep.body)(*args))
+    assert not re.search(r"\b(scan|while)\[", jaxpr) and "cond[" in jaxpr
+    assert isinstance(carry.attack, apgd.APGDState) and carry.attack.point.shape == (len(GRID), 8, 6, 6, 1)
 
 
 @pytest.mark.parametrize("name", ["pgd", "bim", "fgsm_random_start", "fgsm"])

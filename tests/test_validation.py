@@ -59,6 +59,8 @@ BAD_VALUES = [
     ("eval.table_eps", 0.1),
     ("data.dir", None),
     ("train.checkpoints_to_keep", 0),
+    ("train.overfitting_check_attack", "fgsm"),  # the check already runs FGSM: its second attack is multi-step
+    ("train.overfitting_check_attack", "APGD-CE"),
 ]
 
 
@@ -111,6 +113,10 @@ ROBUST_BAD_VALUES = [
     ("robust.pgd_protocol", "madry"),
     ("robust.deepfool_max_iter", 0),
     ("robust.chunk_size", 0),
+    ("robust.attacks", ("autoattack", "autoattack-plus")),
+    ("robust.autoattack_version", "plus"),
+    ("robust.autoattack_steps", 0),
+    ("robust.autoattack_queries", 2.5),
 ]
 
 

@@ -212,3 +212,22 @@ def test_a_finished_run_on_other_data_is_not_reused(tmp_path):
     workdir.write_summary(str(tmp_path), {"config": workdir.config_as_json(config), "data": IDENTITY})
     assert workdir.read_finished_summary(str(tmp_path), config, IDENTITY) is not None
     assert workdir.read_finished_summary(str(tmp_path), config, OTHER) is None
+
+
+def test_a_run_written_before_the_check_attack_field_resumes_and_is_reused_as_pgd(tmp_path):
+    """Runs written before train.overfitting_check_attack existed ran PGD: their saved configs read as "pgd"."""
+    config = tiny_config()
+    old = workdir.config_as_json(config)
+    del old["train"]["overfitting_check_attack"]
+    (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(old))
+    workdir.write_metrics(str(tmp_path), [{"epoch": 1}])
+    workdir.write_summary(str(tmp_path), {"config": old})
+    workdir.check(str(tmp_path), config, overwrite=False)  # resumed, not refused as another config
+    assert workdir.training_differences(old, config) == ""
+    assert workdir.load_config(str(tmp_path)).train.overfitting_check_attack == "pgd"
+    assert workdir.read_finished_summary(str(tmp_path), config) is not None
+    apgd = tiny_config()
+    apgd.train.overfitting_check_attack = "apgd_ce"  # its records would hold another attack: another run
+    with pytest.raises(workdir.WorkdirError, match='overfitting_check_attack: "pgd" there, "apgd_ce" now'):
+        workdir.check(str(tmp_path), apgd, overwrite=False)
+    assert workdir.read_finished_summary(str(tmp_path), apgd) is None
