@@ -83,7 +83,9 @@ _PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 def _keep_only_own_info(record: pylogging.LogRecord) -> bool:
     """Orbax and JAX log every checkpoint step and backend probe at INFO: keep their warnings only. Orbax also
     logs a failed save's traceback from its thread; the failure reaches the run, which reports it in one line."""
-    if os.path.abspath(record.pathname).startswith(_PROJECT_DIR):
+    path = os.path.abspath(record.pathname)
+    # A virtual environment inside the checkout (.venv) holds orbax too: its files are not the project's own.
+    if path.startswith(_PROJECT_DIR + os.sep) and f"{os.sep}site-packages{os.sep}" not in path:
         return True
     return record.levelno >= pylogging.WARNING and not ("/orbax/" in record.pathname and record.exc_info)
 

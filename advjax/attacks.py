@@ -21,7 +21,7 @@ random starts) are advjax.norms.
 
 There is one PGD: `make_pgd`, an advjax.iterative.IterativeAttack whose step
 is `ascent_step`. `pgd` runs it once per restart, `bim` from the clean image,
-`fgsm` for one step of eps from the clean image (bit for bit x + eps sign(g)),
+`fgsm` equals one step of eps from the clean image (written out, bit for bit),
 `iterate` and `fgsm_random_start` from a given start, and the robustness
 fold (advjax.robustness) one step per tick.
 """
@@ -102,13 +102,14 @@ def fgsm(
 ) -> jax.Array:
     """Fast gradient sign method: x + eps * sign(grad_x J), clipped to [0, 1].
 
-    It is one PGD step of eps from the clean image: the projection onto the
-    eps ball leaves x +- eps as it is, bit for bit.
+    It equals one PGD step of eps from the clean image (`make_pgd`), bit for bit
+    (tests/test_attacks.py pins it), but is written out: inside a whole compiled
+    training step the PGD form rounds differently, and FGSM training's sign
+    turns that into another model (docs/design.md, "Fused rounding").
 
     >>> adversarial = fgsm(logits_fn, images, labels, 0.1)
     """
-    one_step = make_pgd(logits_fn, eps, num_steps=1, step_size=eps, random_start=False, targeted=targeted)
-    return iterative.run(one_step, images, labels, None)
+    return clip_to_pixels(images + eps * fgsm_direction(logits_fn, images, labels, targeted=targeted))
 
 
 def least_likely_labels(logits: jax.Array) -> jax.Array:
@@ -213,8 +214,8 @@ def make_pgd(
     targeted: bool = False,
     stop_on_success: bool = False,
 ) -> iterative.IterativeAttack:
-    """One run of PGD (no restarts) as (init, step, finalize): the one PGD step that `pgd`, `bim`,
-    `fgsm` and the robustness fold's ticks all take.
+    """One run of PGD (no restarts) as (init, step, finalize): the one PGD step that `pgd`, `bim`
+    and the robustness fold's ticks all take (`fgsm` equals one step of it).
 
     init draws the start uniformly from the eps ball with the key it is given
     (the clean image with `random_start=False`); each step is `ascent_step`
