@@ -68,7 +68,7 @@ def cascade_key(key: jax.Array, seed_index: int, num_seeds: int) -> jax.Array:
     return jax.random.fold_in(seeds.select_seed(key, seed_index, num_seeds), zlib.crc32(NAME.encode()))
 
 
-def _one_cascade(logits_fn: Callable, images, labels, eps: float, key, section, form: str):
+def _one_cascade(logits_fn: Callable, images, labels, eps: float, key, section, form: str, log: Callable[[str], None]):
     """(robust [stage, N], flags) at one eps; eps 0 leaves nothing to attack, so every stage is the clean set."""
     if eps == 0:
         clean = np.asarray(attacks.predicted_labels(logits_fn, images) == labels)
@@ -83,6 +83,7 @@ def _one_cascade(logits_fn: Callable, images, labels, eps: float, key, section, 
         num_steps=section.autoattack_steps,
         num_queries=section.autoattack_queries,
         form=form,
+        log=log,
     )
     return np.stack([result.robust[stage] for stage in STAGES]), result.flags
 
@@ -99,10 +100,18 @@ def group_flags(raised: list[tuple[int, float, str]]) -> list[dict]:
 
 
 def run_cascades(
-    apply_fn: ApplyFn, params, eval_set: EvalSet, key: jax.Array, section, form: str, num_seeds: int, first_seed: int
+    apply_fn: ApplyFn,
+    params,
+    eval_set: EvalSet,
+    key: jax.Array,
+    section,
+    form: str,
+    num_seeds: int,
+    first_seed: int,
+    log: Callable[[str], None] = lambda line: None,
 ) -> Cascades:
     """AutoAttack on the eval set at each eps of section.eps_grid, for each seed (params and key carry a seed axis
-    when num_seeds > 1); the flags name seeds as first_seed + index.
+    when num_seeds > 1); the flags name seeds as first_seed + index. `log` gets a line after each attack.
 
     >>> cascades = run_cascades(apply_fn, params, eval_set, key, config.robust, "auto", 1, config.seed)
     """
@@ -115,7 +124,8 @@ def run_cascades(
         logits_fn = lambda x, p=seed_params: apply_fn(p, x)
         key_i = cascade_key(key, i, num_seeds)
         for g, eps in enumerate(grid):
-            robust[i, :, g], flags = _one_cascade(logits_fn, images, labels, eps, key_i, section, form)
+            progress = lambda line, where=f"seed {first_seed + i}, eps {eps:g}": log(f"{where}: {line}")
+            robust[i, :, g], flags = _one_cascade(logits_fn, images, labels, eps, key_i, section, form, progress)
             raised += [(first_seed + i, eps, flag) for flag in flags]
     return Cascades(robust, group_flags(raised), time.perf_counter() - start)
 

@@ -119,7 +119,7 @@ def robust(ctx: Context) -> dict:
     cascades, extra = None, None
     if autoattack_report.requested(c.robust):
         cascades = autoattack_report.run_cascades(
-            ctx.apply_fn, params, robust_set, key, c.robust, c.eval.loop, c.num_seeds, c.seed
+            ctx.apply_fn, params, robust_set, key, c.robust, c.eval.loop, c.num_seeds, c.seed, log=ctx.log
         )
         extra = {autoattack_report.NAME: autoattack_report.final_robust(cascades, c.num_seeds)}
     report = robustness.robustness_report(

@@ -158,7 +158,7 @@ def test_the_worst_case_with_autoattack_is_the_reports_runs_and_the_final_set_an
     split = data.Split(images[:21], labels[:21])
     mnist = data.MNIST(split, split, split)
     cascades = fake_cascades(1, num_eps=2, n=21)
-    monkeypatch.setattr(autoattack_report, "run_cascades", lambda *args: cascades)
+    monkeypatch.setattr(autoattack_report, "run_cascades", lambda *args, **kwargs: cascades)
     ran = []  # (spec, result) of every sweep the report builds and runs
 
     def spy(apply_fn, spec, **kwargs):
@@ -285,3 +285,7 @@ def test_two_seeds_give_per_seed_stages_and_each_seeds_flags_in_the_summary_and_
     assert [(f["seed"], f["eps"]) for f in probability_flags] == [(0, [EPS]), (1, [EPS])]  # seeds seed..seed+1
     warnings = [line for line in lines if line.startswith("warning: AutoAttack") and "probabilities" in line]
     assert warnings[0].startswith(f"warning: AutoAttack, seed 0, eps {EPS:g}: ") and len(warnings) == 2
+    # Progress: a line after each attack of each seed's cascade, naming seed, eps and the robust count.
+    progress = [line for line in lines if line.startswith(f"seed 1, eps {EPS:g}: AutoAttack ")]
+    assert [line.split()[5].rstrip(":") for line in progress] == list(autoattack_report.STAGES[1:])
+    assert all(f"of {NUM_EXAMPLES} still robust" in line for line in progress)
