@@ -111,6 +111,15 @@ def config_as_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(json.dumps(config.to_dict()))
 
 
+def _section_of(config_json: dict, path: str) -> tuple[dict | None, str]:
+    """(the dict that holds the dotted `path`'s last part, that part); None where a section is missing."""
+    *parents, leaf = path.split(".")
+    node = config_json
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
+
+
 def with_added_fields(config_json: dict) -> dict:
     """A JSON config with every field of ADDED_FIELDS it lacks set to the value older runs had.
 
@@ -118,11 +127,8 @@ def with_added_fields(config_json: dict) -> dict:
     """
     filled = json.loads(json.dumps(config_json))
     for path, value in ADDED_FIELDS.items():
-        *parents, leaf = path.split(".")
-        node = filled
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = _section_of(filled, path)
+        if node is not None:
             node.setdefault(leaf, value)
     return filled
 
@@ -131,11 +137,8 @@ def training_part(config_json: dict) -> dict:
     """The fields of a JSON config that determine the trained model (NOT_TRAINING left out)."""
     part = with_added_fields(config_json)
     for path in NOT_TRAINING:
-        *parents, leaf = path.split(".")
-        node = part
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = _section_of(part, path)
+        if node is not None:
             node.pop(leaf, None)
     return part
 
