@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from advjax import autoattack_report, data, evaluate, robustness, seeds, sharding
+from advjax import autoattack_report, data, evaluate, robustness, seeds, sharding, workdir
 from advjax.eval_fold import EvalSet, make_eval_set, shard_eval_set
 from advjax.models import ApplyFn
 
@@ -164,7 +164,8 @@ def reusable(evaluator: Evaluator, config: ml_collections.ConfigDict, previous: 
     if previous is None or not all(key in previous for key in evaluator.owns[:1]):
         return False
     current = json.loads(json.dumps(config.to_dict()))
-    return all(_field(previous["config"], path) == _field(current, path) for path in evaluator.reads)
+    saved = workdir.with_added_fields(previous["config"])  # fields added since read as the older run had them
+    return all(_field(saved, path) == _field(current, path) for path in evaluator.reads)
 
 
 def _sweep_builder(config: ml_collections.ConfigDict, apply_fn: ApplyFn, mesh: Mesh | None) -> Callable:

@@ -53,7 +53,13 @@ NOT_TRAINING = (
 
 # Config fields added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as holding it, so a relaunch of an older run still resumes, re-evaluates or reuses.
-ADDED_FIELDS = {"train.overfitting_check_attack": "pgd"}
+# Older runs never ran AutoAttack, so its budgets there only need to equal configs/default.py's.
+ADDED_FIELDS = {
+    "train.overfitting_check_attack": "pgd",
+    "robust.autoattack_version": "standard",
+    "robust.autoattack_steps": 100,
+    "robust.autoattack_queries": 5000,
+}
 
 
 class WorkdirError(ValueError):

@@ -5,8 +5,8 @@ import json
 import jax
 import pytest
 
-from advjax import data, evaluate, evaluators, models, seeds, train
-from tests.helpers import run_experiment, synthetic_config
+from advjax import data, evaluate, evaluators, models, seeds, train, workdir
+from tests.helpers import run_experiment, synthetic_config, tiny_config
 
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
 
@@ -110,3 +110,17 @@ def test_a_relaunch_changing_only_robust_settings_reruns_only_the_robustness_rep
     config.eval.eps = 0.2
     third = run_experiment(config, tmp_path)
     assert ran == ["splits", "sweeps", "by_eps"] and third["robustness"] == second["robustness"]
+
+
+def test_an_older_summary_without_the_added_fields_keeps_its_robustness_report_reusable():
+    config = tiny_config()
+    config.robust.enabled = True
+    older = workdir.config_as_json(config)
+    for path in workdir.ADDED_FIELDS:
+        section, leaf = path.split(".")
+        del older[section][leaf]
+    robust = next(e for e in evaluators.EVALUATORS if e.run is evaluators.robust)
+    previous = {"config": older, "robustness": {}}
+    assert evaluators.reusable(robust, config, previous)
+    config.robust.autoattack_queries = 100
+    assert not evaluators.reusable(robust, config, previous)

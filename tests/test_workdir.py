@@ -231,3 +231,18 @@ def test_a_run_written_before_the_check_attack_field_resumes_and_is_reused_as_pg
     with pytest.raises(workdir.WorkdirError, match='overfitting_check_attack: "pgd" there, "apgd_ce" now'):
         workdir.check(str(tmp_path), apgd, overwrite=False)
     assert workdir.read_finished_summary(str(tmp_path), apgd) is None
+
+
+def test_the_added_fields_hold_the_defaults_and_an_older_finished_run_is_reused_as_it_was(tmp_path):
+    config = tiny_config()
+    for path, value in workdir.ADDED_FIELDS.items():
+        section, leaf = path.split(".")
+        assert config[section][leaf] == value, path  # configs/default.py's value: they must not drift apart
+    older = workdir.config_as_json(config)
+    for path in workdir.ADDED_FIELDS:
+        section, leaf = path.split(".")
+        del older[section][leaf]
+    workdir.write_summary(str(tmp_path), {"config": older})
+    assert workdir.read_finished_summary(str(tmp_path), config) is not None
+    config.robust.autoattack_steps = 50  # a budget an older run never had: its report must be rerun
+    assert workdir.read_finished_summary(str(tmp_path), config) is None
