@@ -249,9 +249,16 @@ def _print_result(config, run_dir: str, result: dict, compiled: dict, cache: str
         robust = result["robustness"]
         print(f"\nRobustness on the first {robust['num_examples']} {config.robust.split} images:")
         print(report.robustness_table(robust))
+    if "certification" in result:
+        certified = result["certification"]
+        budget = f"n0={certified['n0']}, n={certified['n']}, alpha={certified['alpha']}"
+        print(f"\nCertified L2 accuracy of the smoothed classifier ({budget}):")
+        print(report.certification_table(certified))
+        report.plot_certification(certified, os.path.join(run_dir, "certification.png"))
     print("\nPerturbation statistics (after clipping, mean over images):")
     print(report.stats_table(result["perturbation_stats"]))
-    print(f"\nWrote {run_dir}/summary.json, metrics.jsonl, timings.json and checkpoints/")
+    figure = ", certification.png" if "certification" in result else ""
+    print(f"\nWrote {run_dir}/summary.json, metrics.jsonl, timings.json{figure} and checkpoints/")
 
 
 def main(argv: list[str]) -> None:

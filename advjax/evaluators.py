@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from advjax import autoattack_report, data, evaluate, robustness, seeds, sharding, workdir
+from advjax import autoattack_report, certify_report, data, evaluate, robustness, seeds, sharding, workdir
 from advjax.eval_fold import EvalSet, make_eval_set, shard_eval_set
 from advjax.models import ApplyFn
 
@@ -132,6 +132,18 @@ def robust(ctx: Context) -> dict:
     return {"robustness": report}
 
 
+def certification(ctx: Context) -> dict:
+    """Randomized smoothing's certificates (config.certify, advjax/certify_report.py), when enabled, on one device."""
+    c = ctx.config
+    if not c.certify.enabled:
+        return {}
+    images, labels = certify_report.examples(getattr(ctx.mnist, c.certify.split), c.certify.num_examples)
+    key = seeds.map_over_seeds(lambda k: jax.random.fold_in(k, len(ctx.sets) + 1), c.num_seeds)(ctx.eval_rng)
+    params = ctx.params if ctx.mesh is None else jax.device_get(ctx.params)
+    certificates = certify_report.run_certification(ctx.apply_fn, params, images, key, c.certify, c.num_seeds)
+    return {certify_report.NAME: certify_report.certification_summary(certificates, labels, c.certify, c.num_seeds)}
+
+
 class Evaluator(NamedTuple):
     run: Callable[[Context], dict]
     reads: tuple[str, ...]  # config fields (sections or dotted paths) its results depend on, beyond the model's
@@ -147,6 +159,8 @@ EVALUATORS: tuple[Evaluator, ...] = (
     Evaluator(sweeps, ("eval", "num_devices"), ("sweeps",)),
     Evaluator(by_eps, ("eval", "num_devices"), ("by_eps",)),
     Evaluator(robust, ("robust", "eval.loop"), ("robustness",)),
+    # Its sampling is one lax.scan whatever eval.loop says, so it reads the certify section alone.
+    Evaluator(certification, ("certify",), (certify_report.NAME,)),
 )
 
 
@@ -198,7 +212,8 @@ def evaluate_trained(
 
     `previous`: the summary of a finished run of these same params, whose parts are reused
     where the fields they depend on are unchanged (`reusable`). Split i's key is fold_in(eval
-    key, i) and the robustness report's fold_in(eval key, 3), where the eval key is the fourth
+    key, i), the robustness report's fold_in(eval key, 3) and the certification's fold_in(eval key, 4),
+    where the eval key is the fourth
     of seeds.seed_keys; the per-epoch checks use the eval key itself.
 
     >>> results = evaluate_trained(config, apply_fn, params, mnist)

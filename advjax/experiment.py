@@ -134,8 +134,15 @@ def _fit_and_evaluate(config, run_dir: str, mnist: data.MNIST, identity: dict, l
     evaluation_seconds = time.perf_counter() - start
     # Wall-clock seconds go to timings.json; summary.json stays deterministic.
     robust_seconds = results["robustness"].pop("seconds", None) if "robustness" in results else None
+    certify_seconds = results["certification"].pop("seconds", None) if "certification" in results else None
     summary = summarize(config, results, fitted, selected, mesh, identity)
-    workdir.write_timings(run_dir, fitted.timings, evaluation_seconds, robust_seconds)
+    workdir.write_timings(
+        run_dir,
+        fitted.timings,
+        evaluation_seconds,
+        robustness_seconds=robust_seconds,
+        certification_seconds=certify_seconds,
+    )
     workdir.write_summary(run_dir, summary)  # last: it marks a finished run
     log(f"evaluation took {evaluation_seconds:.1f}s")
     return summary

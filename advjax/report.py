@@ -84,6 +84,22 @@ def robustness_table(robustness: dict) -> str:
     return "\n".join(lines) + (f"\n\n{flags}" if flags else "")
 
 
+def certification_table(certification: dict) -> str:
+    """Markdown table of randomized smoothing's certificates: per sigma, its image count, the certified accuracy
+    at each L2 radius, the average certified radius (ACR) and the share of images abstained on (means over seeds).
+
+    >>> print(certification_table(summary["certification"]))
+    """
+    radii, count = certification["radii"], certification["num_examples"]
+    header = ["sigma", "images", *(f"r = {r:g}" for r in radii), "ACR", "abstained"]
+    rows = [
+        [f"{float(sigma):g}", count, *(f"{a:.4f}" for a in entry["certified_accuracy"]["accuracy"])]
+        + [f"{entry['acr']:.3f}", f"{entry['abstention_rate']:.4f}"]
+        for sigma, entry in certification["by_sigma"].items()
+    ]
+    return markdown_table(header, rows)
+
+
 def stats_table(perturbation_stats: dict[str, dict[str, dict[str, float]]]) -> str:
     """Markdown table of the mean per-image perturbation statistics, after clipping."""
     lines = ["| split | perturbation | mean | std | L-inf | L2 |", "|---|---|---:|---:|---:|---:|"]
@@ -200,3 +216,16 @@ def plot_curves(
     ax.legend()
     ax.set_title(title)
     _save(fig, path)
+
+
+def plot_certification(certification: dict, path: str) -> None:
+    """Certified accuracy against L2 radius, one curve per sigma (summary.json's "certification").
+
+    >>> plot_certification(summary["certification"], "runs/cnn_smooth/certification.png")
+    """
+    curves = {
+        f"σ = {float(sigma):g}": (entry["certified_accuracy"]["accuracy"], entry["certified_accuracy"]["accuracy_std"])
+        for sigma, entry in certification["by_sigma"].items()
+    }
+    title = f"Certified accuracy, {certification['num_examples']} {certification['split']} images"
+    plot_curves(certification["radii"], curves, "L2 radius", title, path)

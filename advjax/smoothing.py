@@ -178,6 +178,18 @@ def certify(
     count = functools.partial(class_counts, logits_fn, images, sigma=sigma)
     selection = np.asarray(count(selection_key, num_samples=n0, chunk_size=min(chunk_size, n0)))
     estimation = np.asarray(count(estimation_key, num_samples=n, chunk_size=chunk_size))
+    return certificate_from_counts(selection, estimation, sigma=sigma, n=n, alpha=alpha)
+
+
+def certificate_from_counts(
+    selection: np.ndarray, estimation: np.ndarray, *, sigma: float, n: int, alpha: float
+) -> Certificate:
+    """CERTIFY's statistics on the host, from the selection and estimation counts [B, C] of `class_counts`
+    (n samples in `estimation`): the class c_A selected, p_lower, and the radius or the abstention.
+
+    >>> cert = certificate_from_counts(selection_counts, estimation_counts, sigma=0.5, n=10_000, alpha=0.001)
+    """
+    selection, estimation = np.asarray(selection), np.asarray(estimation)
     selected = selection.argmax(axis=1)
     count_a = np.take_along_axis(estimation, selected[:, None], axis=1)[:, 0]
     p_lower = lower_confidence_bound(count_a, n, alpha)

@@ -145,6 +145,16 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "robust.autoattack_version": one_of(auto_attack.VERSIONS),
     "robust.autoattack_steps": positive_int(),
     "robust.autoattack_queries": positive_int(),
+    "certify.enabled": boolean(),
+    "certify.sigma": sequence_of(lambda x: _is_number(x) and 0 < x <= 10, "numbers in (0, 10]", non_empty=True),
+    "certify.n0": positive_int(),
+    "certify.n": positive_int(),
+    "certify.alpha": ((lambda v: _is_number(v) and 0 < v < 1), "a number in (0, 1)"),
+    "certify.split": one_of(("train", "validation", "test")),
+    "certify.num_examples": positive_int(),
+    "certify.batch": positive_int(),
+    "certify.chunk_size": positive_int(),
+    "certify.radii": sequence_of(lambda x: _is_number(x) and x >= 0, "non-negative numbers", non_empty=True),
 }
 
 
@@ -198,6 +208,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_devices(config)
     _check_keep_best(config)
     _check_l2_grid(config)
+    _check_certify_chunks(config)
 
 
 SPLIT_NOUNS = {"train": "training", "validation": "validation", "test": "test"}
@@ -251,6 +262,18 @@ def _check_l2_grid(config: ml_collections.ConfigDict) -> None:
     l2_attacks = [name for name in config.robust.attacks if ATTACK_NORMS[name] == "l2"]
     if l2_attacks and not config.robust.l2_eps_grid:
         raise ConfigError(f"config.robust.l2_eps_grid is empty but L2 attacks are configured: {l2_attacks}")
+
+
+def _check_certify_chunks(config: ml_collections.ConfigDict) -> None:
+    """Each sampling pass draws certify.chunk_size samples per image, so it divides both sample counts
+    (the selection's n0 is drawn in one pass when it is smaller, as smoothing.certify does)."""
+    chunk = config.certify.chunk_size
+    for path, samples in (("certify.n0", config.certify.n0), ("certify.n", config.certify.n)):
+        if samples % min(chunk, samples):
+            raise ConfigError(
+                f"config.certify.chunk_size={chunk} does not divide config.{path}={samples}: "
+                "a batch the sample count cannot fill"
+            )
 
 
 def _check_keep_best(config: ml_collections.ConfigDict) -> None:

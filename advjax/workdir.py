@@ -43,6 +43,7 @@ RUN_OUTPUTS = (SUMMARY_FILE, CHECKPOINT_DIR, METRICS_FILE, TIMINGS_FILE)
 NOT_TRAINING = (
     "eval",
     "robust",
+    "certify",
     "num_devices",
     "train.checkpoints_to_keep",
     "data.source",
@@ -53,12 +54,22 @@ NOT_TRAINING = (
 
 # Config fields added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as holding it, so a relaunch of an older run still resumes, re-evaluates or reuses.
-# Older runs never ran AutoAttack, so its budgets there only need to equal configs/default.py's.
+# Older runs never ran AutoAttack nor certified, so those budgets there only need to equal configs/default.py's.
 ADDED_FIELDS = {
     "train.overfitting_check_attack": "pgd",
     "robust.autoattack_version": "standard",
     "robust.autoattack_steps": 100,
     "robust.autoattack_queries": 5000,
+    "certify.enabled": False,
+    "certify.sigma": (0.25,),
+    "certify.n0": 100,
+    "certify.n": 10_000,
+    "certify.alpha": 0.001,
+    "certify.split": "test",
+    "certify.num_examples": 500,
+    "certify.batch": 50,
+    "certify.chunk_size": 50,
+    "certify.radii": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5),
 }
 
 
@@ -132,11 +143,15 @@ def with_added_fields(config_json: dict) -> dict:
     >>> with_added_fields({"train": {"epochs": 3}})  # {"train": {"epochs": 3, "overfitting_check_attack": "pgd"}}
     """
     filled = json.loads(json.dumps(config_json))
+    # An experiment's config gains a section added whole; a paper config (its runs under "runs") gains none.
+    experiment = isinstance(filled, dict) and "model" in filled
     for path, value in ADDED_FIELDS.items():
         node, leaf = _section_of(filled, path)
+        if node is None and experiment and path.count(".") == 1 and path.split(".")[0] not in filled:
+            node = filled.setdefault(path.split(".")[0], {})
         if node is not None:
             node.setdefault(leaf, value)
-    return filled
+    return json.loads(json.dumps(filled))  # tuples read as lists, as the saved fields do
 
 
 def training_part(config_json: dict) -> dict:
@@ -364,12 +379,11 @@ def read_epoch_timings(workdir: str, last_epoch: int) -> list[dict]:
 
 
 def write_timings(
-    workdir: str, epochs: list[dict], evaluation_seconds: float | None = None, robustness_seconds: dict | None = None
+    workdir: str, epochs: list[dict], evaluation_seconds: float | None = None, **reports: dict | None
 ) -> None:
+    """timings.json; `reports`: each report's wall-clock figures (robustness_seconds, certification_seconds)."""
     timings = {"epochs": epochs, "evaluation_seconds": evaluation_seconds}
-    if robustness_seconds:
-        timings["robustness_seconds"] = robustness_seconds
-    files.write_json(os.path.join(workdir, TIMINGS_FILE), timings)
+    files.write_json(os.path.join(workdir, TIMINGS_FILE), {**timings, **{k: v for k, v in reports.items() if v}})
 
 
 def add_timing(workdir: str, name: str, value) -> None:

@@ -130,6 +130,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.robust.autoattack_steps = 100  # AutoAttack: iterations of APGD-CE, and of APGD-T and FAB-T per target class
     config.robust.autoattack_queries = 5000  # AutoAttack: Square's queries (forward passes) per example
     config.robust.chunk_size = 4  # attack steps per compiled chunk in the chunked (CPU) loop form
+
+    # Randomized smoothing (advjax/smoothing.py, advjax/certify_report.py): Cohen et al.'s CERTIFY of the
+    # smoothed classifier, whose base classifier clips x + delta to [0, 1] as Gaussian training does.
+    config.certify = ml_collections.ConfigDict()
+    config.certify.enabled = False  # run it after training and put it in summary.json
+    # Noise stds, each certified on its own (several are vmapped into one sampling pass); set it to the
+    # training noise's train.sigma, which configs/cnn_smooth.py and bp_smooth.py do.
+    config.certify.sigma = (0.25,)
+    config.certify.n0 = 100  # selection samples per image (Cohen et al.)
+    # Estimation samples per image: a budget a CPU certifies 500 images in. Cohen et al.'s 100,000 raise the
+    # largest radius n can certify (at alpha 0.001) from 3.2 sigma to 3.8 sigma, for 10x the forward passes.
+    config.certify.n = 10_000
+    config.certify.alpha = 0.001  # the certificate fails with probability at most alpha per image
+    config.certify.split = "test"  # train | validation | test
+    config.certify.num_examples = 500  # first N of the split; the report states the count
+    config.certify.batch = 50  # images per sampling pass
+    config.certify.chunk_size = 50  # noisy samples per image per forward pass; divides n0 and n
+    config.certify.radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5)  # L2 radii of the table
     return config
 
 
@@ -167,3 +185,28 @@ def defense_model(arg: str | None, config_file: str) -> str:
     if model not in DEFENSE_MODELS:
         raise ValueError(f"{config_file} takes one of {DEFENSE_MODELS} after the colon, got {arg!r}")
     return model
+
+
+# Randomized smoothing's configs (configs/cnn_smooth.py, bp_smooth.py): Cohen et al.'s three noise levels.
+SMOOTHING_SIGMAS = ("0.25", "0.5", "1.0")
+
+
+def smoothing(model: str, arg: str | None, config_file: str) -> ml_collections.ConfigDict:
+    """Gaussian-noise training at the sigma after the colon (0.25 by default, the certify section's
+    default) and the smoothed classifier certified at that same sigma."""
+    text = arg or SMOOTHING_SIGMAS[0]
+    try:
+        sigma = float(text)
+    except ValueError:
+        sigma = 0.0
+    if not 0 < sigma <= 10:
+        raise ValueError(
+            f"{config_file} takes the noise's sigma in (0, 10] after the colon, such as one of {SMOOTHING_SIGMAS}, "
+            f"got {arg!r}"
+        )
+    config = experiment(model, "gaussian")
+    config.train.epochs = 5
+    config.train.sigma = sigma
+    config.certify.enabled = True
+    config.certify.sigma = (sigma,)
+    return config

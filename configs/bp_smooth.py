@@ -1,0 +1,15 @@
+"""Randomized smoothing on the paper's BP net: Gaussian-noise training, then certificates at the same sigma.
+
+python launch.py --config=configs/bp_smooth.py:0.5 --workdir=runs/bp_smooth_0.5
+
+The sigma after the colon (0.25, 0.5 or 1.0, Cohen et al.'s; 0.25 when none is given) is both the training
+noise's std (train.sigma) and the certified one (certify.sigma), for 5 epochs. Training and certification see the
+same inputs: noise.gaussian clips the noisy training image to [0, 1], and the certified base classifier clips
+x + delta to [0, 1] inside itself (advjax/certify_report.py), so the certificate is over x + delta unclipped.
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+    return default.smoothing("bp", arg, "configs/bp_smooth.py")
