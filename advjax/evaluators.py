@@ -148,6 +148,8 @@ class Evaluator(NamedTuple):
     run: Callable[[Context], dict]
     reads: tuple[str, ...]  # config fields (sections or dotted paths) its results depend on, beyond the model's
     owns: tuple[str, ...]  # the summary fields it writes
+    # Whether the config asks for it at all: one it does not ask for neither runs nor is reused.
+    enabled: Callable[[ml_collections.ConfigDict], bool] = lambda config: True
 
 
 EVALUATORS: tuple[Evaluator, ...] = (
@@ -158,9 +160,9 @@ EVALUATORS: tuple[Evaluator, ...] = (
     ),
     Evaluator(sweeps, ("eval", "num_devices"), ("sweeps",)),
     Evaluator(by_eps, ("eval", "num_devices"), ("by_eps",)),
-    Evaluator(robust, ("robust", "eval.loop"), ("robustness",)),
+    Evaluator(robust, ("robust", "eval.loop"), ("robustness",), lambda config: config.robust.enabled),
     # Its sampling is one lax.scan whatever eval.loop says, so it reads the certify section alone.
-    Evaluator(certification, ("certify",), (certify_report.NAME,)),
+    Evaluator(certification, ("certify",), (certify_report.NAME,), lambda config: config.certify.enabled),
 )
 
 
@@ -228,7 +230,7 @@ def evaluate_trained(
     sweep = _sweep_builder(config, apply_fn, mesh)
     ctx = Context(config, apply_fn, params, mnist, mesh, sets, keys, eval_rng, sweep, log)
     results = {}
-    for evaluator in EVALUATORS:
+    for evaluator in (e for e in EVALUATORS if e.enabled(config)):
         if reusable(evaluator, config, previous):
             results.update({key: previous[key] for key in evaluator.owns if key in previous})
             log(f"reusing the {evaluator.run.__name__} results of the finished run: their settings are unchanged")

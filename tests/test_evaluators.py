@@ -77,12 +77,17 @@ def test_each_evaluator_writes_exactly_the_fields_it_owns(synthetic_mnist_dir):
     config.eval.sigma_grid, config.eval.table_eps = (0.0, 0.5), (0.1,)
     config.robust.enabled, config.robust.num_examples, config.robust.batch_size = True, 50, 50
     config.robust.eps_grid, config.robust.pgd_steps, config.robust.pgd_restarts = (0.1,), 2, 1
+    config.certify.enabled, config.certify.num_examples, config.certify.batch = True, 8, 8
+    config.certify.n0, config.certify.n, config.certify.chunk_size = 10, 20, 10
     mnist = data.load_mnist(config.data)
     model = models.build_model(config.model)
     params, apply_fn = train.init_params(jax.random.key(1), model), models.eval_apply(model.apply)
     results = evaluators.evaluate_trained(config, apply_fn, params, mnist)
     owned = [key for evaluator in evaluators.EVALUATORS for key in evaluator.owns]
     assert sorted(results) == sorted(owned)
+    config.robust.enabled = config.certify.enabled = False  # not asked for: neither runs nor appears
+    disabled = evaluators.evaluate_trained(config, apply_fn, params, mnist)
+    assert sorted(disabled) == sorted(set(owned) - {"robustness", "certification"})
 
 
 @pytest.mark.slow  # three runs
