@@ -38,7 +38,7 @@ class DataError(ValueError):
 
 
 class Split(NamedTuple):
-    images: np.ndarray  # uint8 [N, 28, 28, 1]
+    images: np.ndarray  # uint8 [N, height, width, channels]: [N, 28, 28, 1] for the IDX datasets
     labels: np.ndarray  # int32 [N]
 
 
@@ -87,12 +87,12 @@ def _parse_idx(content: bytes, path: pathlib.Path) -> np.ndarray:
 
 
 def read_idx(path: PathLike) -> np.ndarray:
-    """Reads an MNIST IDX file (raw or gzip): uint8 [N, 28, 28] or [N]."""
+    """Reads an IDX file of unsigned bytes (raw or gzip): uint8 [N, 28, 28] or [N] for MNIST and Fashion-MNIST."""
     path = pathlib.Path(path)
     return _parse_idx(b"".join(iter_content(path)), path)
 
 
-def _find_idx_file(directory: pathlib.Path, name: str) -> pathlib.Path:
+def find_idx_file(directory: pathlib.Path, name: str) -> pathlib.Path:
     """Returns directory/name or directory/name.gz, preferring the raw file."""
     candidates = (directory / name, directory / f"{name}.gz")
     for candidate in candidates:
@@ -101,25 +101,30 @@ def _find_idx_file(directory: pathlib.Path, name: str) -> pathlib.Path:
     raise DataError(f"{directory}: neither {candidates[0].name} nor {candidates[1].name} found")
 
 
-def make_split(images: np.ndarray, labels: np.ndarray, images_source: str, labels_source: str) -> Split:
-    """Validates counts and label values; returns uint8 images, int32 labels."""
+_find_idx_file = find_idx_file  # its older name
+
+
+def make_split(
+    images: np.ndarray, labels: np.ndarray, images_source: str, labels_source: str, num_classes: int = NUM_CLASSES
+) -> Split:
+    """Validates counts and label values (in 0..num_classes-1); returns uint8 images, int32 labels."""
     if len(images) != len(labels):
         raise DataError(
             f"image/label count mismatch: {images_source} has {len(images)}"
             f" images but {labels_source} has {len(labels)} labels"
         )
-    out_of_range = (labels < 0) | (labels >= NUM_CLASSES)
+    out_of_range = (labels < 0) | (labels >= num_classes)
     if out_of_range.any():
         raise DataError(
-            f"{labels_source}: label out of range 0..{NUM_CLASSES - 1}:"
+            f"{labels_source}: label out of range 0..{num_classes - 1}:"
             f" found values {np.unique(labels[out_of_range])[:10].tolist()}"
         )
     return Split(images.astype(np.uint8), labels.astype(np.int32))
 
 
 def _load_idx_split(directory: pathlib.Path, images_name: str, labels_name: str) -> Split:
-    images_path = _find_idx_file(directory, images_name)
-    labels_path = _find_idx_file(directory, labels_name)
+    images_path = find_idx_file(directory, images_name)
+    labels_path = find_idx_file(directory, labels_name)
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     # Also catches a labels file stored under an images name, and vice versa.
@@ -133,10 +138,10 @@ def _load_idx_split(directory: pathlib.Path, images_name: str, labels_name: str)
 
 
 def load_idx_dir(directory: PathLike) -> tuple[Split, Split]:
-    """Loads (train 60k, test 10k) from the four IDX files in a directory."""
+    """Loads (train, test) from the four IDX files in a directory: 60k and 10k for MNIST and Fashion-MNIST."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
-        raise DataError(f"{directory}: MNIST directory does not exist")
+        raise DataError(f"{directory}: IDX directory does not exist")
     return (
         _load_idx_split(directory, TRAIN_IMAGES, TRAIN_LABELS),
         _load_idx_split(directory, TEST_IMAGES, TEST_LABELS),

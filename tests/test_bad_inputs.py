@@ -10,8 +10,9 @@ Counted across the test files, the distinct bad inputs tried:
   that is not a list, a batch larger than the data, a missing field);
   tests/test_validation.py each field's bounds; tests/test_launch.py 4 on the
   command line and an unknown field;
-- data: here 4 (a missing directory, a truncated file, a corrupt gzip stream,
-  image and label counts that differ); tests/test_idx.py and tests/test_data.py more, at the loaders;
+- data: here 4 for MNIST (a missing directory, a truncated file, a corrupt gzip stream,
+  image and label counts that differ) and 3 for CIFAR-10 (a wrong record size, a bad checksum, a truncated
+  archive); tests/test_idx.py, tests/test_cifar.py and tests/test_data.py more, at the loaders;
   tests/test_launch.py a missing directory and a truncated file;
 - workdirs: here 9 (its parent is a file, it is a file, read-only (immutable
   for root), written by another config, outputs without a config or a
@@ -38,6 +39,7 @@ import pytest
 import launch
 from advjax import checkpoint, experiment, models, train
 from advjax import workdir as workdir_module
+from tests import test_cifar
 from tests.helpers import synthetic_config, write_synthetic_mnist
 
 # Reading a damaged checkpoint, orbax leaves asyncio callbacks behind that
@@ -155,16 +157,49 @@ def drop_test_labels(directory: pathlib.Path) -> None:
 @pytest.mark.parametrize(
     "damage,fragments",
     [
-        (lambda d: shutil.rmtree(d), ("MNIST directory does not exist",)),
-        (truncate_train_images, ("train-images-idx3-ubyte", "truncated")),
-        (corrupt_test_labels_gzip, ("t10k-labels-idx1-ubyte.gz", "corrupt gzip stream")),
-        (drop_test_labels, ("image/label count mismatch", "t10k-labels-idx1-ubyte.gz")),
+        (lambda d: shutil.rmtree(d), ("mnist: ", "IDX directory does not exist")),
+        (truncate_train_images, ("mnist: ", "train-images-idx3-ubyte", "truncated")),
+        (corrupt_test_labels_gzip, ("mnist: ", "t10k-labels-idx1-ubyte.gz", "corrupt gzip stream")),
+        (drop_test_labels, ("mnist: ", "image/label count mismatch", "t10k-labels-idx1-ubyte.gz")),
     ],
     ids=["missing_directory", "truncated_file", "corrupt_gzip", "count_mismatch"],
 )
 def test_bad_data_is_refused_naming_the_file_and_nothing_is_written(synthetic_mnist_dir, tmp_path, damage, fragments):
     config = synthetic_config(damaged_data(synthetic_mnist_dir, tmp_path / "mnist", damage))
     refused(config, tmp_path / "run", *fragments)
+    assert snapshot(tmp_path / "run") == {}
+
+
+def cifar10_dir(target: pathlib.Path, edit_batches, edit_archive, monkeypatch) -> pathlib.Path:
+    """A CIFAR-10 archive in the official binary format, declared official before `edit_archive` damages it."""
+    files = test_cifar.batch_files(edit_batches(test_cifar.batch_files()) if edit_batches else None)
+    archive = test_cifar.write_archive(target, files)
+    test_cifar.declare_official(monkeypatch, archive)
+    if edit_archive:
+        archive.write_bytes(edit_archive(archive.read_bytes()))
+    return target
+
+
+def flip_middle_byte(content: bytes) -> bytes:
+    middle = len(content) // 2
+    return content[:middle] + bytes([content[middle] ^ 1]) + content[middle + 1 :]
+
+
+@pytest.mark.parametrize(
+    "edit_batches,edit_archive,fragments",
+    [
+        (lambda files: {"data_batch_2.bin": files["data_batch_2.bin"][:-1]}, None, ("data_batch_2.bin", "3073-byte")),
+        (None, flip_middle_byte, ("cifar-10-binary.tar.gz", "checksum mismatch")),
+        (None, lambda b: b[: len(b) // 2], ("cifar-10-binary.tar.gz", "truncated")),
+    ],
+    ids=["wrong_record_size", "bad_checksum", "truncated_archive"],
+)
+def test_bad_cifar10_data_is_refused_naming_the_dataset_and_the_file(
+    tmp_path, monkeypatch, edit_batches, edit_archive, fragments
+):
+    config = synthetic_config(cifar10_dir(tmp_path / "cifar10", edit_batches, edit_archive, monkeypatch))
+    config.data.name, config.data.num_validation, config.eval.num_validation = "cifar10", 5, 5
+    refused(config, tmp_path / "run", "cifar10: ", *fragments)
     assert snapshot(tmp_path / "run") == {}
 
 

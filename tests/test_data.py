@@ -1,9 +1,11 @@
-"""Tests for advjax.data: the sources (IDX, download, TFDS) of load_mnist and the train/validation split."""
+"""Tests for advjax.data: the sources (IDX, download, TFDS) of load_mnist, the train/validation split, and
+datasets by name (data.name; CIFAR-10's own tests are tests/test_cifar.py)."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import pathlib
 import shutil
 
 import chex
@@ -252,3 +254,152 @@ def test_identity_of_the_real_files(mnist_dir):
         "location": os.path.abspath(mnist_dir),
         "sha256": MNIST_SHA256,
     }
+
+
+# ----------------------------------------------------------------------------
+# Datasets by name (data.name).
+
+FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+# The official files as loaded (advjax.download.FASHION_MNIST_FILES), as MNIST_SHA256 above.
+FASHION_MNIST_SHA256 = "8d09043b1fa170cbdb592266935b285306a4ad084b59e0030e3dc3a588c11e40"
+
+
+@pytest.fixture
+def fashion_mnist_dir() -> pathlib.Path:
+    """Debian's dataset-fashion-mnist files, or the test is skipped saying why."""
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip(f"{FASHION_MNIST_DIR} is absent: install Debian's dataset-fashion-mnist package")
+    return FASHION_MNIST_DIR
+
+
+def test_a_data_section_without_a_name_reads_mnist(idx_dir):
+    assert "name" not in data_config()
+    assert data.dataset_name(data_config()) == "mnist"
+    assert data.dataset_info(data_config(dir=str(idx_dir))) == data.DatasetInfo("mnist", (28, 28, 1), 10)
+    assert data.load(data_config(dir=str(idx_dir)))[1]["name"] == "mnist"
+
+
+@pytest.mark.parametrize("name", ["imagenet", "MNIST", "tfds:", "tfds:Fashion MNIST", "tfds:cifar10:3", "tfds"])
+def test_an_invalid_name_is_refused_naming_the_field_and_the_choices(idx_dir, name):
+    expect_error(
+        data.load,
+        data_config(name=name, dir=str(idx_dir)),
+        must_contain=(f"data.name={name!r} is invalid", *data.NAMES, "tfds:<name>"),
+    )
+
+
+@pytest.mark.parametrize("source", ["idx", "download"])
+def test_a_tfds_name_is_read_through_tfds_alone(idx_dir, source):
+    expect_error(
+        data.locate,
+        data_config(name="tfds:fashion_mnist", source=source, dir=str(idx_dir)),
+        must_contain=("data.name='tfds:fashion_mnist'", f"data.source={source!r}", "'auto' or 'tfds'"),
+    )
+
+
+def test_a_tfds_name_ignores_the_data_dir_under_auto(idx_dir, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(idx_dir.parent / "tfds"))
+    assert data.locate(data_config(name="tfds:cifar10", dir=str(idx_dir))) == ("tfds", str(idx_dir.parent / "tfds"))
+
+
+def test_the_download_cache_is_one_per_dataset(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    for name in data.NAMES:
+        assert data.locate(data_config(name=name)) == ("download", str(tmp_path / "advjax" / name))
+
+
+@pytest.mark.parametrize(
+    "name,shape,num_classes",
+    [("tfds:fashion_mnist", (28, 28, 1), 10), ("tfds:cifar10", (32, 32, 3), 10), ("tfds:cifar100", (32, 32, 3), 100)],
+)
+def test_a_tfds_dataset_by_name(name, shape, num_classes):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        info = data.dataset_info(data_config(name=name))
+        dataset, identity = data.load(data_config(name=name, num_validation=2))
+    assert info == data.DatasetInfo(name.removeprefix("tfds:"), shape, num_classes)
+    assert (identity["name"], identity["source"]) == (info.name, "tfds")
+    assert [len(split.labels) for split in dataset] == [10, 2, 12]
+    for split in dataset:
+        chex.assert_shape(split.images, (len(split.labels), *shape))
+        chex.assert_type([split.images, split.labels], [np.uint8, np.int32])
+        assert 0 <= split.labels.min() and split.labels.max() < num_classes
+
+
+def test_a_built_in_name_with_the_tfds_source_reads_the_same_tfds_dataset():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        by_source = data.load(data_config(name="cifar10", source="tfds", num_validation=2))
+        by_name = data.load(data_config(name="tfds:cifar10", num_validation=2))
+    chex.assert_trees_all_equal(tuple(by_source[0]), tuple(by_name[0]))
+    assert by_source[1] == by_name[1]
+
+
+@pytest.mark.parametrize(
+    "name,fragment",
+    [
+        ("tfds:imdb_reviews", "not an image-classification dataset"),  # text, no 'image' feature
+        ("tfds:imagenette/160px", "images of shape (None, None, 3)"),  # images of many sizes
+        ("tfds:no_such_dataset", "cannot open the dataset"),
+    ],
+)
+def test_a_tfds_dataset_advjax_cannot_read_is_refused_in_one_line(name, fragment):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=4):
+        message = expect_error(data.load, data_config(name=name), must_contain=(f"{name}: ", fragment))
+    assert "\n" not in message
+
+
+def test_an_unprepared_tfds_dataset_gives_a_hint_that_fits_its_name(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    message = expect_error(
+        data.load,
+        data_config(name="tfds:svhn_cropped", tfds_data_dir=str(tmp_path)),
+        must_contain=("tfds:svhn_cropped: ", str(tmp_path), "tfds build svhn_cropped"),
+    )
+    assert "data.source='idx'" not in message  # a tfds: name has no other source
+
+
+def test_fashion_mnist_real_files(fashion_mnist_dir):
+    config = data_config(name="fashion_mnist", dir=str(fashion_mnist_dir), num_validation=10_000)
+    dataset, identity = data.load(config)
+    assert split_sizes(dataset) == [50_000, 10_000, 10_000]
+    for split in dataset:
+        chex.assert_type([split.images, split.labels], [np.uint8, np.int32])
+        chex.assert_shape(split.images, (len(split.labels), 28, 28, 1))
+        np.testing.assert_array_equal(np.unique(split.labels), np.arange(10))
+    assert identity == {
+        "name": "fashion_mnist",
+        "source": "idx",
+        "location": str(fashion_mnist_dir),
+        "sha256": FASHION_MNIST_SHA256,
+    }
+
+
+def test_another_idx_datasets_official_files_are_refused(tmp_path, synthetic_mirror):
+    # synthetic_mirror's files are declared MNIST's: read as Fashion-MNIST, they are refused, naming both.
+    expect_error(
+        data.load,
+        data_config(name="fashion_mnist", dir=str(synthetic_mirror)),
+        must_contain=("fashion_mnist: ", f"{idx.TRAIN_LABELS}.gz", "mnist's official", "data.name='mnist'"),
+    )
+    assert data.load(data_config(name="mnist", dir=str(synthetic_mirror)))[1]["name"] == "mnist"
+
+
+def test_mnist_refuses_fashion_mnists_files(fashion_mnist_dir):
+    expect_error(
+        data.load,
+        data_config(name="mnist", dir=str(fashion_mnist_dir)),
+        must_contain=("mnist: ", str(fashion_mnist_dir), "fashion_mnist's official", "data.name='fashion_mnist'"),
+    )
+
+
+def test_a_bad_idx_file_names_the_dataset(idx_dir):
+    (idx_dir / f"{idx.TEST_IMAGES}.gz").write_bytes(b"\x1f\x8b not a gzip stream")
+    expect_error(
+        data.load,
+        data_config(name="fashion_mnist", dir=str(idx_dir)),
+        must_contain=("fashion_mnist: ", f"{idx.TEST_IMAGES}.gz", "corrupt gzip"),
+    )

@@ -20,6 +20,8 @@ from tests.helpers import (
     synthetic_arrays,
 )
 
+GZ_NAMES_IN_TABLE_ORDER = [f"{spec.name}.gz" for spec in download.FASHION_MNIST_FILES]
+
 
 def test_download_checksum_mismatch_on_every_mirror_leaves_nothing(tmp_path, idx_dir):
     # Synthetic files cannot match the official checksums.
@@ -104,7 +106,61 @@ def test_download_real_files_verify_and_are_not_refetched(tmp_path, mnist_dir):
 
 def test_default_cache_dir_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert download.default_cache_dir() == tmp_path / "xdg" / "advjax" / "mnist"
+    assert download.default_cache_dir("mnist") == tmp_path / "xdg" / "advjax" / "mnist"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert download.default_cache_dir() == tmp_path / "home/.cache/advjax/mnist"
+    assert download.default_cache_dir("cifar10") == tmp_path / "home/.cache/advjax/cifar10"
+
+
+# Fashion-MNIST: its checksum table against the files of Debian's dataset-fashion-mnist package.
+
+FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def fashion_mnist_dir() -> pathlib.Path:
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip(f"{FASHION_MNIST_DIR} is absent: install Debian's dataset-fashion-mnist package")
+    return FASHION_MNIST_DIR
+
+
+@pytest.mark.parametrize("name", IDX_NAMES)
+def test_fashion_mnist_checksums_match_the_debian_files(fashion_mnist_dir, name):
+    path = fashion_mnist_dir / f"{name}.gz"
+    download.verify_idx_file(path, download.FASHION_MNIST_FILES, "Fashion-MNIST")
+    assert download.official_idx_dataset(path) == "fashion_mnist"
+    # The two tables are distinct: MNIST's refuses these files.
+    expect_error(download.verify_idx_file, path, download.MNIST_FILES, "MNIST", must_contain=("checksum mismatch",))
+
+
+def test_fashion_mnist_download_verifies_zalandos_files_and_does_not_refetch(tmp_path, fashion_mnist_dir):
+    cache, fetch = tmp_path / "cache", CopyFetch(fashion_mnist_dir)
+
+    assert download.download_fashion_mnist(cache, fetch=fetch) == cache
+    download.download_fashion_mnist(cache, fetch=fetch)
+
+    assert fetch.urls == [f"{download.FASHION_MNIST_MIRRORS[0]}{name}" for name in GZ_NAMES_IN_TABLE_ORDER]
+    assert download.FASHION_MNIST_MIRRORS[0].startswith("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com")
+    assert listing(cache) == GZ_NAMES
+
+
+def test_fashion_mnist_download_refuses_mnists_files(tmp_path, mnist_dir):
+    cache = tmp_path / "cache"
+    expect_error(
+        download.download_fashion_mnist,
+        cache,
+        mirrors=MIRRORS,
+        fetch=CopyFetch(mnist_dir),
+        must_contain=(f"{idx.TRAIN_IMAGES}.gz", "checksum mismatch"),
+    )
+    assert listing(cache) == []
+
+
+def test_an_unknown_file_name_names_the_dataset(tmp_path):
+    expect_error(
+        download.verify_idx_file,
+        tmp_path / "labels.gz",
+        download.FASHION_MNIST_FILES,
+        "Fashion-MNIST",
+        must_contain=("labels.gz", "not a Fashion-MNIST file", idx.TRAIN_IMAGES),
+    )
