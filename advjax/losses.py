@@ -1,4 +1,5 @@
-"""Losses from logits: cross-entropy, the paper's combined adversarial loss, and the terms of later defenses."""
+"""Losses from logits: cross-entropy, the paper's combined adversarial loss, and the terms of later defenses
+and of consistency regularization for smoothed classifiers."""
 
 from collections.abc import Callable
 
@@ -30,6 +31,31 @@ def kl_divergence(reference_logits: jax.Array, logits: jax.Array) -> jax.Array:
 def trades_loss(clean_logits: jax.Array, adversarial_logits: jax.Array, labels: jax.Array, beta: float) -> jax.Array:
     """Zhang et al. (2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)), averaged over the batch."""
     return jnp.mean(cross_entropy(clean_logits, labels) + beta * kl_divergence(clean_logits, adversarial_logits))
+
+
+def consistency_loss(logits: jax.Array, labels: jax.Array, lam: float, eta: float) -> jax.Array:
+    """Jeong & Shin (2020, "Consistency Regularization for Certified Robustness of Smoothed Classifiers"),
+    averaged over the batch, from the logits [B, m, K] of m noisy copies of each of B images:
+
+        L = mean_b [ mean_i CE(z_bi, y_b) + lam * mean_i KL(p_b || softmax(z_bi)) + eta * H(p_b) ],
+        p_b = mean_i softmax(z_bi),  KL(p || q) = sum_k p_k log(p_k / q_k),  H(p) = -sum_k p_k log p_k,
+
+    as their code/consistency.py (consistency_loss, kl_div, entropy) and code/train_consistency.py (the
+    cross-entropy over all m B noisy logits) compute it: the average prediction p_b is not held fixed, so the
+    gradient flows through it in both terms. The KL pulls each copy's prediction and the average together,
+    and the entropy term rewards a confident average. log p_b is a logsumexp of the log-softmaxes,
+    exact and finite; their entropy's log(clamp(p_b, 1e-20)) differs only where p_b < 1e-20, by under 1e-20.
+    With m = 1 the KL is 0, and with eta = 0 too the loss is Gaussian training's cross-entropy.
+
+    >>> consistency_loss(logits.reshape(batch, 2, 10), labels, 10.0, 0.5)  # scalar
+    """
+    log_p = jax.nn.log_softmax(logits)  # [B, m, K]
+    log_mean = jax.nn.logsumexp(log_p, axis=1) - jnp.log(logits.shape[1])  # log p_b, [B, K]
+    mean = jnp.exp(log_mean)
+    ce = cross_entropy(logits, jnp.broadcast_to(labels[:, None], logits.shape[:-1]))  # [B, m]
+    kl = jnp.sum(mean[:, None] * (log_mean[:, None] - log_p), axis=-1)  # KL(p_b || p_bi), [B, m]
+    entropy = -jnp.sum(mean * log_mean, axis=-1)  # [B]
+    return jnp.mean(jnp.mean(ce, axis=1) + lam * jnp.mean(kl, axis=1) + eta * entropy)
 
 
 # Below this cross-entropy an example's input gradient is rounding noise in

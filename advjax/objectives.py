@@ -22,11 +22,13 @@ from advjax import attacks, iterative, losses, models, noise
 from advjax.losses import LogitsFn
 from advjax.norms import clip_to_pixels, project_linf, uniform_in_ball
 
-# ordinary, the paper's two (FGSM-adversarial, Gaussian noise) and four defenses
+# ordinary, the paper's two (FGSM-adversarial, Gaussian noise), four defenses
 # from later work: PGD (Madry et al. 2018), fast FGSM with a random start
-# (Wong et al. 2020), TRADES (Zhang et al. 2019) and N-FGSM (de Jorge et al. 2022).
-TRAINING_MODES = ("ordinary", "fgsm", "gaussian", "pgd", "fast", "trades", "nfgsm")
+# (Wong et al. 2020), TRADES (Zhang et al. 2019) and N-FGSM (de Jorge et al. 2022),
+# and Gaussian noise with consistency regularization for randomized smoothing (Jeong & Shin 2020).
+TRAINING_MODES = ("ordinary", "fgsm", "gaussian", "pgd", "fast", "trades", "nfgsm", "consistency")
 # Modes that train on attacked images, whose robustness is checked each epoch (advjax.overfitting).
+# Not the noise modes, gaussian and consistency: they train for the smoothed classifier's certificate.
 ADVERSARIAL_MODES = ("fgsm", "pgd", "fast", "trades", "nfgsm")
 ATTACK_UNROLL = ("auto", "loop", "unrolled")
 
@@ -147,6 +149,26 @@ def _gaussian(s: _Setting) -> Objective:
     return gaussian
 
 
+def _consistency(s: _Setting) -> Objective:
+    # Jeong & Shin: train.consistency_copies copies of each image, each with its own noise.gaussian draw at
+    # train.sigma (clipped, as Gaussian training's and the certified base classifier's inputs are), in one
+    # pass; losses.consistency_loss on their logits. Accuracy is reported on the first copy's logits: one
+    # noisy draw per image, as in gaussian mode, and in expectation their code's accuracy over all copies.
+    copies, lam, eta = s.config.consistency_copies, s.config.consistency_lambda, s.config.consistency_eta
+
+    def consistency(params, images, labels, rng, step=None):
+        noise_rng, dropout_rng = jax.random.split(rng)
+        batch, image_shape = images.shape[0], images.shape[1:]
+        # Example-major [B, m, ...]: a device's share of the batch keeps its own copies, and with m = 1
+        # the draw is gaussian mode's, value for value.
+        repeated = jnp.broadcast_to(images[:, None], (batch, copies, *image_shape))
+        noisy = noise.gaussian(noise_rng, repeated, s.config.sigma).reshape(batch * copies, *image_shape)
+        logits = s.train_logits(params, noisy, dropout_rng).reshape(batch, copies, -1)
+        return losses.consistency_loss(logits, labels, lam, eta), logits[:, 0]
+
+    return consistency
+
+
 def _fgsm(s: _Setting) -> Objective:
     def fgsm(params, images, labels, rng, step=None):
         adversarial = jax.lax.stop_gradient(attacks.fgsm(s.eval_logits_fn(params), images, labels, s.eps_at(step)))
@@ -247,6 +269,7 @@ _BUILDERS = {
     "fast": _fast,
     "trades": _trades,
     "nfgsm": _nfgsm,
+    "consistency": _consistency,
 }
 
 

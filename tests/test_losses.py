@@ -1,5 +1,5 @@
 """Tests for advjax.losses: cross-entropy from logits, the combined adversarial loss, TRADES's KL and loss,
-and GradAlign's penalty on a linear model."""
+consistency regularization's loss, and GradAlign's penalty on a linear model."""
 
 from __future__ import annotations
 
@@ -81,6 +81,96 @@ def test_trades_loss_weights_the_kl_by_beta():
     kl = jnp.mean(losses.kl_divergence(clean, adversarial))
     np.testing.assert_allclose(losses.trades_loss(clean, adversarial, labels, 0.0), ce, rtol=1e-6)
     np.testing.assert_allclose(losses.trades_loss(clean, adversarial, labels, 6.0), ce + 6.0 * kl, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Consistency regularization (Jeong & Shin 2020).
+
+
+def numpy_consistency_loss(logits, labels, lam, eta) -> float:
+    """The formula term by term in float64: mean over examples of the copies' mean CE, lam times the copies'
+    mean KL(p_bar || p_i) and eta times H(p_bar), with p_bar the copies' mean softmax."""
+    z = np.asarray(logits, np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)  # [B, m, K]
+    p_bar = p.mean(axis=1)  # [B, K]
+    batch, copies, _ = z.shape
+    ce = np.array([[-np.log(p[b, i, labels[b]]) for i in range(copies)] for b in range(batch)])
+    kl = np.array([[np.sum(p_bar[b] * np.log(p_bar[b] / p[b, i])) for i in range(copies)] for b in range(batch)])
+    entropy = -np.sum(p_bar * np.log(p_bar), axis=-1)
+    return float(np.mean(ce.mean(axis=1) + lam * kl.mean(axis=1) + eta * entropy))
+
+
+def random_copies_logits(batch=5, copies=3, classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = (2.0 * rng.standard_normal((batch, copies, classes))).astype(np.float32)
+    return logits, rng.integers(0, classes, batch)
+
+
+@pytest.mark.parametrize("lam, eta", [(0.0, 0.0), (4.0, 0.0), (0.0, 0.7), (10.0, 0.5)])
+def test_consistency_loss_is_mean_ce_plus_lambda_kl_to_the_mean_prediction_plus_eta_its_entropy(lam, eta):
+    logits, labels = random_copies_logits()
+    loss = losses.consistency_loss(jnp.asarray(logits), jnp.asarray(labels), lam, eta)
+    chex.assert_shape(loss, ())
+    np.testing.assert_allclose(loss, numpy_consistency_loss(logits, labels, lam, eta), rtol=1e-5)
+
+
+def test_consistency_loss_terms_are_apart_from_one_another_and_from_a_reversed_kl():
+    logits, labels = random_copies_logits(seed=1)
+    x, y = jnp.asarray(logits), jnp.asarray(labels)
+    base = float(losses.consistency_loss(x, y, 0.0, 0.0))
+    kl = float(losses.consistency_loss(x, y, 1.0, 0.0)) - base
+    entropy = float(losses.consistency_loss(x, y, 0.0, 1.0)) - base
+    assert kl > 0.01 and entropy > 0.1  # each weight reaches a term of its own
+    # KL(p_bar || p_i), the direction of their F.kl_div(log p_i, p_bar): not KL(p_i || p_bar).
+    p = jax.nn.softmax(x)
+    reversed_kl = jnp.mean(jnp.sum(p * (jnp.log(p) - jnp.log(jnp.mean(p, axis=1, keepdims=True))), axis=-1))
+    assert abs(kl - float(reversed_kl)) > 1e-3
+    np.testing.assert_allclose(losses.consistency_loss(x, y, 3.0, 2.0), base + 3.0 * kl + 2.0 * entropy, rtol=1e-5)
+
+
+def test_one_copy_without_the_entropy_is_the_cross_entropy_and_equal_copies_have_no_kl():
+    logits, labels = random_copies_logits(copies=1, seed=2)
+    x, y = jnp.asarray(logits), jnp.asarray(labels)
+    ce = numpy_cross_entropy(logits[:, 0], labels).mean()
+    # With one copy p_bar is that copy's prediction: the KL is 0 whatever lambda.
+    np.testing.assert_allclose(losses.consistency_loss(x, y, 25.0, 0.0), ce, rtol=1e-6)
+    equal = jnp.repeat(x, 4, axis=1)  # four copies with one prediction
+    np.testing.assert_allclose(
+        losses.consistency_loss(equal, y, 25.0, 0.5), losses.consistency_loss(x, y, 0.0, 0.5), rtol=1e-6
+    )
+
+
+def test_consistency_loss_gradient_flows_through_the_mean_prediction():
+    # As in their code, p_bar is not detached: the gradient is that of the formula with p_bar a function of z.
+    logits, labels = random_copies_logits(seed=3)
+    x, y = jnp.asarray(logits), jnp.asarray(labels)
+
+    def plain(z, detach):
+        p, log_p = jax.nn.softmax(z), jax.nn.log_softmax(z)
+        p_bar = jnp.mean(p, axis=1)
+        p_bar = jax.lax.stop_gradient(p_bar) if detach else p_bar
+        ce = -jnp.take_along_axis(log_p, jnp.broadcast_to(y[:, None, None], (*z.shape[:2], 1)), axis=-1)[..., 0]
+        kl = jnp.sum(p_bar[:, None] * (jnp.log(p_bar)[:, None] - log_p), axis=-1)
+        entropy = -jnp.sum(p_bar * jnp.log(p_bar), axis=-1)
+        return jnp.mean(ce.mean(1) + 10.0 * kl.mean(1) + 0.5 * entropy)
+
+    gradient = jax.grad(lambda z: losses.consistency_loss(z, y, 10.0, 0.5))(x)
+    chex.assert_trees_all_close(gradient, jax.grad(lambda z: plain(z, False))(x), rtol=1e-4, atol=1e-6)
+    assert float(jnp.max(jnp.abs(gradient - jax.grad(lambda z: plain(z, True))(x)))) > 1e-3
+
+
+def test_consistency_loss_and_its_gradient_are_finite_for_confident_disagreeing_copies():
+    # Each copy puts all its mass on another class: p_bar has classes at exp(-1e4) = 0 in float32,
+    # where a log(p_bar) of the mean softmax would give 0 * -inf = NaN.
+    logits = jnp.array([[[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0]]], jnp.float32)
+    labels = jnp.array([0])
+    loss, gradient = jax.value_and_grad(lambda z: losses.consistency_loss(z, labels, 10.0, 0.5))(logits)
+    chex.assert_tree_all_finite((loss, gradient))
+    # Closed form: log p_1 = (0, -1e4, -2e4) and log p_2 = (-2e4, 0, -1e4); CE (0 + 2e4) / 2; p_bar = (1/2, 1/2, 0),
+    # KL(p_bar || p_1) = 1e4 / 2 - log 2 and KL(p_bar || p_2) = 2e4 / 2 - log 2; entropy log 2.
+    expected = 1e4 + 10.0 * (7.5e3 - np.log(2.0)) + 0.5 * np.log(2.0)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------

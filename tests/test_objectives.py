@@ -176,6 +176,123 @@ def test_gaussian_objective_uses_sigma():
     assert loss_by_form[0.3] != pytest.approx(clean_loss, rel=1e-3)
 
 
+# ----------------------------------------------------------------------------
+# Consistency regularization (Jeong & Shin 2020): m noisy copies per image.
+
+
+def consistency_noise(rng, images, copies, sigma):
+    """The objective's noisy copies, [B, m, ...]: noise.gaussian from the first split key, example-major."""
+    noise_rng, _ = jax.random.split(rng)
+    return noise.gaussian(noise_rng, jnp.broadcast_to(images[:, None], (len(images), copies, *images.shape[1:])), sigma)
+
+
+def test_consistency_objective_is_the_consistency_loss_on_the_logits_of_m_noisy_copies(bp_batch):
+    model, params, images, labels, rng = bp_batch
+    objective, config = make_objective(
+        model, "consistency", consistency_copies=3, consistency_lambda=4.0, consistency_eta=0.7
+    )
+    loss, logits = objective(params, images, labels, rng)
+    noisy = consistency_noise(rng, images, 3, config.sigma)
+    copy_logits = np.stack([np.asarray(logits_of(model, params, noisy[:, i])) for i in range(3)], axis=1)
+    p = np.exp(copy_logits - copy_logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p_bar = p.mean(1)
+    ce = np.stack([numpy_cross_entropy(copy_logits[:, i], labels) for i in range(3)], axis=1)
+    kl = np.sum(p_bar[:, None] * (np.log(p_bar)[:, None] - np.log(p)), axis=-1)
+    entropy = -np.sum(p_bar * np.log(p_bar), axis=-1)
+    expected = np.mean(ce.mean(1) + 4.0 * kl.mean(1) + 0.7 * entropy)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    # Training accuracy is reported on the first copy's logits.
+    chex.assert_trees_all_close(logits, copy_logits[:, 0], rtol=1e-5, atol=1e-5)
+    assert float(np.max(np.abs(copy_logits[:, 0] - copy_logits[:, 1]))) > 1e-3  # the copies differ
+
+
+def test_one_copy_without_the_entropy_is_gaussian_training_on_the_same_noise(bp_batch):
+    model, params, images, labels, rng = bp_batch
+    gaussian, _ = make_objective(model, "gaussian")
+    consistency, _ = make_objective(
+        model, "consistency", consistency_copies=1, consistency_lambda=10.0, consistency_eta=0.0
+    )
+    gaussian_loss, gaussian_logits = gaussian(params, images, labels, rng)
+    loss, logits = consistency(params, images, labels, rng)
+    np.testing.assert_allclose(loss, gaussian_loss, rtol=1e-6)
+    chex.assert_trees_all_close(logits, gaussian_logits, rtol=1e-6, atol=1e-6)
+    # The entropy's weight moves it away, and so does a second copy.
+    with_entropy, _ = make_objective(model, "consistency", consistency_copies=1, consistency_eta=0.5)
+    two_copies, _ = make_objective(model, "consistency", consistency_copies=2, consistency_eta=0.0)
+    assert abs(float(with_entropy(params, images, labels, rng)[0]) - float(gaussian_loss)) > 1e-3
+    assert abs(float(two_copies(params, images, labels, rng)[0]) - float(gaussian_loss)) > 1e-4
+
+
+def test_consistency_training_draws_fresh_clipped_noise_for_every_copy_example_and_step():
+    seen = []
+
+    def spy(variables, images, train, rngs):  # logits: the first pixels of the noisy images it is given
+        seen.append(images)
+        return images.reshape(len(images), -1)[:, :10]
+
+    config = default.experiment("bp", "consistency").train
+    config.consistency_copies, config.sigma = 3, 0.05
+    objective = objectives.make_objective(spy, config)
+    images = jnp.concatenate([jnp.full((1, *IMAGE_SHAPE), 0.2), jnp.full((1, *IMAGE_SHAPE), 0.8)])
+    labels, rng = jnp.array([0, 1]), jax.random.key(0)
+    for step in (0, 1):  # train.make_epoch gives step s the key fold_in(rng, s)
+        objective({}, images, labels, jax.random.fold_in(rng, step))
+    first, second = (np.asarray(x).reshape(2, 3, -1) for x in seen)
+    assert first.shape == (2, 3, 28 * 28)  # one pass over all 2 x 3 copies
+    # Example-major: every copy of an image is that image plus noise of about sigma.
+    np.testing.assert_allclose(first.mean(axis=2), [[0.2] * 3, [0.8] * 3], atol=0.01)
+    assert 0.04 < (first - np.asarray([0.2, 0.8])[:, None, None]).std() < 0.06
+    noise_of = first - np.asarray([0.2, 0.8])[:, None, None]
+    assert not np.allclose(noise_of[0, 0], noise_of[0, 1])  # two copies of one image: other noise
+    assert not np.allclose(noise_of[0, 0], noise_of[1, 0])  # two images: other noise
+    assert not np.allclose(first, second)  # two steps: other noise
+    # Clipped to [0, 1], as noise.gaussian and the certified base classifier's inputs are.
+    config.sigma = 2.0
+    seen.clear()
+    objectives.make_objective(spy, config)({}, images, labels, rng)
+    assert float(jnp.min(seen[0])) == 0.0 and float(jnp.max(seen[0])) == 1.0
+
+
+def test_consistency_objective_gradient_is_finite_and_carries_the_regularizer(bp_batch):
+    model, params, images, labels, rng = bp_batch
+    grads = {}
+    for lam, eta in ((0.0, 0.0), (20.0, 0.5)):
+        objective, _ = make_objective(model, "consistency", consistency_lambda=lam, consistency_eta=eta)
+        grads[lam] = jax.grad(lambda p, f=objective: f(p, images, labels, rng)[0])(params)
+        chex.assert_tree_all_finite(grads[lam])
+    difference = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), grads[0.0], grads[20.0])
+    assert max(jax.tree.leaves(difference)) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("consistency_copies", 0, "a positive integer"),
+        ("consistency_copies", 2.0, "a positive integer"),
+        ("consistency_copies", True, "a positive integer"),
+        ("consistency_lambda", -1.0, "a non-negative finite number"),
+        ("consistency_lambda", float("inf"), "a non-negative finite number"),
+        ("consistency_eta", -0.5, "a non-negative finite number"),
+        ("consistency_eta", "0.5", "a non-negative finite number"),
+    ],
+)
+def test_a_bad_consistency_setting_is_refused_naming_the_field(field, value, expected):
+    from advjax import validation
+
+    config = default.experiment("bp", "consistency")
+    validation.validate(config)
+    with config.train.ignore_type():
+        config.train[field] = value
+    with pytest.raises(validation.ConfigError, match=f"config.train.{field}=") as info:
+        validation.validate(config)
+    assert expected in str(info.value)
+
+
+def test_consistency_is_a_noise_mode_not_an_adversarial_one():
+    assert "consistency" in objectives.TRAINING_MODES and "consistency" not in objectives.ADVERSARIAL_MODES
+
+
 def test_ordinary_objective_equals_mean_cross_entropy(bp_batch):
     model, params, images, labels, rng = bp_batch
     objective, _ = make_objective(model, "ordinary")
