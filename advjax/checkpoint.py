@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from advjax import files, models, seeds, train, workdir
+from advjax import data, files, models, seeds, train, workdir
 from advjax.workdir import WorkdirError
 
 STATE_ITEM, RUN_ITEM = "state", "run"
@@ -281,7 +281,7 @@ def restore_latest(
 class Restored(NamedTuple):
     config: ml_collections.ConfigDict
     params: dict  # with a leading seed axis when config.num_seeds > 1
-    apply_fn: models.ApplyFn  # (params, float32 images [B, 28, 28, 1] in [0, 1]) -> logits [B, 10], eval mode
+    apply_fn: models.ApplyFn  # (params, float32 images [B, H, W, C] in [0, 1]) -> logits [B, classes], eval mode
     epochs: list[int]  # per seed, the epoch whose params these are
 
 
@@ -346,10 +346,10 @@ def restore(run_dir: str, epoch: int | None = None) -> Restored:
     loaded is verified against its digest and config.json (WorkdirError if not).
 
     >>> config, params, apply_fn, epochs = advjax.restore("runs/bp_adv")
-    >>> logits = jax.jit(apply_fn)(params, images)  # float32 [B, 28, 28, 1] in [0, 1]
+    >>> logits = jax.jit(apply_fn)(params, images)  # float32 [B, H, W, C] in [0, 1], the data's shape
     """
     config = _load_run_config(run_dir)
-    model = models.build_model(config.model)
+    model = models.build_model(config.model, data.dataset_info(config.data))
     init_keys = seeds.seed_keys(0, config.num_seeds)[0]
     abstract = jax.eval_shape(lambda: train.create_states(init_keys, model, config.train, 1, config.num_seeds))
     if not os.path.isdir(checkpoint_dir(run_dir)):

@@ -116,7 +116,8 @@ def same_model_summary(run_dir: str, records: list[dict], evaluated_epochs, iden
 
 
 def _fit_and_evaluate(config, run_dir: str, mnist: data.MNIST, identity: dict, log: Callable[[str], None]) -> dict:
-    model, mesh = models.build_model(config.model), sharding.data_mesh_for(config.num_devices)
+    model = models.build_model(config.model, data.dataset_info(config.data))
+    mesh = sharding.data_mesh_for(config.num_devices)
     fitted = fit.fit(config, model, mnist, run_dir, log, mesh, data_identity=identity)
     params, selected = fitted.state.params, None
     if config.train.keep_best:

@@ -33,38 +33,54 @@ GRADIENT_PASSES = 2
 # The evaluator's pass over a batch: the clean forward pass, the FGSM gradient's
 # two, and the FGSM, Gaussian and matched-Gaussian images' forward passes.
 EVAL_PASSES = 6
-# uint8 pixels and an int32 label: the data stay uint8 on the device.
-EXAMPLE_BYTES = 28 * 28 + 4
-# MNIST's sizes stand in for the data's when the data are not given.
+# An int32 label beside each image's uint8 pixels: the data stay uint8 on the device.
+LABEL_BYTES = 4
+# MNIST's training-set size stands in for the data's when the data are not given.
 MNIST_TRAIN_SIZE = 60_000
-_IMAGE = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+
+
+def _image(model) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, *model.image_shape), jnp.float32)
 
 
 def _abstract_params(model) -> dict:
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False)["params"], _IMAGE)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False)["params"], _image(model))
 
 
-def parameter_count(model_config: ml_collections.ConfigDict) -> int:
-    """The number of parameters of the configured model, from shapes alone.
+def data_info(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None) -> data.DatasetInfo:
+    """The image shape and class count the estimate assumes: the named dataset's (MNIST's for a TFDS set,
+    whose shape is known only once read), with the loaded images' shape when `dataset` is given."""
+    info = data.DATASETS.get(data.dataset_name(config.data), data.DATASETS["mnist"])
+    return info if dataset is None else info._replace(image_shape=tuple(dataset.train.images.shape[1:]))
+
+
+def parameter_count(model_config: ml_collections.ConfigDict, info: data.DatasetInfo = models.MNIST) -> int:
+    """The number of parameters of the configured model for `info`'s images and classes, from shapes alone.
 
     >>> parameter_count(configs.bp.get_config().model)  # 784*256+256 + 256*256+256 + 256*10+10
     """
-    params = _abstract_params(models.build_model(model_config))
+    params = _abstract_params(models.build_model(model_config, info))
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
 
 
-def activations_per_example(model_config: ml_collections.ConfigDict) -> int:
+def activations_per_example(model_config: ml_collections.ConfigDict, info: data.DatasetInfo = models.MNIST) -> int:
     """The floats one image puts through the configured model in a forward pass: the image and every layer's output.
 
     >>> activations_per_example(configs.bp.get_config().model)  # 784 + 256 + 256 + 10 + 10
     """
-    model = models.build_model(model_config)
+    model = models.build_model(model_config, info)
 
     def forward(params, x):
         return model.apply({"params": params}, x, train=False, capture_intermediates=True, mutable=["intermediates"])
 
-    _, state = jax.eval_shape(forward, _abstract_params(model), _IMAGE)
-    return int(np.prod(_IMAGE.shape)) + sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
+    image = _image(model)
+    _, state = jax.eval_shape(forward, _abstract_params(model), image)
+    return int(np.prod(image.shape)) + sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
+
+
+def _copies_per_image(train_config: ml_collections.ConfigDict) -> int:
+    """Images a training step passes forward per example: consistency regularization's m noisy copies, else 1."""
+    return train_config.consistency_copies if train_config.mode == "consistency" else 1
 
 
 def _examples_at_once(config: ml_collections.ConfigDict, backend: str) -> int:
@@ -74,7 +90,7 @@ def _examples_at_once(config: ml_collections.ConfigDict, backend: str) -> int:
     grids = (config.eval.sigma_grid, config.eval.eps_grid, config.eval.table_eps)
     grid_chunk = evaluate.resolve_grid_chunk(config.eval.grid_chunk, max(map(len, grids), default=1) or 1, backend)
     phases = [
-        config.train.batch_size * TRAIN_PASSES / shards,
+        config.train.batch_size * _copies_per_image(config.train) * TRAIN_PASSES / shards,
         # A sweep vmaps a chunk of its grid over each batch, after FGSM's one gradient per batch.
         config.eval.batch_size * max(EVAL_PASSES, grid_chunk + GRADIENT_PASSES) / shards,
     ]
@@ -96,17 +112,20 @@ def _data_bytes(config: ml_collections.ConfigDict, mnist: data.MNIST | None) -> 
     examples += config.eval.num_train + config.eval.num_validation + config.eval.num_test
     if config.robust.enabled:
         examples += config.robust.num_examples
-    return examples * EXAMPLE_BYTES
+    return examples * (int(np.prod(data_info(config, mnist).image_shape)) + LABEL_BYTES)
 
 
-def seed_bytes(config: ml_collections.ConfigDict, backend: str | None = None) -> int:
+def seed_bytes(
+    config: ml_collections.ConfigDict, backend: str | None = None, info: data.DatasetInfo | None = None
+) -> int:
     """The estimated bytes of one seed on one device: its parameters and optimizer state, and its activations.
+    `info`: the data's shape and classes (default: `data_info(config)`).
 
     >>> seed_bytes(configs.cnn.get_config())
     """
-    backend = backend or jax.default_backend()
-    state = STATE_COPIES * parameter_count(config.model)
-    activations = activations_per_example(config.model) * _examples_at_once(config, backend)
+    backend, info = backend or jax.default_backend(), info or data_info(config)
+    state = STATE_COPIES * parameter_count(config.model, info)
+    activations = activations_per_example(config.model, info) * _examples_at_once(config, backend)
     return FLOAT_BYTES * (state + activations)
 
 
@@ -120,7 +139,7 @@ def estimate_bytes(
 
     >>> estimate_bytes(configs.bp_adv.get_config()) / 2**20  # MiB
     """
-    return config.num_seeds * seed_bytes(config, backend) + _data_bytes(config, mnist)
+    return config.num_seeds * seed_bytes(config, backend, data_info(config, mnist)) + _data_bytes(config, mnist)
 
 
 def available_memory() -> tuple[int, str]:
@@ -156,7 +175,7 @@ def check_fits(
     needed = estimate_bytes(config, mnist)
     if needed <= available_bytes:
         return
-    per_seed = seed_bytes(config)
+    per_seed = seed_bytes(config, info=data_info(config, mnist))
     fitting = (available_bytes - _data_bytes(config, mnist)) // per_seed
     if fitting >= 1:
         advice = f"lower num_seeds (by this estimate, which errs low, at most {fitting} fit at {_size(per_seed)} each)"

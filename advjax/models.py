@@ -1,6 +1,8 @@
 """The paper's two classifiers as Linen modules with pure `init`/`apply`.
 
-Each takes float32 images [B, 28, 28, 1] in [0, 1] and returns logits [B, 10].
+Each takes float32 images [B, H, W, C] in [0, 1] and returns logits [B, num_classes]; `build_model`
+takes the image shape and the class count from the data (MNIST's [28, 28, 1] and 10 by default), and
+`train.init_params` initialises on the module's `image_shape`.
 Dropout (CNN only) is active only when `train=True`; attacks and evaluation
 always go through `eval_apply`, which calls with `train=False` (docs/design.md,
 "Attacks in eval mode").
@@ -14,7 +16,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from advjax.data import DATASETS, DatasetInfo
+
 Initializer = Callable[..., jax.Array]
+# The default data, for a model built without naming any.
+MNIST = DATASETS["mnist"]
 
 # fan_in -> the bias initializer of a layer with that many inputs per output.
 BiasInit = Callable[[int], Initializer]
@@ -82,7 +88,8 @@ class BP(nn.Module):
     """The paper's back-propagation net: 784-256-256-10, ReLU."""
 
     hidden: Sequence[int] = (256, 256)
-    num_classes: int = 10
+    num_classes: int = MNIST.num_classes
+    image_shape: Sequence[int] = MNIST.image_shape  # what init_params initialises on
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: BiasInit = zero_bias
 
@@ -98,7 +105,8 @@ class BP(nn.Module):
 class CNN(nn.Module):
     """The paper's CNN: conv5x5x32-pool-conv5x5x64-pool-dense1024-dropout-dense10."""
 
-    num_classes: int = 10
+    num_classes: int = MNIST.num_classes
+    image_shape: Sequence[int] = MNIST.image_shape
     dropout_rate: float = 0.4
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: BiasInit = zero_bias
@@ -122,7 +130,8 @@ class SmallCNN(nn.Module):
     network their 88.8% PGD accuracy at eps = 0.3 was measured on.
     """
 
-    num_classes: int = 10
+    num_classes: int = MNIST.num_classes
+    image_shape: Sequence[int] = MNIST.image_shape
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: BiasInit = zero_bias
 
@@ -139,11 +148,16 @@ class SmallCNN(nn.Module):
 MODELS = ("bp", "cnn", "small_cnn")
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-    """Builds the model named by `model_config.name` (one of MODELS)."""
+def build_model(model_config: ml_collections.ConfigDict, info: DatasetInfo = MNIST) -> nn.Module:
+    """Builds the model named by `model_config.name` (one of MODELS) for images of `info.image_shape` and
+    `info.num_classes` classes (`data.dataset_info(config.data)`).
+
+    >>> model = build_model(config.model, data.dataset_info(config.data))
+    """
     if model_config.init not in KERNEL_INITS:
         raise ValueError(f"model.init={model_config.init!r} is not one of {tuple(KERNEL_INITS)}")
     inits = {"kernel_init": KERNEL_INITS[model_config.init], "bias_init": BIAS_INITS[model_config.init]}
+    inits |= {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
     if model_config.name == "bp":
         return BP(hidden=tuple(model_config.hidden), **inits)
     if model_config.name == "cnn":
@@ -169,7 +183,7 @@ def is_deterministic(model_config: ml_collections.ConfigDict) -> bool:
     return model_config.name != "cnn" or float(model_config.dropout) == 0.0
 
 
-# A model in eval mode: (params, float32 images [B, 28, 28, 1] in [0, 1]) -> logits [B, 10].
+# A model in eval mode: (params, float32 images [B, H, W, C] in [0, 1]) -> logits [B, num_classes].
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 

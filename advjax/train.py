@@ -46,7 +46,8 @@ class EpochTotals(NamedTuple):
 
 
 def init_params(rng: jax.Array, model: nn.Module) -> dict:
-    return model.init(rng, jnp.zeros((1, 28, 28, 1), jnp.float32), train=False)["params"]
+    """The model's params, initialised on one zero image of the shape it was built for (`model.image_shape`)."""
+    return model.init(rng, jnp.zeros((1, *model.image_shape), jnp.float32), train=False)["params"]
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:

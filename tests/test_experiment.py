@@ -59,3 +59,55 @@ def test_ordinary_training_has_no_robustness_check(tmp_path, synthetic_mnist_dir
     summary = run_experiment(config, tmp_path)
     assert "overfitting_check" not in summary["epochs"][0]
     assert summary["overfitting_check"] is None and "robustness" not in summary
+
+
+def learnable_cifar_dir(directory, per_batch: int = 240, num_test: int = 200):
+    """CIFAR-10's binary layout (cifar-10-batches-bin/), written here: each class lights its own 8x8 block of
+    its own channel over noise, so a small network learns it in an epoch."""
+    import numpy as np
+
+    from advjax import cifar
+    from tests.test_cifar import record_bytes, write_batches_dir
+
+    def batch(num, seed):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 10, num)
+        planes = rng.integers(0, 80, (num, 3, 32, 32)).astype(np.uint8)
+        for plane, label in zip(planes, labels):
+            row, col = divmod(int(label), 4)
+            plane[label % 3, 8 * row : 8 * row + 8, 8 * col : 8 * col + 8] = 255
+        return record_bytes(planes, labels)
+
+    files = {name: batch(per_batch, seed) for seed, name in enumerate(cifar.TRAIN_BATCHES)}
+    return write_batches_dir(directory, files | {cifar.TEST_BATCH: batch(num_test, 99)})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["small_cnn", "bp"])
+def test_train_attack_report_and_restore_run_on_synthetic_cifar10(tmp_path, model):
+    import jax
+    import numpy as np
+
+    import advjax
+    from advjax import data
+
+    config = synthetic_config(learnable_cifar_dir(tmp_path / "data"), model, "fast")
+    config.data.name, config.data.num_validation, config.train.epochs = "cifar10", 100, 3
+    config.eval.num_train, config.eval.num_validation, config.eval.num_test = 100, 100, 200
+    config.train.eps, config.eval.eps = 8 / 255, 8 / 255
+    config.train.overfitting_check_examples, config.train.overfitting_check_steps = 50, 2
+    config.robust.enabled, config.robust.num_examples, config.robust.batch_size = True, 100, 50
+    config.robust.eps_grid, config.robust.pgd_steps, config.robust.pgd_restarts = (4 / 255, 8 / 255), 3, 1
+    summary = run_experiment(config, tmp_path / "run")
+
+    assert summary["data"]["name"] == "cifar10"
+    assert summary["accuracy"]["test"]["clean"] > 0.5  # it learned the synthetic classes (chance: 0.1)
+    assert summary["robustness"]["num_examples"] == 100 and "pgd" in summary["robustness"]["attacks"]
+    restored = advjax.restore(str(tmp_path / "run"))
+    first = restored.params["Dense_0" if model == "bp" else "Conv_0"]["kernel"]
+    assert first.shape[0] == 32 * 32 * 3 if model == "bp" else first.shape[2] == 3
+    test = data.load_mnist(restored.config.data).test
+    logits = jax.jit(restored.apply_fn)(restored.params, data.to_float_images(test.images[:200]))
+    assert logits.shape == (200, 10)
+    accuracy = float(np.mean(np.argmax(logits, -1) == test.labels[:200]))
+    assert accuracy == pytest.approx(summary["accuracy"]["test"]["clean"], abs=1e-6)

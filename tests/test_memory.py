@@ -58,6 +58,23 @@ def test_the_estimate_grows_linearly_in_num_seeds(model):
     assert two - one == nine - eight == (eight - one) // 7 == memory.seed_bytes(config) > 0
 
 
+def test_consistency_training_holds_the_activations_of_its_m_copies():
+    # A training step passes m noisy copies of each image forward; the batch is large enough that training,
+    # not evaluation, is the largest phase.
+    config = default.experiment("cnn", "gaussian")
+    config.train.batch_size = config.eval.batch_size * 4
+    gaussian = memory.seed_bytes(config, backend="cpu")
+    config.train.mode = "consistency"
+    estimates = {}
+    for copies in (1, 2, 4):
+        config.train.consistency_copies = copies
+        estimates[copies] = memory.seed_bytes(config, backend="cpu")
+    assert estimates[1] == gaussian
+    activations = memory.FLOAT_BYTES * memory.activations_per_example(config.model) * config.train.batch_size
+    assert estimates[2] - estimates[1] == memory.TRAIN_PASSES * activations  # one more copy per image
+    assert estimates[4] - estimates[2] == 2 * (estimates[2] - estimates[1])
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_fits_a_24_gib_machine_with_8_seeds(name):
     memory.check_fits(shipped(name, num_seeds=8), available_bytes=CPU_MACHINE)
@@ -114,7 +131,7 @@ def test_the_data_loaded_replace_mnists_sizes(tmp_path):
     mnist = data.load_mnist(config.data)
     # Without the data, MNIST's 60,000 training images are assumed in place of these 1200.
     fewer = memory.estimate_bytes(config) - memory.estimate_bytes(config, mnist)
-    assert fewer == (60_000 - 1200) * memory.EXAMPLE_BYTES
+    assert fewer == (60_000 - 1200) * (28 * 28 + memory.LABEL_BYTES)
 
 
 def test_the_estimate_compiles_nothing():
@@ -128,3 +145,12 @@ def test_the_estimate_compiles_nothing():
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiled == []
+
+
+def test_the_estimate_takes_the_datas_image_shape():
+    config = default.experiment("bp", "ordinary")
+    mnist_bytes = memory.estimate_bytes(config, backend="cpu")
+    config.data.name = "cifar10"
+    cifar_params = memory.parameter_count(config.model, memory.data_info(config))
+    assert cifar_params == 32 * 32 * 3 * 256 + 256 + 256 * 256 + 256 + 2570
+    assert memory.estimate_bytes(config, backend="cpu") > mnist_bytes

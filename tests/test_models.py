@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from advjax import models
+from advjax import data, models, train
 from configs import default
 
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
@@ -92,6 +92,32 @@ def test_logits_have_shape_batch_by_ten(name, batch):
     chex.assert_shape(logits, (batch, NUM_CLASSES))
     chex.assert_type(logits, jnp.float32)
     chex.assert_tree_all_finite(logits)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize(
+    "info",
+    [data.DATASETS["cifar10"], data.DatasetInfo("cifar100", (32, 32, 3), 100), data.DatasetInfo("odd", (20, 12, 2), 3)],
+    ids=lambda info: info.name,
+)
+def test_the_datas_image_shape_and_class_count_reach_the_model_and_its_init(name, info):
+    model = models.build_model(model_config(name), info)
+    params = jax.eval_shape(lambda key: train.init_params(key, model), jax.random.key(0))
+    first = params["Dense_0" if name == "bp" else "Conv_0"]["kernel"]
+    height, width, channels = info.image_shape
+    # BP's first layer sees every pixel; a convolution's kernel sees the channels.
+    assert first.shape[0] == height * width * channels if name == "bp" else first.shape[2] == channels
+    logits = jax.eval_shape(
+        lambda p, x: models.eval_apply(model.apply)(p, x),
+        params,
+        jax.ShapeDtypeStruct((3, *info.image_shape), jnp.float32),
+    )
+    assert logits.shape == (3, info.num_classes)
+
+
+def test_a_model_built_without_data_is_mnists():
+    model = build("cnn")
+    assert (tuple(model.image_shape), model.num_classes) == (IMAGE_SHAPE, NUM_CLASSES)
 
 
 def test_bp_parameter_count_and_layer_shapes():
