@@ -22,7 +22,7 @@ advjax.experiment moves into timings.json, so that summary.json stays determinis
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -114,31 +114,49 @@ def _padded(images: jax.Array, size: int) -> jax.Array:
     return images if missing == 0 else jnp.concatenate([images, jnp.repeat(images[-1:], missing, axis=0)])
 
 
-def certify_images(logits_fn: LogitsFn, images: jax.Array, key: jax.Array, section) -> smoothing.Certificate:
+def certify_images(
+    logits_fn: LogitsFn,
+    images: jax.Array,
+    key: jax.Array,
+    section,
+    log: Callable[[str], None] = lambda line: None,
+) -> smoothing.Certificate:
     """Every sigma's certificates of all `images`, batch by batch: prediction, radius, p_lower, each [S, N].
+    `log` gets a line after each batch: images done, seconds so far and the time left at that rate.
 
     >>> cert = certify_images(base_classifier(apply_fn, params), images, key, config.certify)  # cert.radius [S, N]
     """
     sigmas, size = [float(s) for s in section.sigma], min(section.batch, images.shape[0])
-    parts = []
-    for b, start in enumerate(range(0, images.shape[0], size)):
+    parts, start_time, total = [], time.perf_counter(), images.shape[0]
+    for b, start in enumerate(range(0, total, size)):
         batch = images[start : start + size]
         certificates = certify_sigmas(logits_fn, _padded(batch, size), batch_key(key, b), sigmas, section)
         parts.append([np.stack([c[field][: batch.shape[0]] for c in certificates]) for field in range(3)])
+        done, elapsed = start + batch.shape[0], time.perf_counter() - start_time
+        log(f"{done}/{total} images, {elapsed:.0f} s, about {elapsed / done * (total - done):.0f} s left")
     return smoothing.Certificate(*(np.concatenate([p[field] for p in parts], axis=1) for field in range(3)))
 
 
 def run_certification(
-    apply_fn: ApplyFn, params, images: jax.Array, key: jax.Array, section, num_seeds: int
+    apply_fn: ApplyFn,
+    params,
+    images: jax.Array,
+    key: jax.Array,
+    section,
+    num_seeds: int,
+    log: Callable[[str], None] = lambda line: None,
+    first_seed: int = 0,
 ) -> Certificates:
     """Each seed's certificates (params and key carry a seed axis when num_seeds > 1), and the seconds they took.
+    `log` gets certify_images's progress lines, each naming the seed as first_seed + index.
 
     >>> certificates = run_certification(apply_fn, params, images, key, config.certify, config.num_seeds)
     """
     start, per_seed = time.perf_counter(), []
     for i in range(num_seeds):
         logits_fn = base_classifier(apply_fn, seeds.select_seed(params, i, num_seeds))  # one per seed: one compile
-        per_seed.append(certify_images(logits_fn, images, seeds.select_seed(key, i, num_seeds), section))
+        progress = lambda line, seed=first_seed + i: log(f"certification, seed {seed}: {line}")
+        per_seed.append(certify_images(logits_fn, images, seeds.select_seed(key, i, num_seeds), section, progress))
     fields = (np.stack([c[field] for c in per_seed]) for field in range(3))
     return Certificates(*fields, seconds=time.perf_counter() - start)
 

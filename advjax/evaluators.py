@@ -140,7 +140,9 @@ def certification(ctx: Context) -> dict:
     images, labels = certify_report.examples(getattr(ctx.mnist, c.certify.split), c.certify.num_examples)
     key = seeds.map_over_seeds(lambda k: jax.random.fold_in(k, len(ctx.sets) + 1), c.num_seeds)(ctx.eval_rng)
     params = ctx.params if ctx.mesh is None else jax.device_get(ctx.params)
-    certificates = certify_report.run_certification(ctx.apply_fn, params, images, key, c.certify, c.num_seeds)
+    certificates = certify_report.run_certification(
+        ctx.apply_fn, params, images, key, c.certify, c.num_seeds, log=ctx.log, first_seed=c.seed
+    )
     return {certify_report.NAME: certify_report.certification_summary(certificates, labels, c.certify, c.num_seeds)}
 
 

@@ -106,7 +106,7 @@ def _curve(summary: dict, sweep: str) -> tuple[list, list]:
 def curve_figures(s: dict, figures: str) -> dict[str, str]:
     """Figures 6-8 (accuracy against sigma) and accuracy against eps; returns {name: caption}."""
     sigma_grid, eps_grid = s["bp"]["sweeps"]["gaussian"]["grid"], s["bp"]["sweeps"]["fgsm"]["grid"]
-    split = s["bp"]["sweeps"]["split"]
+    split = f"{paper_tables.dataset_title(s)}, {s['bp']['sweeps']['split']}"
     plots = {
         "fig6_noise_bp_vs_cnn.png": (
             sigma_grid,
@@ -145,13 +145,39 @@ def curve_figures(s: dict, figures: str) -> dict[str, str]:
     return captions
 
 
+def certified_figure(s: dict, figures: str) -> dict[str, str]:
+    """Certified accuracy against L2 radius, the noise-trained BP and CNN (when certified); returns {name: caption}."""
+    certified = {name: s[name]["certification"] for name in paper_tables.NOISE_TRAINED if s[name].get("certification")}
+    if not certified:
+        return {}
+    curves = {}
+    for name, certification in certified.items():
+        sigma, entry = next(iter(certification["by_sigma"].items()))
+        curve = entry["certified_accuracy"]
+        curves[f"{paper_tables.NOISE_TRAINED[name]}, noise-trained, σ = {float(sigma):g}"] = (
+            curve["accuracy"],
+            curve["accuracy_std"],
+        )
+    first, dataset = next(iter(certified.values())), paper_tables.dataset_title(s)
+    title = "Certified L2 accuracy of the noise-trained models (randomized smoothing)"
+    filename = "fig_certified_l2.png"
+    report.plot_curves(
+        first["radii"],
+        curves,
+        "L2 radius",
+        f"{title}\n({first['num_examples']} {dataset} {first['split']} images, n = {first['n']:,})",
+        os.path.join(figures, filename),
+    )
+    return {filename: title}
+
+
 def write_report(config: ml_collections.ConfigDict, summaries: dict, paper_dir: str, log: Callable[[str], None]) -> str:
     """report.md with its figures, one CSV per table and results.json; returns the report's path."""
     figures = os.path.join(paper_dir, "figures")
     os.makedirs(figures, exist_ok=True)
     log("report: figures")
     sample_figures(config, paper_dir, figures)
-    captions = curve_figures(summaries, figures)
+    captions = curve_figures(summaries, figures) | certified_figure(summaries, figures)
     best_eps, distance = paper_tables.best_matching_eps(summaries)
     tables = paper_tables.all_tables(summaries)
     for name, (header, rows) in tables.items():

@@ -256,3 +256,12 @@ def average_certified_radius(certificate: Certificate, labels: np.ndarray) -> fl
     """
     labels = _check_labels(certificate, labels)
     return float(np.where(certificate.prediction == labels, certificate.radius, 0.0).mean())
+
+
+def largest_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can give with n estimation samples: all n on one class gives p_lower =
+    alpha^(1/n), so sigma * Phi^-1(alpha^(1/n)) bounds every certificate whatever the model.
+
+    >>> largest_radius(0.5, 10_000, 0.001)  # 1.60
+    """
+    return float(certificate_from_counts(np.array([[1]]), np.array([[n]]), sigma=sigma, n=n, alpha=alpha).radius[0])

@@ -77,6 +77,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": int_in(0, SEED_LIMIT),
     "num_seeds": positive_int(),
     "num_devices": non_negative_int(),
+    "data.name": (data.is_valid_name, data.NAME_CHOICES),
     "data.source": one_of(data.SOURCES),
     "data.dir": text(),
     "data.cache_dir": text(),
@@ -96,6 +97,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.eps": number_in(0.0, 1.0),
     "train.alpha": number_in(0.0, 1.0),
     "train.sigma": number_in(0.0, 10.0),
+    "train.consistency_copies": positive_int(),
+    "train.consistency_lambda": non_negative_number(),
+    "train.consistency_eta": non_negative_number(),
     "train.loop": one_of(loops.LOOP_FORMS),
     "train.chunk_size": positive_int(),
     "train.checkpoints_to_keep": positive_int(),
@@ -182,6 +186,14 @@ def _check_sizes(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_data_source(config: ml_collections.ConfigDict) -> None:
+    """data.source can read data.name: a 'tfds:<name>' dataset is read through TFDS alone."""
+    try:
+        data.check_source(config.data.name, config.data.source)
+    except data.DataError as e:
+        raise ConfigError(f"config.{e}") from e
+
+
 def _check_seeds(config: ml_collections.ConfigDict) -> None:
     """Seeds seed..seed+num_seeds-1 are all below SEED_LIMIT, else the last ones would repeat the first."""
     last = config.seed + config.num_seeds - 1
@@ -203,6 +215,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = _lookup(config, path)
         if not ok(value):
             raise ConfigError(f"config.{path}={value!r} is invalid: expected {expected}")
+    _check_data_source(config)
     _check_sizes(config)
     _check_seeds(config)
     _check_devices(config)

@@ -54,9 +54,11 @@ NOT_TRAINING = (
 
 # Config fields added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as holding it, so a relaunch of an older run still resumes, re-evaluates or reuses.
-# Older runs never ran AutoAttack nor certified, so those budgets there only need to equal configs/default.py's.
+# Older runs never ran AutoAttack, certified nor trained in mode consistency: those need only equal default.py's.
 ADDED_FIELDS = {
+    "data.name": "mnist",  # every run before data.name read MNIST
     "train.overfitting_check_attack": "pgd",
+    **{f"train.consistency_{name}": value for name, value in (("copies", 2), ("lambda", 10.0), ("eta", 0.5))},
     "robust.autoattack_version": "standard",
     "robust.autoattack_steps": 100,
     "robust.autoattack_queries": 5000,

@@ -16,11 +16,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_seeds = 1  # K > 1 trains seeds seed..seed+K-1 at once (vmapped); reports mean and std
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "auto"  # auto | idx | download | tfds (see advjax/data.py)
-    config.data.dir = ""  # IDX directory; '' -> $ADVJAX_DATA_DIR; both empty -> download cache
-    config.data.cache_dir = ""  # '' -> $XDG_CACHE_HOME/advjax/mnist or ~/.cache/advjax/mnist
+    # mnist | fashion_mnist | cifar10 | tfds:<name>, any image-classification dataset prepared for TFDS
+    config.data.name = "mnist"
+    # auto | idx | download | tfds (see advjax/data.py). auto: tfds for a tfds: name, else idx if a directory is set,
+    # else download. idx reads the dataset's files in data.dir, for cifar10 its binary version (archive or directory).
+    config.data.source = "auto"
+    config.data.dir = ""  # the dataset's files; '' -> $ADVJAX_DATA_DIR; both empty -> download cache
+    config.data.cache_dir = ""  # '' -> $XDG_CACHE_HOME/advjax/<data.name> or ~/.cache/advjax/<data.name>
     config.data.tfds_data_dir = ""  # '' -> TFDS default
-    config.data.num_validation = 10_000  # the paper's 50k/10k split of the 60k training images
+    # The paper's 50k/10k split of MNIST's 60k training images; every dataset's training set is split so.
+    config.data.num_validation = 10_000
     config.data.split_seed = 0
 
     config.model = ml_collections.ConfigDict()
@@ -31,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout = 0.4  # CNN only; active in training alone
 
     config.train = ml_collections.ConfigDict()
-    config.train.mode = "ordinary"  # ordinary | fgsm | gaussian | pgd | fast | trades | nfgsm
+    config.train.mode = "ordinary"  # ordinary | fgsm | gaussian | pgd | fast | trades | nfgsm | consistency
     config.train.epochs = 5
     config.train.batch_size = 128
     config.train.max_examples = 0  # 0: all 50k training images; fewer for quick runs
@@ -40,6 +45,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eps = 0.1  # FGSM adversarial training (L-inf, pixels in [0, 1])
     config.train.alpha = 0.5  # weight of the clean loss: alpha*J(x) + (1-alpha)*J(x_adv)
     config.train.sigma = 0.3  # Gaussian-noise training, std before clipping
+    # Consistency regularization (mode consistency; Jeong & Shin 2020, advjax.losses.consistency_loss): m copies of
+    # each image, each with its own train.sigma noise, so a step passes m x train.batch_size images forward.
+    # Their code (github.com/jh-jeong/smoothing-consistency) instead splits each batch of 256 into m steps.
+    config.train.consistency_copies = 2  # m: their MNIST runs' --num-noise-vec 2 (EXPERIMENTS.MD)
+    config.train.consistency_lambda = 10.0  # the KL's weight: their --lbd default, MNIST's at sigma 0.25
+    config.train.consistency_eta = 0.5  # the entropy's weight: their --eta default, used in all their MNIST runs
     # The defenses' inner attacks (modes pgd, trades; fast uses one step).
     config.train.attack_steps = 40  # Madry et al.'s MNIST PGD-40
     config.train.attack_step_size = 0.01  # per step, in pixels
@@ -189,12 +200,19 @@ def defense_model(arg: str | None, config_file: str) -> str:
 
 # Randomized smoothing's configs (configs/cnn_smooth.py, bp_smooth.py): Cohen et al.'s three noise levels.
 SMOOTHING_SIGMAS = ("0.25", "0.5", "1.0")
+# The training modes a smoothing config takes after the sigma (`configs/bp_smooth.py:1.0,consistency`).
+SMOOTHING_MODES = ("gaussian", "consistency")
+# Consistency regularization's KL weight per sigma in Jeong & Shin's MNIST runs (their EXPERIMENTS.MD, m = 2,
+# eta = 0.5 throughout); another sigma keeps train.consistency_lambda's default.
+CONSISTENCY_MNIST_LAMBDAS = {0.25: 10.0, 0.5: 5.0, 1.0: 5.0}
 
 
 def smoothing(model: str, arg: str | None, config_file: str) -> ml_collections.ConfigDict:
-    """Gaussian-noise training at the sigma after the colon (0.25 by default, the certify section's
-    default) and the smoothed classifier certified at that same sigma."""
-    text = arg or SMOOTHING_SIGMAS[0]
+    """Noise training at the sigma after the colon (0.25 by default, the certify section's default) and the
+    smoothed classifier certified at that same sigma. The mode follows the sigma after a comma ('0.5,consistency'),
+    one of SMOOTHING_MODES; gaussian (Cohen et al.'s Gaussian training) by default."""
+    sigma_text, comma, mode = (arg or "").partition(",")
+    text = sigma_text or SMOOTHING_SIGMAS[0]
     try:
         sigma = float(text)
     except ValueError:
@@ -204,9 +222,16 @@ def smoothing(model: str, arg: str | None, config_file: str) -> ml_collections.C
             f"{config_file} takes the noise's sigma in (0, 10] after the colon, such as one of {SMOOTHING_SIGMAS}, "
             f"got {arg!r}"
         )
-    config = experiment(model, "gaussian")
+    if comma and mode not in SMOOTHING_MODES:
+        raise ValueError(
+            f"{config_file} takes a training mode after the sigma and a comma, one of {SMOOTHING_MODES} "
+            f"(such as {config_file}:{text},consistency), got {mode!r} in {arg!r}"
+        )
+    config = experiment(model, mode or "gaussian")
     config.train.epochs = 5
     config.train.sigma = sigma
+    if config.train.mode == "consistency":
+        config.train.consistency_lambda = CONSISTENCY_MNIST_LAMBDAS.get(sigma, config.train.consistency_lambda)
     config.certify.enabled = True
     config.certify.sigma = (sigma,)
     return config

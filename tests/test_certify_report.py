@@ -115,6 +115,16 @@ def test_the_evaluator_certifies_as_smoothing_certify_does_on_the_same_images_an
         assert len(set(direct.p_lower.tolist())) > 1 and np.any(direct.prediction != smoothing.ABSTAIN)
 
 
+def test_certification_logs_its_progress_after_each_batch_naming_the_seed(config, mnist):
+    tiny_certify(config, num_examples=8, batch=5)
+    ctx, lines = context(config, mnist), []
+    ctx = ctx._replace(log=lines.append)
+    evaluators.certification(ctx)
+    assert len(lines) == 2, lines  # two batches of 5 over 8 images
+    assert lines[0].startswith(f"certification, seed {config.seed}: 5/8 images, ")
+    assert lines[1].startswith(f"certification, seed {config.seed}: 8/8 images, ") and "about 0 s left" in lines[1]
+
+
 def test_the_base_classifier_clips_to_pixels():
     apply_fn = lambda params, x: x.reshape(len(x), -1)[:, :2] * params
     logits = certify_report.base_classifier(apply_fn, 1.0)(jnp.full((1, 28, 28, 1), 3.0))
@@ -225,6 +235,62 @@ def test_a_smoothing_config_refuses_a_sigma_that_is_no_positive_number(arg):
     with pytest.raises(ValueError, match="configs/cnn_smooth.py") as info:
         cnn_smooth.get_config(arg)
     assert repr(arg) in str(info.value)
+
+
+@pytest.mark.parametrize("module", [cnn_smooth, bp_smooth], ids=["cnn_smooth", "bp_smooth"])
+@pytest.mark.parametrize("sigma, lam", [("0.25", 10.0), ("0.5", 5.0), ("1.0", 5.0), ("0.3", 10.0)])
+def test_a_smoothing_config_trains_with_consistency_after_the_sigma_at_their_mnist_settings(module, sigma, lam):
+    config = module.get_config(f"{sigma},consistency")
+    validation.validate(config)
+    assert config.train.mode == "consistency" and config.train.sigma == float(sigma)
+    assert tuple(config.certify.sigma) == (float(sigma),) and config.certify.enabled
+    # Jeong & Shin's MNIST runs: m = 2, eta = 0.5, lambda 10 at 0.25 and 5 at 0.5 and 1.0 (the default elsewhere).
+    t = config.train
+    assert (t.consistency_copies, t.consistency_lambda, t.consistency_eta) == (2, lam, 0.5)
+    objectives.make_objective(models.build_model(config.model).apply, config.train)
+    # Everything else is the Gaussian config's, and ',gaussian' is the plain sigma's config.
+    plain = module.get_config(sigma)
+    assert module.get_config(f"{sigma},gaussian").to_dict() == plain.to_dict()
+    t.mode, t.consistency_lambda = "gaussian", default.get_config().train.consistency_lambda
+    assert config.to_dict() == plain.to_dict()
+
+
+def test_a_smoothing_config_without_a_sigma_before_the_comma_takes_the_default_sigma():
+    config = bp_smooth.get_config(",consistency")
+    assert config.train.mode == "consistency" and config.train.sigma == 0.25 and config.train.consistency_lambda == 10
+
+
+@pytest.mark.parametrize("arg", ["0.5,madry", "0.5,", "0.5,consistency,2", "0.5,Consistency"])
+def test_a_smoothing_config_refuses_another_mode_naming_the_choices(arg):
+    with pytest.raises(ValueError, match="configs/bp_smooth.py") as info:
+        bp_smooth.get_config(arg)
+    message = str(info.value)
+    assert (
+        repr(arg) in message
+        and str(default.SMOOTHING_MODES) in message
+        and "configs/bp_smooth.py:0.5,consistency" in message
+    )
+
+
+def test_a_bad_sigma_before_the_mode_is_refused_as_a_bad_sigma():
+    with pytest.raises(ValueError, match="sigma in \\(0, 10\\]") as info:
+        cnn_smooth.get_config("abc,consistency")
+    assert repr("abc,consistency") in str(info.value)
+
+
+@pytest.mark.slow  # trains
+def test_a_consistency_run_trains_and_certifies(tmp_path, synthetic_mnist_dir):
+    config = tiny_certify(synthetic_config(synthetic_mnist_dir, mode="consistency"), sigma=(0.5,))
+    config.model.hidden = (32,)
+    config.train.epochs, config.train.sigma = 2, 0.5
+    summary = run_experiment(config, tmp_path)
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 2 and all(np.isfinite(e["train_loss"]) for e in epochs)
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    # Learnable synthetic digits, chance 0.1: Gaussian training reaches 1.0 here and lambda = 10 holds it back
+    # early (0.315 after these two epochs; 0.635 after four).
+    assert epochs[1]["validation_accuracy"] > 0.2
+    assert summary["certification"]["num_examples"] == 8 and summary["config"]["train"]["mode"] == "consistency"
 
 
 def test_an_older_run_without_the_certify_section_is_still_the_same_config(tmp_path):

@@ -51,3 +51,34 @@ def test_a_defense_config_refuses_another_network_naming_the_choices(defense, ar
 @pytest.mark.parametrize("old, defense, model", OLD_NAMES, ids=[old for old, _, _ in OLD_NAMES])
 def test_the_old_config_names_give_the_same_configs(old, defense, model):
     assert config_module(old).get_config().to_dict() == config_module(defense).get_config(model).to_dict()
+
+
+def test_the_paper_certifies_its_noise_trained_runs_at_their_training_sigma_and_no_other():
+    from advjax import validation
+    from configs import paper
+
+    config = paper.get_config()
+    for name, run in config.runs.items():
+        assert run.certify.enabled == (run.train.mode == "gaussian"), name
+        if run.certify.enabled:
+            assert tuple(run.certify.sigma) == (run.train.sigma,)
+            assert max(run.certify.radii) <= 0.75  # past sigma * Phi^-1(alpha^(1/n)) every row is zero
+            validation.validate(run)
+
+
+@pytest.mark.parametrize("dataset", [None, "fashion_mnist"])
+def test_the_paper_config_takes_its_dataset_after_the_colon_and_every_run_reads_it(dataset):
+    from advjax import paper as paper_lib
+    from configs import paper
+
+    config = paper.get_config(dataset)
+    assert config.data.name == (dataset or "mnist")
+    assert {run.data.name for run in paper_lib.run_configs(config).values()} == {dataset or "mnist"}
+
+
+def test_the_paper_config_refuses_an_unknown_dataset_naming_the_field():
+    from advjax import paper as paper_lib
+    from configs import paper
+
+    with pytest.raises(ValueError, match="data.name"):
+        paper_lib.validate(paper.get_config("fashoin_mnist"))

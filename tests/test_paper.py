@@ -21,6 +21,10 @@ def tiny_paper_config(data_dir):
         shrunk.eval.sigma_grid = (0.0, 0.5, 1.0)
         shrunk.eval.eps_grid = (0.0, 0.1, 0.2)
         shrunk.eval.sigma = run.eval.sigma
+        if run.certify.enabled:  # the noise-trained runs, certified at their training sigma on a tiny budget
+            shrunk.certify = run.certify
+            c = shrunk.certify
+            c.n0, c.n, c.chunk_size, c.num_examples, c.batch = 10, 40, 20, 8, 8
         config.runs[name] = shrunk
     return config
 
@@ -35,6 +39,9 @@ def test_paper_writes_all_tables_and_figures_and_reuses_finished_runs(tmp_path, 
     for heading in ("Table 1.", "Table 2.", "Table 3.", "Table 4.", "Table 5.", "## Settings", "where not"):
         assert heading in text
     assert "### eps = 0.1" in text and "### eps = 0.3" in text
+    assert text.startswith("# Fooling neural networks by adding noises: reproduced with advjax on MNIST\n")
+    assert "## Beyond the paper: certified L2 robustness" in text and "| BP, noise-trained | 0.3 | 8, 40 |" in text
+    assert (tmp_path / "certified_l2.csv").read_text().startswith(',σ,"images, n",r = 0,')
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert figures == sorted(
         [
@@ -45,6 +52,7 @@ def test_paper_writes_all_tables_and_figures_and_reuses_finished_runs(tmp_path, 
             "fig7_noise_cnn_ord_vs_adv.png",
             "fig8_noise_bp_ord_vs_adv.png",
             "fig_eps_all_models.png",
+            "fig_certified_l2.png",
         ]
     )
     for name in figures:

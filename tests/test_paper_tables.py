@@ -73,3 +73,64 @@ def test_table5_reads_ordinary_then_adversarial_at_each_models_sigma():
     assert rows[0][1] == "0.170 → 0.610" and rows[0][3] == "0.550 → 0.450 (σ = 0.3)"
     assert rows[1][1] == "0.300 → 0.340" and rows[1][3] == "0.360 → 0.470 (σ = 0.8)"
     assert rows[1][2] == "0.299 → 0.337" and rows[1][4] == "0.365 → 0.469 (σ = 0.8)"
+
+
+def certification(accuracy, acr, abstained, *, num_seeds=1, std=0.0, sigma="0.3", n=1000):
+    """summary.json's "certification" at one sigma, radii 0, 0.25, 0.5."""
+    return {
+        "split": "test",
+        "num_examples": 500,
+        "n0": 100,
+        "n": n,
+        "alpha": 0.001,
+        "radii": [0.0, 0.25, 0.5],
+        "by_sigma": {
+            sigma: {
+                "certified_accuracy": {"accuracy": accuracy, "accuracy_std": [std] * len(accuracy)},
+                "acr": acr,
+                "acr_std": std,
+                "abstention_rate": abstained,
+                "abstention_rate_std": std,
+            }
+        },
+    }
+
+
+def test_the_certified_table_sets_each_noise_trained_models_certificates_beside_its_empirical_noise_accuracy():
+    bp, cnn = summary(0.95, 0.2, 0.5, 0.91, sigma=0.3), summary(0.99, 0.8, 0.9, 0.985, sigma=0.3)
+    bp["certification"] = certification([0.9, 0.7, 0.3], 0.41, 0.02)
+    cnn["certification"] = certification([0.98, 0.9, 0.6], 0.52, 0.01)
+    header, rows = paper_tables.certified_table({"bp_gauss": bp, "cnn_gauss": cnn})
+    assert header[:5] == ["", "σ", "images, n", "r = 0", "r = 0.25"] and header[-3:-1] == ["ACR", "abstained"]
+    assert rows[0] == [
+        "BP, noise-trained",
+        "0.3",
+        "500, 1,000",
+        "0.900",
+        "0.700",
+        "0.300",
+        "0.410",
+        "0.020",
+        "0.910 (σ = 0.3)",
+    ]
+    assert rows[1][0] == "CNN, noise-trained" and rows[1][3:6] == ["0.980", "0.900", "0.600"]
+    text = paper_tables.certified_text({"bp_gauss": bp, "cnn_gauss": cnn})
+    assert "n = 1,000" in text and "BP 0.74, CNN 0.74" in text  # 0.3 * Phi^-1(0.001^(1/1000))
+
+
+def test_the_certified_table_reads_mean_plus_minus_std_over_seeds_and_is_absent_without_certificates():
+    bp = summary(0.95, 0.2, 0.5, 0.91, num_seeds=2, std=0.01)
+    assert paper_tables.certified_table({"bp_gauss": bp, "cnn_gauss": summary(0.99, 0.8, 0.9, 0.98)}) is None
+    bp["certification"] = certification([0.9, 0.7, 0.3], 0.41, 0.02, num_seeds=2, std=0.01)
+    _, rows = paper_tables.certified_table({"bp_gauss": bp, "cnn_gauss": summary(0.99, 0.8, 0.9, 0.98)})
+    assert len(rows) == 1 and rows[0][3] == "0.900 ± 0.010" and rows[0][-1] == "0.910 ± 0.010 (σ = 0.3)"
+
+
+@pytest.mark.parametrize(
+    "name, title", [("mnist", "MNIST"), ("fashion_mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10"), ("svhn", "svhn")]
+)
+def test_the_report_names_the_dataset_its_runs_recorded(name, title):
+    bp = summary(0.9, 0.2, 0.5, 0.6)
+    bp["data"] = {"name": name}
+    assert paper_tables.dataset_title({"bp": bp}) == title
+    assert paper_tables.dataset_title({"bp": summary(0.9, 0.2, 0.5, 0.6)}) == "MNIST"  # a summary before data.name

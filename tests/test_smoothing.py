@@ -201,3 +201,12 @@ CERT = smoothing.Certificate(np.array([0, 1]), np.array([0.5, 0.0]), np.array([0
 def test_bad_input_is_one_value_error_naming_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+@pytest.mark.parametrize("sigma, n, alpha", [(0.5, 10_000, 0.001), (0.3, 1_000, 0.001), (1.0, 100_000, 0.01)])
+def test_the_largest_radius_is_sigma_times_phi_inverse_of_alpha_to_the_one_over_n(sigma, n, alpha):
+    expected = sigma * scipy.stats.norm.ppf(alpha ** (1 / n))
+    assert smoothing.largest_radius(sigma, n, alpha) == pytest.approx(expected, rel=1e-9)
+    # No count can certify more: n - 1 of n gives a smaller radius.
+    smaller = smoothing.certificate_from_counts(np.array([[1]]), np.array([[n - 1]]), sigma=sigma, n=n, alpha=alpha)
+    assert smaller.radius[0] < expected

@@ -18,6 +18,12 @@ BAD_VALUES = [
     ("seed", 2**32),  # would repeat seed 0's every bit
     ("seed", 2**63),  # used to overflow deep inside JAX
     ("seed", 1.5),
+    ("data.name", "imagenet"),
+    ("data.name", "MNIST"),  # names are the lowercase ones of advjax.data.NAMES
+    ("data.name", "tfds:"),
+    ("data.name", "tfds:Fashion MNIST"),
+    ("data.name", "tfds:cifar10:3"),  # a version has three parts
+    ("data.name", None),
     ("data.source", "imagenet"),
     ("data.num_validation", 0),
     ("model.name", "resnet"),
@@ -94,6 +100,34 @@ def test_shipped_configs_are_valid(name):
 def test_bad_value_is_refused_naming_the_field(path, value):
     with pytest.raises(validation.ConfigError, match=f"config\\.{path}="):
         validation.validate(_with(path, value))
+
+
+@pytest.mark.parametrize(
+    "name", ["mnist", "fashion_mnist", "cifar10", "tfds:cifar100", "tfds:imagenette/160px", "tfds:mnist:3.0.1"]
+)
+def test_each_dataset_name_is_accepted(name):
+    validation.validate(_with("data.name", name))
+
+
+def test_a_bad_data_name_names_the_field_and_the_choices():
+    with pytest.raises(validation.ConfigError) as info:
+        validation.validate(_with("data.name", "tfds:"))
+    assert "config.data.name='tfds:' is invalid: expected one of ('mnist', 'fashion_mnist', 'cifar10')" in str(
+        info.value
+    )
+    assert "'tfds:<name>'" in str(info.value)
+
+
+@pytest.mark.parametrize("source", ["idx", "download"])
+def test_a_tfds_name_with_a_source_other_than_tfds_is_refused_naming_both_fields(source):
+    config = _with("data.name", "tfds:cifar100")
+    config.data.source = source
+    with pytest.raises(validation.ConfigError) as info:
+        validation.validate(config)
+    message = str(info.value)
+    assert "config.data.name='tfds:cifar100'" in message and f"data.source={source!r}" in message, message
+    config.data.source = "tfds"
+    validation.validate(config)
 
 
 ROBUST_BAD_VALUES = [
