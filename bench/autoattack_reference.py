@@ -33,7 +33,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.torch_port import machine, torch_model  # noqa: E402
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 PORT_TOLERANCE = 1e-4
@@ -65,54 +66,6 @@ def import_reference(path: str):
     import autoattack
 
     return autoattack
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"cpu_count": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": sys.version.split()[0]}
-
-
-# ----------------------------------------------------------------------------- the PyTorch port
-
-
-def torch_model(name: str, params: dict):
-    """The restored network as a torch.nn.Sequential on NCHW images: bp, small_cnn or cnn (models.py)."""
-    import torch
-    from torch import nn
-
-    tensor = lambda a: torch.from_numpy(np.array(a, np.float32))
-
-    class FlattenNHWC(nn.Module):  # Flax flattens [B, H, W, C]: permute first so the Dense rows line up
-        def forward(self, x):
-            return x.permute(0, 2, 3, 1).flatten(1)
-
-    def linear(p):
-        layer = nn.Linear(*p["kernel"].shape)
-        layer.weight.data, layer.bias.data = tensor(p["kernel"]).T.contiguous(), tensor(p["bias"])
-        return layer
-
-    def conv(p, stride, padding):
-        height, width, inputs, outputs = p["kernel"].shape
-        layer = nn.Conv2d(inputs, outputs, (height, width), stride=stride, padding=padding)
-        layer.weight.data, layer.bias.data = tensor(p["kernel"]).permute(3, 2, 0, 1).contiguous(), tensor(p["bias"])
-        return layer
-
-    dense = [params[f"Dense_{i}"] for i in range(sum(k.startswith("Dense_") for k in params))]
-    head = [m for p in dense[:-1] for m in (linear(p), nn.ReLU())] + [linear(dense[-1])]
-    if name == "bp":
-        body = []
-    elif name == "small_cnn":  # 4x4 stride 2, PyTorch's padding 1
-        body = [conv(params["Conv_0"], 2, 1), nn.ReLU(), conv(params["Conv_1"], 2, 1), nn.ReLU()]
-    elif name == "cnn":  # 5x5 SAME, 2x2 max-pool; dropout is off in eval mode
-        body = [m for c in ("Conv_0", "Conv_1") for m in (conv(params[c], 1, 2), nn.ReLU(), nn.MaxPool2d(2))]
-    else:
-        sys.exit(f"no PyTorch port of model {name!r}")
-    model = nn.Sequential(*body, FlattenNHWC(), *head).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 # ----------------------------------------------------------------------------- advjax's side
