@@ -233,13 +233,14 @@ def _print_result(config, run_dir: str, result: dict, compiled: dict, cache: str
         else "cache off"
     )
     logging.info(
-        "compilation: %.1fs tracing and lowering, %.1fs in XLA (%s)",
+        "compilation: %d executables, %.1fs tracing and lowering, %.1fs in XLA (%s); each named in %s",
+        compiled["num_executables"],
         compiled["trace_seconds"],
         compiled["backend_seconds"],
         cache_use,
+        os.path.join(run_dir, workdir.TIMINGS_FILE),
     )
-    if not paper.is_paper_config(config):
-        workdir.add_timing(run_dir, "compilation", compiled)
+    workdir.add_timing(run_dir, "compilation", compiled)  # a paper run's covers all its runs
     if paper.is_paper_config(config):
         print(f"\nWrote {result['report']} with Tables 1-5, figures and CSV/JSON results.")
         return

@@ -67,36 +67,55 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
 
 @dataclasses.dataclass
 class CompileMeter:
-    """Sums, from the moment it is installed, the time JAX spends turning functions into executables.
+    """Sums, from the moment it is installed, the time JAX spends turning functions into executables, and names
+    each executable.
 
     `backend_seconds` is XLA compilation, or loading from the persistent cache
     on a hit; `trace_seconds` is tracing and lowering, which no cache skips.
+    `executables` lists every executable in the order built: JAX's name for it
+    (the jitted function's), its backend seconds and whether the persistent
+    cache held it. A cache hit is recorded inside the backend step it belongs
+    to, so it is matched to the next backend event; compilations in parallel
+    threads would need a per-thread match.
     """
 
     trace_seconds: float = 0.0
     backend_seconds: float = 0.0
     cache_hits: int = 0
     cache_misses: int = 0
+    executables: list[dict] = dataclasses.field(default_factory=list)
+    _hit_pending: bool = dataclasses.field(default=False, repr=False)
 
     def install(self) -> "CompileMeter":
         monitoring.register_event_duration_secs_listener(self._on_duration)
         monitoring.register_event_listener(self._on_event)
         return self
 
-    def _on_duration(self, event: str, seconds: float, **_) -> None:
+    def uninstall(self) -> None:
+        monitoring.unregister_event_duration_listener(self._on_duration)
+        monitoring.unregister_event_listener(self._on_event)
+
+    def _on_duration(self, event: str, seconds: float, **kwargs) -> None:
         if event in (TRACE_EVENT, LOWER_EVENT):
             self.trace_seconds += seconds
         elif event == BACKEND_COMPILE_EVENT:
             self.backend_seconds += seconds
+            name = str(kwargs.get("fun_name", "?"))
+            self.executables.append({"name": name, "seconds": seconds, "from_cache": self._hit_pending})
+            self._hit_pending = False
 
     def _on_event(self, event: str, **_) -> None:
         if event == CACHE_HIT_EVENT:
             self.cache_hits += 1
+            self._hit_pending = True
         elif event == CACHE_MISS_EVENT:
             self.cache_misses += 1
 
     def summary(self) -> dict:
-        return dataclasses.asdict(self)
+        """The totals, the number of executables and each one's entry, slowest first (ties in build order)."""
+        totals = {name: getattr(self, name) for name in ("trace_seconds", "backend_seconds", "cache_hits")}
+        ranked = sorted(self.executables, key=lambda e: -e["seconds"])
+        return totals | {"cache_misses": self.cache_misses, "num_executables": len(ranked), "executables": ranked}
 
 
 # Stopping -------------------------------------------------------------------------

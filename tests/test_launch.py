@@ -416,6 +416,14 @@ def test_an_unusable_compilation_cache_is_a_warning_and_the_run_goes_on(tmp_path
     result = launch("bp", tmp_path / "run", *overrides, "--compilation_cache=/proc/forbidden")
     the_one_line(result, "/proc/forbidden", "running without the compilation cache", status=0, prefix="warning:")
     assert (tmp_path / "run" / "summary.json").exists()
+    # timings.json names each executable, marks those read from a cache, and the log counts them.
+    compiled = json.loads((tmp_path / "run" / "timings.json").read_text())["compilation"]
+    names = [e["name"] for e in compiled["executables"]]
+    assert compiled["num_executables"] == len(names) > 0
+    assert sum(e["from_cache"] for e in compiled["executables"]) == compiled["cache_hits"]
+    assert all(name.startswith("jit(") for name in names), names
+    assert sum(e["seconds"] for e in compiled["executables"]) == pytest.approx(compiled["backend_seconds"])
+    assert f"compilation: {len(names)} executables," in result.stderr
 
 
 @pytest.mark.parametrize(

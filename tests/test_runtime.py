@@ -8,7 +8,6 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import monitoring
 
 from advjax import runtime
 
@@ -48,13 +47,41 @@ def test_compile_meter_counts_a_fresh_jits_compilation():
         jax.jit(lambda y: jnp.sin(y) * salt + 1.0)(x).block_until_ready()
         reloaded = meter.summary()
     finally:
-        monitoring.unregister_event_duration_listener(meter._on_duration)
-        monitoring.unregister_event_listener(meter._on_event)
-    assert set(first) == {"trace_seconds", "backend_seconds", "cache_hits", "cache_misses"}
+        meter.uninstall()
+    assert set(first) == {
+        "trace_seconds",
+        "backend_seconds",
+        "cache_hits",
+        "cache_misses",
+        "num_executables",
+        "executables",
+    }
     assert first["trace_seconds"] > 0 and first["backend_seconds"] > 0
     assert first["cache_misses"] >= 1 and first["cache_hits"] == 0
     assert again == first
     assert reloaded["cache_hits"] >= 1 and reloaded["cache_misses"] == first["cache_misses"]
+    # Each executable is named and timed, and the reload is marked as the cache's.
+    assert first["num_executables"] == len(first["executables"]) >= 1
+    assert [e["name"] for e in first["executables"]].count("jit(<lambda>)") == 1
+    assert not any(e["from_cache"] for e in first["executables"])
+    assert reloaded["num_executables"] == first["num_executables"] + 1
+    new = [e for e in reloaded["executables"] if e not in first["executables"]]
+    assert len(new) == 1 and new[0]["name"] == "jit(<lambda>)" and new[0]["from_cache"]
+    assert sum(e["seconds"] for e in reloaded["executables"]) == pytest.approx(reloaded["backend_seconds"])
+
+
+def test_the_compile_meter_names_a_jitted_function_by_its_name():
+    salt = float(time.time_ns() % 1_000_033)
+
+    def scaled_sine(x):
+        return jnp.sin(x) * salt
+
+    meter = runtime.CompileMeter().install()
+    try:
+        jax.jit(scaled_sine)(jnp.ones(2)).block_until_ready()
+    finally:
+        meter.uninstall()
+    assert "jit(scaled_sine)" in [e["name"] for e in meter.summary()["executables"]]
 
 
 def test_an_unusable_cache_directory_is_named_and_the_cache_left_off(tmp_path):
