@@ -159,7 +159,7 @@ def certified_figure(s: dict, figures: str) -> dict[str, str]:
             curve["accuracy_std"],
         )
     first, dataset = next(iter(certified.values())), paper_tables.dataset_title(s)
-    title = "Certified L2 accuracy of the noise-trained models (randomized smoothing)"
+    title = "Certified L2 accuracy, noise-trained models"
     filename = "fig_certified_l2.png"
     report.plot_curves(
         first["radii"],
