@@ -1,7 +1,7 @@
 """Checkpoints: one orbax checkpoint per epoch to resume from, and `advjax.restore` for notebooks.
 
 Each checkpoint is named by its epoch and holds two items:
-- `state`: the TrainState (params, optimizer state, step);
+- `state`: the TrainState (params, optimizer state, step; the running batch statistics of a model with BatchNorm);
 - `run`: JSON with the config that wrote it and the metrics records of epochs 1..epoch.
 Orbax writes a checkpoint into a temporary directory and renames it once it is
 complete, so a killed run leaves either a whole checkpoint or one that
@@ -192,10 +192,14 @@ def verify_state(state, run: dict, where: str, log: Callable[[str], None] | None
         raise CheckpointDamaged(f"the state digest does not match the one saved in the checkpoint {where}: damaged")
     if DIGEST_KEY not in run:
         (log or pylogging.warning)(f"warning: the checkpoint {where} has no state digest, so it cannot be verified")
-    leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
-    bad = [jax.tree_util.keystr(path) for path, leaf in leaves if not np.isfinite(_on_host(leaf)).all()]
-    if bad:
-        raise CheckpointDamaged(f"the checkpoint {where} holds non-finite params (params{bad[0]}): damaged")
+    arrays = {"params": state.params}
+    if isinstance(state, train.BatchNormState):
+        arrays["batch_stats"] = state.batch_stats
+    for name, tree in arrays.items():
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        bad = [jax.tree_util.keystr(path) for path, leaf in leaves if not np.isfinite(_on_host(leaf)).all()]
+        if bad:
+            raise CheckpointDamaged(f"the checkpoint {where} holds non-finite {name} ({name}{bad[0]}): damaged")
 
 
 def restore_epoch(
@@ -280,7 +284,9 @@ def restore_latest(
 
 class Restored(NamedTuple):
     config: ml_collections.ConfigDict
-    params: dict  # with a leading seed axis when config.num_seeds > 1
+    # With a leading seed axis when config.num_seeds > 1; models.Variables (params and running batch statistics)
+    # for a model with BatchNorm.
+    params: dict
     apply_fn: models.ApplyFn  # (params, float32 images [B, H, W, C] in [0, 1]) -> logits [B, classes], eval mode
     epochs: list[int]  # per seed, the epoch whose params these are
 
@@ -334,7 +340,7 @@ def _checked_params(manager: ocp.CheckpointManager, epoch: int, abstract, run_di
         verify_state(state, run, where)
     except CheckpointDamaged as e:
         raise WorkdirError(f"{e}; its params cannot be trusted") from e
-    return state.params
+    return train.eval_variables(state)
 
 
 def restore(run_dir: str, epoch: int | None = None) -> Restored:

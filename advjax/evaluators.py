@@ -27,7 +27,7 @@ SPLITS = ("train", "validation", "test")
 class Context(NamedTuple):
     config: ml_collections.ConfigDict
     apply_fn: ApplyFn  # the model in eval mode
-    params: dict  # with a leading seed axis when config.num_seeds > 1
+    params: dict  # with a leading seed axis when config.num_seeds > 1; models.Variables for a model with BatchNorm
     mnist: data.MNIST
     mesh: Mesh | None
     sets: dict[str, EvalSet]  # the paper's evaluation subsets, placed on the mesh

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from advjax import checkpoint, data, evaluators, fit, memory, models, overfitting, sharding, validation, workdir
+from advjax import checkpoint, data, evaluators, fit, memory, models, overfitting, sharding, train, validation, workdir
 
 PERTURBATION_STATS_DEFINITION = (
     "per-image mean, std, L-inf and L2 of (perturbed - clean) after clipping to [0, 1], averaged over images"
@@ -119,7 +119,7 @@ def _fit_and_evaluate(config, run_dir: str, mnist: data.MNIST, identity: dict, l
     model = models.build_model(config.model, data.dataset_info(config.data))
     mesh = sharding.data_mesh_for(config.num_devices)
     fitted = fit.fit(config, model, mnist, run_dir, log, mesh, data_identity=identity)
-    params, selected = fitted.state.params, None
+    params, selected = train.eval_variables(fitted.state), None  # with the batch statistics of a BatchNorm model
     if config.train.keep_best:
         params, selected = fit.restore_best_params(run_dir, fitted.state, config, fitted.records)
         attack = overfitting.CHECK_ATTACKS[overfitting.check_attack(fitted.records[-1])]

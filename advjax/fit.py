@@ -67,6 +67,7 @@ def _build(config: ml_collections.ConfigDict, model, mnist: data.MNIST, mesh: Me
         num_seeds=k,
         mesh=mesh,
         convolutional=models.has_convolutions(config.model),
+        augmentation=config.train.augment,
     )
     # Progress is measured on the whole validation split; the paper's tables use subsets.
     validation = mnist.validation
@@ -141,7 +142,7 @@ def _train_epoch(config: ml_collections.ConfigDict, loop: _Epochs, state, epoch:
     totals = jax.device_get(totals)  # the epoch's only host sync
     seconds = time.perf_counter() - start
     check_finite(totals, epoch, loop.run.num_steps, config)
-    record = epoch_record(epoch, totals, loop.run.num_steps, loop.progress(state.params))
+    record = epoch_record(epoch, totals, loop.run.num_steps, loop.progress(train.eval_variables(state)))
     return state, record, epoch_timing(epoch, totals, seconds)
 
 
@@ -178,7 +179,7 @@ def fit(
             state, record, timing = _train_epoch(config, loop, state, epoch)
             records.append(record)
             if loop.overfitting_check is not None:
-                record["overfitting_check"] = loop.overfitting_check(state.params)
+                record["overfitting_check"] = loop.overfitting_check(train.eval_variables(state))
                 overfitting.warn_if_overfitting(records, log)
             timings.append(timing)
             # The checkpoint first: a run killed between these writes resumes from it and rewrites the files.
@@ -198,7 +199,8 @@ def fit(
 def restore_best_params(
     run_dir: str, last: train.TrainState, config: ml_collections.ConfigDict, records: list[dict]
 ) -> tuple[dict, list[int]]:
-    """(params, epochs): each seed's params from its best epoch (overfitting.best_epochs), stacked as in training.
+    """(params, epochs): each seed's params (train.eval_variables: with the batch statistics of a model with
+    BatchNorm) from its best epoch (overfitting.best_epochs), stacked as in training.
     `last` is the final state: its params when every best epoch is the last, else the template to restore into.
 
     Wong et al.'s early stopping: one-step training can lose its robustness
@@ -206,7 +208,8 @@ def restore_best_params(
     """
     epochs = overfitting.best_epochs(records, config.num_seeds)
     if all(e == len(records) for e in epochs):
-        return last.params, epochs
+        return train.eval_variables(last), epochs
     with checkpoint.open_manager(run_dir) as manager:
-        by_epoch = {e: checkpoint.restore_epoch(manager, e, last, config).state.params for e in sorted(set(epochs))}
+        restored = {e: checkpoint.restore_epoch(manager, e, last, config).state for e in sorted(set(epochs))}
+    by_epoch = {e: train.eval_variables(state) for e, state in restored.items()}
     return seeds.pick_per_seed(by_epoch, epochs, config.num_seeds), epochs

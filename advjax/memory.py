@@ -43,8 +43,13 @@ def _image(model) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((1, *model.image_shape), jnp.float32)
 
 
+def _abstract_variables(model) -> dict:
+    """Every collection of the model's variables: "params", and "batch_stats" with BatchNorm."""
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), _image(model))
+
+
 def _abstract_params(model) -> dict:
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False)["params"], _image(model))
+    return _abstract_variables(model)["params"]
 
 
 def data_info(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None) -> data.DatasetInfo:
@@ -70,11 +75,11 @@ def activations_per_example(model_config: ml_collections.ConfigDict, info: data.
     """
     model = models.build_model(model_config, info)
 
-    def forward(params, x):
-        return model.apply({"params": params}, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+    def forward(variables, x):
+        return model.apply(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
 
     image = _image(model)
-    _, state = jax.eval_shape(forward, _abstract_params(model), image)
+    _, state = jax.eval_shape(forward, _abstract_variables(model), image)
     return int(np.prod(image.shape)) + sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
 
 

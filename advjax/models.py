@@ -1,15 +1,15 @@
-"""The paper's two classifiers as Linen modules with pure `init`/`apply`.
+"""The paper's two classifiers, Wong et al.'s two, as Linen modules with pure `init`/`apply`.
 
 Each takes float32 images [B, H, W, C] in [0, 1] and returns logits [B, num_classes]; `build_model`
 takes the image shape and the class count from the data (MNIST's [28, 28, 1] and 10 by default), and
 `train.init_params` initialises on the module's `image_shape`.
-Dropout (CNN only) is active only when `train=True`; attacks and evaluation
-always go through `eval_apply`, which calls with `train=False` (docs/design.md,
-"Attacks in eval mode").
+Dropout (CNN only) is active only when `train=True`, and so are the batch statistics of BatchNorm
+(the PreAct ResNet only); attacks and evaluation always go through `eval_apply`, which calls with
+`train=False`, and the training step alone through `train_apply` (docs/design.md, "Attacks in eval mode").
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -145,7 +145,77 @@ class SmallCNN(nn.Module):
         return dense(self.num_classes, x, self.kernel_init, self.bias_init)
 
 
-MODELS = ("bp", "cnn", "small_cnn")
+# Wong et al.'s CIFAR-10 input normalisation (their CIFAR10/utils.py), done inside the model so that images, eps
+# and every clip stay in pixel units, [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+
+def batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    """PyTorch's BatchNorm2d as Wong et al. use it: running averages with momentum 0.1 of the new value (Flax's
+    momentum 0.9 of the old), eps 1e-5, the variance in two passes; batch statistics in train mode only."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False, name=name)
+
+
+def conv_no_bias(features: int, window: int, strides: int, x: jax.Array, kernel_init: Initializer, name: str):
+    """PyTorch's Conv2d(bias=False), padding 1 for a 3x3 window (same on both sides, unlike Flax's SAME at stride 2)."""
+    padding = ((window // 2, window // 2),) * 2
+    return nn.Conv(features, (window, window), strides, padding, use_bias=False, kernel_init=kernel_init, name=name)(x)
+
+
+class PreActBlock(nn.Module):
+    """Wong et al.'s pre-activation basic block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus the input, through a strided
+    1x1 convolution where the shape changes (of the block's input x, as in their code, not of BN-ReLU(x))."""
+
+    features: int
+    strides: int
+    kernel_init: Initializer
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        out = nn.relu(batch_norm(train, "bn1")(x))
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = conv_no_bias(self.features, 1, self.strides, x, self.kernel_init, "shortcut")
+        out = conv_no_bias(self.features, 3, self.strides, out, self.kernel_init, "conv1")
+        out = conv_no_bias(self.features, 3, 1, nn.relu(batch_norm(train, "bn2")(out)), self.kernel_init, "conv2")
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """The PreAct ResNet-18 of Wong et al.'s (2020) CIFAR-10 fast-training code (their CIFAR10/preact_resnet.py):
+    conv3x3, four stages of two PreActBlocks (width, 2, 4 and 8 times width channels; stride 2 from the second),
+    BN-ReLU, the spatial mean (their 4x4 average pooling of a 32x32 image's 4x4 map), dense.
+
+    The input is normalised inside (`mean`, `std`: CIFAR-10's for three channels), so images stay in [0, 1].
+    Its BatchNorm layers keep running statistics (the `batch_stats` collection): train mode normalises by the
+    batch's statistics and updates them, eval mode normalises by them and leaves them alone.
+    """
+
+    num_classes: int = 10
+    image_shape: Sequence[int] = (32, 32, 3)
+    width: int = 64  # Wong et al.'s; smaller only to test quickly
+    mean: Sequence[float] = CIFAR10_MEAN
+    std: Sequence[float] = CIFAR10_STD
+    kernel_init: Initializer = KERNEL_INITS["torch_default"]
+    bias_init: BiasInit = torch_default_bias
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
+        x = conv_no_bias(self.width, 3, 1, x, self.kernel_init, "conv1")
+        for stage in range(4):
+            for block in range(2):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = PreActBlock(self.width * 2**stage, strides, self.kernel_init, name=f"layer{stage + 1}_{block}")(
+                    x, train
+                )
+        x = jnp.mean(nn.relu(batch_norm(train, "bn")(x)), axis=(1, 2))
+        bias_init = self.bias_init(x.shape[-1])
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, bias_init=bias_init, name="linear")(x)
+
+
+MODELS = ("bp", "cnn", "small_cnn", "preact_resnet18")
 
 
 def build_model(model_config: ml_collections.ConfigDict, info: DatasetInfo = MNIST) -> nn.Module:
@@ -164,10 +234,21 @@ def build_model(model_config: ml_collections.ConfigDict, info: DatasetInfo = MNI
         return CNN(dropout_rate=model_config.dropout, **inits)
     if model_config.name == "small_cnn":
         return SmallCNN(**inits)
+    if model_config.name == "preact_resnet18":
+        return PreActResNet18(width=model_config.width, **inits, **input_normalisation(info))
     raise ValueError(f"model.name={model_config.name!r} is not one of {MODELS}")
 
 
-CONVOLUTIONAL = ("cnn", "small_cnn")
+def input_normalisation(info: DatasetInfo) -> dict:
+    """The PreAct ResNet's input mean and std: Wong et al.'s CIFAR-10 statistics for three channels; images of
+    another channel count go in as they are (the first block's BatchNorm normalises what its convolution makes)."""
+    channels = info.image_shape[-1]
+    if channels == 3:
+        return {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    return {"mean": (0.0,) * channels, "std": (1.0,) * channels}
+
+
+CONVOLUTIONAL = ("cnn", "small_cnn", "preact_resnet18")
 
 
 def has_convolutions(model_config: ml_collections.ConfigDict) -> bool:
@@ -179,22 +260,61 @@ def has_convolutions(model_config: ml_collections.ConfigDict) -> bool:
 
 
 def is_deterministic(model_config: ml_collections.ConfigDict) -> bool:
-    """Whether train mode equals eval mode: no dropout (BP and the small CNN always; the CNN with dropout 0)."""
+    """Whether train mode equals eval mode: no dropout (BP and the small CNN always; the CNN with dropout 0)
+    and no BatchNorm (the PreAct ResNet's train mode normalises by the batch)."""
+    if model_config.name == "preact_resnet18":
+        return False
     return model_config.name != "cnn" or float(model_config.dropout) == 0.0
 
 
-# A model in eval mode: (params, float32 images [B, H, W, C] in [0, 1]) -> logits [B, num_classes].
+class Variables(NamedTuple):
+    """A model with BatchNorm as `eval_apply` and `train_apply` take it: its params and its running statistics.
+
+    A model without BatchNorm is taken as its bare params, as ever, so its programs, checkpoints and numbers
+    do not change; `train.eval_variables(state)` gives whichever the state's model has.
+    """
+
+    params: Any
+    batch_stats: Any
+
+
+def _variables(params_or_variables) -> dict:
+    if isinstance(params_or_variables, Variables):
+        return {"params": params_or_variables.params, "batch_stats": params_or_variables.batch_stats}
+    return {"params": params_or_variables}
+
+
+# A model in eval mode: (params, or Variables with BatchNorm; float32 images [B, H, W, C] in [0, 1]) -> logits.
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def eval_apply(flax_apply: Callable) -> ApplyFn:
-    """`apply_fn(params, images) -> logits` with dropout off, from a Linen module's `apply`:
-    the one way attacks and evaluation call a model.
+    """`apply_fn(params, images) -> logits` with dropout off and BatchNorm on its running statistics, which it
+    leaves alone, from a Linen module's `apply`: the one way attacks and evaluation call a model. `params` is
+    the model's params, or `Variables(params, batch_stats)` for a model with BatchNorm.
 
     >>> logits = eval_apply(build_model(config.model).apply)(params, images)
     """
 
     def apply_fn(params, images):
-        return flax_apply({"params": params}, images, train=False)
+        return flax_apply(_variables(params), images, train=False)
+
+    return apply_fn
+
+
+def train_apply(flax_apply: Callable) -> Callable:
+    """`apply_fn(params, images, dropout_rng) -> (logits, params)` in train mode, from a Linen module's `apply`:
+    the one way the training step's passes call a model. For `Variables`, BatchNorm normalises by the batch and
+    the `Variables` returned hold the running statistics it updated; bare params come back as they went in.
+
+    >>> logits, variables = train_apply(model.apply)(models.Variables(params, batch_stats), images, key)
+    """
+
+    def apply_fn(params, images, dropout_rng):
+        rngs = {"dropout": dropout_rng}
+        if isinstance(params, Variables):
+            logits, updated = flax_apply(_variables(params), images, train=True, rngs=rngs, mutable=["batch_stats"])
+            return logits, params._replace(batch_stats=updated["batch_stats"])
+        return flax_apply({"params": params}, images, train=True, rngs=rngs), params
 
     return apply_fn

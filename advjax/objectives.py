@@ -5,6 +5,9 @@ Every attack is crafted from the current params in eval mode (docs/design.md,
 gradient is taken ("Frozen adversary"). `step` is the optimizer step the loss
 is taken at; it sets the attack's eps during train.eps_warmup_epochs (None:
 the full eps). The logits returned are those training accuracy is reported on.
+For a model with BatchNorm, `params` is `models.Variables` and the logits come
+with the batch statistics its train-mode passes updated; its attacks read the
+running statistics, frozen.
 The inner attacks are the library's (advjax.attacks; PGD through
 `attacks.make_pgd`), and TRADES's is an IterativeAttack of its own here
 (`make_trades_attack`), built on the same projected step.
@@ -125,17 +128,25 @@ class _Setting(NamedTuple):
     unroll: bool  # unroll the attack's steps (attack_unroll)
 
     def train_logits(self, params, images, dropout_rng):
-        return self.apply_fn({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+        """(logits, params) of a train-mode pass: `models.train_apply`, whose `models.Variables` come back with the
+        batch statistics it updated (docs/design.md, "Attacks in eval mode")."""
+        return models.train_apply(self.apply_fn)(params, images, dropout_rng)
 
     def eval_logits_fn(self, params) -> LogitsFn:
         eval_apply = models.eval_apply(self.apply_fn)
         return lambda x: eval_apply(params, x)
 
 
+def _aux(logits: jax.Array, params):
+    """What an objective returns beside its loss: the logits, with the updated batch statistics for
+    `models.Variables` (a model with BatchNorm: train.train_step puts them in the state)."""
+    return (logits, params.batch_stats) if isinstance(params, models.Variables) else logits
+
+
 def _ordinary(s: _Setting) -> Objective:
     def ordinary(params, images, labels, rng, step=None):
-        logits = s.train_logits(params, images, rng)
-        return jnp.mean(losses.cross_entropy(logits, labels)), logits
+        logits, params = s.train_logits(params, images, rng)
+        return jnp.mean(losses.cross_entropy(logits, labels)), _aux(logits, params)
 
     return ordinary
 
@@ -143,8 +154,8 @@ def _ordinary(s: _Setting) -> Objective:
 def _gaussian(s: _Setting) -> Objective:
     def gaussian(params, images, labels, rng, step=None):
         noise_rng, dropout_rng = jax.random.split(rng)
-        logits = s.train_logits(params, noise.gaussian(noise_rng, images, s.config.sigma), dropout_rng)
-        return jnp.mean(losses.cross_entropy(logits, labels)), logits
+        logits, params = s.train_logits(params, noise.gaussian(noise_rng, images, s.config.sigma), dropout_rng)
+        return jnp.mean(losses.cross_entropy(logits, labels)), _aux(logits, params)
 
     return gaussian
 
@@ -163,8 +174,9 @@ def _consistency(s: _Setting) -> Objective:
         # the draw is gaussian mode's, value for value.
         repeated = jnp.broadcast_to(images[:, None], (batch, copies, *image_shape))
         noisy = noise.gaussian(noise_rng, repeated, s.config.sigma).reshape(batch * copies, *image_shape)
-        logits = s.train_logits(params, noisy, dropout_rng).reshape(batch, copies, -1)
-        return losses.consistency_loss(logits, labels, lam, eta), logits[:, 0]
+        logits, params = s.train_logits(params, noisy, dropout_rng)
+        logits = logits.reshape(batch, copies, -1)
+        return losses.consistency_loss(logits, labels, lam, eta), _aux(logits[:, 0], params)
 
     return consistency
 
@@ -176,14 +188,15 @@ def _fgsm(s: _Setting) -> Objective:
         # forward pass up to the dropout layer, and XLA merges the repeated part
         # (bench/README.md). Without dropout, `shared_pass_fgsm` shares more.
         clean_rng, adversarial_rng = jax.random.split(rng)  # independent dropout masks, as in one pass over both
-        clean_logits = s.train_logits(params, images, clean_rng)
-        adversarial_logits = s.train_logits(params, adversarial, adversarial_rng)
+        # With BatchNorm, each pass updates the running statistics in turn, as two train-mode passes do in PyTorch.
+        clean_logits, params = s.train_logits(params, images, clean_rng)
+        adversarial_logits, params = s.train_logits(params, adversarial, adversarial_rng)
         loss = losses.combined_adversarial_loss(
             jnp.mean(losses.cross_entropy(clean_logits, labels)),
             jnp.mean(losses.cross_entropy(adversarial_logits, labels)),
             s.config.alpha,
         )
-        return loss, clean_logits
+        return loss, _aux(clean_logits, params)
 
     return fgsm
 
@@ -199,8 +212,8 @@ def _trained_on(s: _Setting, craft: Callable) -> Objective:
     def objective(params, images, labels, rng, step=None):
         attack_rng, dropout_rng = jax.random.split(rng)
         adversarial = jax.lax.stop_gradient(craft(s.eval_logits_fn(params), images, labels, s.eps_at(step), attack_rng))
-        logits = s.train_logits(params, adversarial, dropout_rng)
-        return jnp.mean(losses.cross_entropy(logits, labels)), logits
+        logits, params = s.train_logits(params, adversarial, dropout_rng)
+        return jnp.mean(losses.cross_entropy(logits, labels)), _aux(logits, params)
 
     return objective
 
@@ -254,9 +267,10 @@ def _trades(s: _Setting) -> Objective:
         )
         # Separate passes, as in fgsm: the clean one shares the adversary's reference pass (CSE).
         clean_rng, adversarial_rng = jax.random.split(dropout_rng)
-        clean_logits = s.train_logits(params, images, clean_rng)
-        adversarial_logits = s.train_logits(params, adversarial, adversarial_rng)
-        return losses.trades_loss(clean_logits, adversarial_logits, labels, s.config.trades_beta), clean_logits
+        clean_logits, params = s.train_logits(params, images, clean_rng)
+        adversarial_logits, params = s.train_logits(params, adversarial, adversarial_rng)
+        loss = losses.trades_loss(clean_logits, adversarial_logits, labels, s.config.trades_beta)
+        return loss, _aux(clean_logits, params)
 
     return trades
 

@@ -2,8 +2,9 @@
 
 With `num_seeds = 1` nothing is vmapped and arrays carry no seed axis, so a
 one-seed run is exactly the single-model program. With K > 1 every per-seed
-array (params, optimizer state, keys, totals) has a leading axis of K, while
-the data are shared. This module is the one place that knows the difference:
+array (params, optimizer state, BatchNorm's running statistics, keys, totals)
+has a leading axis of K, while the data are shared. This module is the one
+place that knows the difference:
 the rest of the library calls these helpers instead of testing `num_seeds == 1`.
 """
 

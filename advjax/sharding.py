@@ -2,10 +2,12 @@
 
 The compiled folds (advjax.loops) stay single-program: with a mesh, the batch
 gathered inside the fold body is constrained to `P('data')` and the carry
-(params, optimizer state, totals) to `P()`. XLA's SPMD partitioner then runs
-each device on its share of every batch and inserts the all-reduces (the
-gradient, the loss and the counts) inside the same compiled epoch. No pmap, no
-per-device code, and the same program runs on one host or many.
+(params, optimizer state, BatchNorm's running statistics, totals) to `P()`.
+XLA's SPMD partitioner then runs each device on its share of every batch and
+inserts the all-reduces (the gradient, the loss, the counts, and BatchNorm's
+batch statistics, which are the whole batch's) inside the same compiled
+epoch. No pmap, no per-device code, and the same program runs on one host or
+many.
 
 The mesh axis is `AxisType.Auto`: the shardings are hints the compiler
 propagates (`with_sharding_constraint`), so the model, attack and loss code

@@ -1,7 +1,7 @@
 """Training: the train state, one optimizer step, and the compiled epoch."""
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -11,12 +11,21 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from advjax import loops, seeds, sharding
+from advjax import augment, loops, models, seeds, sharding
 from advjax.data import to_float_images
 from advjax.objectives import Objective
 
 TrainState = train_state.TrainState
 SCHEDULES = ("constant", "cosine", "cyclic")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class BatchNormState(TrainState):
+    """The train state of a model with BatchNorm: a TrainState and the running statistics (`batch_stats`), which
+    the training step alone updates and attacks and evaluation read frozen (docs/design.md, "Attacks in eval mode").
+    A model without BatchNorm keeps the plain TrainState, so its state, checkpoints and programs do not change."""
+
+    batch_stats: Any = None
 
 
 class EpochTotals(NamedTuple):
@@ -45,9 +54,26 @@ class EpochTotals(NamedTuple):
         )
 
 
+def init_variables(rng: jax.Array, model: nn.Module) -> dict:
+    """The model's variables ("params", and "batch_stats" with BatchNorm), initialised on one zero image of the
+    shape it was built for (`model.image_shape`)."""
+    return model.init(rng, jnp.zeros((1, *model.image_shape), jnp.float32), train=False)
+
+
 def init_params(rng: jax.Array, model: nn.Module) -> dict:
-    """The model's params, initialised on one zero image of the shape it was built for (`model.image_shape`)."""
-    return model.init(rng, jnp.zeros((1, *model.image_shape), jnp.float32), train=False)["params"]
+    """The model's params (`init_variables`'s "params")."""
+    return init_variables(rng, model)["params"]
+
+
+def eval_variables(state: TrainState):
+    """What `models.eval_apply` takes of a state (with a seed axis, of stacked states): its params, or
+    `models.Variables(params, batch_stats)` for a model with BatchNorm.
+
+    >>> logits = models.eval_apply(model.apply)(eval_variables(state), images)
+    """
+    if isinstance(state, BatchNormState):
+        return models.Variables(state.params, state.batch_stats)
+    return state.params
 
 
 def learning_rate_schedule(train_config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -70,11 +96,31 @@ def learning_rate_schedule(train_config: ml_collections.ConfigDict, steps_per_ep
     raise ValueError(f"train.schedule={train_config.schedule!r} is not one of {SCHEDULES}")
 
 
+def make_optimizer(train_config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam, or SGD with heavy-ball momentum (PyTorch's, as Wong et al.'s CIFAR-10 recipe), on the schedule;
+    train.weight_decay > 0 adds weight_decay * params to the gradient before either, as PyTorch's weight_decay."""
+    schedule = learning_rate_schedule(train_config, steps_per_epoch)
+    if train_config.optimizer == "adam":
+        tx = optax.adam(schedule)
+    elif train_config.optimizer == "sgd":
+        tx = optax.sgd(schedule, momentum=train_config.momentum or None)
+    else:
+        raise ValueError(f"train.optimizer={train_config.optimizer!r} is not one of {OPTIMIZERS}")
+    if train_config.weight_decay:
+        return optax.chain(optax.add_decayed_weights(train_config.weight_decay), tx)
+    return tx
+
+
 def create_train_state(
     rng: jax.Array, model: nn.Module, train_config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> TrainState:
-    tx = optax.adam(learning_rate_schedule(train_config, steps_per_epoch))
-    return TrainState.create(apply_fn=model.apply, params=init_params(rng, model), tx=tx)
+    """A TrainState, or a BatchNormState for a model with BatchNorm."""
+    tx, variables = make_optimizer(train_config, steps_per_epoch), init_variables(rng, model)
+    if "batch_stats" in variables:
+        return BatchNormState.create(
+            apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+        )
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
 
 
 def create_states(
@@ -94,7 +140,16 @@ def create_states(
 def train_step(
     state: TrainState, objective: Objective, images: jax.Array, labels: jax.Array, rng: jax.Array
 ) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
-    """One Adam step on float images; returns (new state, (loss, number correct))."""
+    """One optimizer step on float images; returns (new state, (loss, number correct)).
+
+    A BatchNormState's objective takes `models.Variables` and returns the batch statistics its training
+    passes updated beside the logits; they replace the state's, and the gradient is the params' alone.
+    """
+    if isinstance(state, BatchNormState):
+        loss_of = lambda params: objective(models.Variables(params, state.batch_stats), images, labels, rng, state.step)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+        return state.apply_gradients(grads=grads).replace(batch_stats=batch_stats), (loss, correct)
     value_and_grad = getattr(objective, "value_and_grad", None) or jax.value_and_grad(objective, has_aux=True)
     (loss, logits), grads = value_and_grad(state.params, images, labels, rng, state.step)
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
@@ -118,6 +173,15 @@ def _add_step(
     )
 
 
+def _augmented(augmentation: str, images: jax.Array, step_rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(the batch, the objective's key): under "none" both as they are; else the batch augmented with a key split
+    from the step's (advjax.augment), the other half the objective's."""
+    if augmentation == "none":
+        return images, step_rng
+    augment_rng, step_rng = jax.random.split(step_rng)
+    return augment.augment(augmentation, augment_rng, images), step_rng
+
+
 def make_epoch_fn(
     objective: Objective,
     num_examples: int,
@@ -128,6 +192,7 @@ def make_epoch_fn(
     num_seeds: int = 1,
     mesh: Mesh | None = None,
     convolutional: bool = True,
+    augmentation: str = "none",
 ) -> Callable:
     """`epoch(state, totals, images_u8, labels, permutation, rng) -> (state, totals)`.
 
@@ -144,6 +209,9 @@ def make_epoch_fn(
     only convolution gradients need the chunked form there; without them one `fori_loop` is
     faster and bit-identical to one jitted step per batch (docs/design.md, "Fused rounding").
 
+    `augmentation` (train.augment, advjax.augment) other than "none" splits each step's key into the
+    augmentation's and the objective's; "none" leaves the step exactly as it was.
+
     >>> epoch = make_epoch_fn(objective, 50_000, 128)
     >>> state, totals = epoch(state, EpochTotals.zeros(), images, labels, permutation, jax.random.key(1))
     """
@@ -156,18 +224,12 @@ def make_epoch_fn(
         (state, totals), (permutation, rng), (images, labels) = carry, seeded, shared
         index = jax.lax.dynamic_slice_in_dim(permutation, step * batch_size, batch_size)
         batch_images, batch_labels = sharding.constrain_batch((to_float_images(images[index]), labels[index]), mesh)
-        state, (loss, correct) = train_step(
-            state, objective, batch_images, batch_labels, jax.random.fold_in(rng, state.step)
-        )
+        batch_images, step_rng = _augmented(augmentation, batch_images, jax.random.fold_in(rng, state.step))
+        state, (loss, correct) = train_step(state, objective, batch_images, batch_labels, step_rng)
         return sharding.constrain_replicated((state, _add_step(totals, loss, correct, batch_size, state.step)), mesh)
 
-    fold = loops.make_fold(
-        seeds.map_body_over_seeds(body, num_seeds),
-        form=form,
-        chunk_size=chunk_size,
-        num_seeds=num_seeds,
-        cpu_form="chunked" if convolutional else "scan",
-    )
+    body, cpu_form = seeds.map_body_over_seeds(body, num_seeds), "chunked" if convolutional else "scan"
+    fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds, cpu_form=cpu_form)
 
     def fold_args(state, totals, images, labels, permutation, rng) -> tuple:
         return num_steps, (state, totals), (permutation, rng), (images, labels)

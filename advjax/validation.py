@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from advjax import attack_registry, auto_attack, data, loops, models, objectives, overfitting, sharding, train
+from advjax import attack_registry, augment, auto_attack, data, loops, models, objectives, overfitting, sharding, train
 from advjax.attack_specs import ATTACK_NORMS, CASCADES, PGD_PROTOCOLS
 
 
@@ -88,12 +88,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.init": one_of(tuple(models.KERNEL_INITS)),
     "model.hidden": sequence_of(lambda w: _is_int(w) and w > 0, "positive integers", non_empty=True),
     "model.dropout": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "model.width": positive_int(),
     "train.mode": one_of(objectives.TRAINING_MODES),
     "train.epochs": positive_int(),
     "train.batch_size": positive_int(),
     "train.max_examples": non_negative_int(),
     "train.learning_rate": ((lambda v: _is_number(v) and 0 < v < float("inf")), "a positive finite number"),
     "train.schedule": one_of(train.SCHEDULES),
+    "train.optimizer": one_of(train.OPTIMIZERS),
+    "train.momentum": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "train.weight_decay": non_negative_number(),
+    "train.augment": one_of(augment.AUGMENTATIONS),
     "train.eps": number_in(0.0, 1.0),
     "train.alpha": number_in(0.0, 1.0),
     "train.sigma": number_in(0.0, 10.0),

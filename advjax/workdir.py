@@ -52,25 +52,23 @@ NOT_TRAINING = (
     "data.tfds_data_dir",
 )
 
+
+def _fields(section: str, **values) -> dict:
+    return {f"{section}.{name}": value for name, value in values.items()}
+
+
 # Config fields added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as holding it, so a relaunch of an older run still resumes, re-evaluates or reuses.
-# Older runs never ran AutoAttack, certified nor trained in mode consistency: those need only equal default.py's.
+# Older runs never ran AutoAttack, certified, trained in mode consistency nor a PreAct ResNet: those need only
+# equal default.py's. Every older run trained with Adam, without weight decay or augmentation.
 ADDED_FIELDS = {
     "data.name": "mnist",  # every run before data.name read MNIST
-    "train.overfitting_check_attack": "pgd",
-    **{f"train.consistency_{name}": value for name, value in (("copies", 2), ("lambda", 10.0), ("eta", 0.5))},
-    "robust.autoattack_version": "standard",
-    "robust.autoattack_steps": 100,
-    "robust.autoattack_queries": 5000,
-    "certify.enabled": False,
-    "certify.sigma": (0.25,),
-    "certify.n0": 100,
-    "certify.n": 10_000,
-    "certify.alpha": 0.001,
-    "certify.split": "test",
-    "certify.num_examples": 500,
-    "certify.batch": 50,
-    "certify.chunk_size": 50,
+    "model.width": 64,
+    **_fields("train", overfitting_check_attack="pgd", consistency_copies=2, consistency_lambda=10.0),
+    **_fields("train", consistency_eta=0.5, optimizer="adam", momentum=0.9, weight_decay=0.0, augment="none"),
+    **_fields("robust", autoattack_version="standard", autoattack_steps=100, autoattack_queries=5000),
+    **_fields("certify", enabled=False, sigma=(0.25,), n0=100, n=10_000, alpha=0.001, split="test"),
+    **_fields("certify", num_examples=500, batch=50, chunk_size=50),
     "certify.radii": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5),
 }
 

@@ -43,7 +43,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.torch_port import machine, torch_model  # noqa: E402
+from bench.common import machine, torch_model  # noqa: E402
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 PORT_TOLERANCE = 1e-4

@@ -139,7 +139,7 @@ def main(argv):
     import jax
 
     from advjax import certify_report, data
-    from bench.torch_port import machine, torch_model
+    from bench.common import machine, torch_model
     from configs import default
 
     name, apply_fn, params = model_and_params()

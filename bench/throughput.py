@@ -21,7 +21,6 @@ The script runs unchanged on CPU and GPU.
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.common import answer_as_worker, run_in_fresh_process  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["bp", "cnn"], "Models to measure.")
 _MODES = flags.DEFINE_list("modes", ["ordinary", "fgsm"], "Training modes to measure.")
@@ -314,15 +315,10 @@ WORKERS = {"train": train_worker, "sweep": sweep_worker, "matmul": matmul_worker
 
 def run_worker(spec: dict) -> dict:
     """Runs one measurement in a fresh process and returns its JSON."""
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), f"--worker={json.dumps(spec)}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"benchmark worker {spec} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    out, stderr = run_in_fresh_process(__file__, spec, ROOT)
+    if out is None:
+        raise RuntimeError(f"benchmark worker {spec} failed:\n{stderr[-3000:]}")
+    return out
 
 
 def machine() -> dict:
@@ -351,9 +347,7 @@ def save_partial(results: dict) -> None:
 def main(argv):
     del argv
     if _WORKER.value:
-        spec = json.loads(_WORKER.value)
-        print(json.dumps(WORKERS[spec.pop("kind")](spec)))
-        return
+        return answer_as_worker(_WORKER.value, WORKERS, "kind")
     info = machine()
     on_cpu = info["backend"] == "cpu"
     results = {"machine": info, "training": {}, "sweep": {}}

@@ -29,19 +29,28 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.split_seed = 0
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "bp"  # bp | cnn | small_cnn (advjax/models.py)
+    config.model.name = "bp"  # bp | cnn | small_cnn | preact_resnet18 (advjax/models.py)
     # TensorFlow's default, which the paper's code used; 'lecun_normal' is Flax's.
     config.model.init = "glorot_uniform"
     config.model.hidden = (256, 256)  # BP only
     config.model.dropout = 0.4  # CNN only; active in training alone
+    config.model.width = 64  # preact_resnet18 only: the first stage's channels (Wong et al.'s 64), doubled per stage
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "ordinary"  # ordinary | fgsm | gaussian | pgd | fast | trades | nfgsm | consistency
     config.train.epochs = 5
     config.train.batch_size = 128
     config.train.max_examples = 0  # 0: all 50k training images; fewer for quick runs
-    config.train.learning_rate = 2e-3  # Adam peak rate
-    config.train.schedule = "cosine"  # constant | cosine (decay to 0 over the run)
+    config.train.learning_rate = 2e-3  # the optimizer's peak rate
+    # constant | cosine (decay to 0 over the run) | cyclic (0 up to the rate at 2/5 of the run, back to 0 at its end)
+    config.train.schedule = "cosine"
+    config.train.optimizer = "adam"  # adam | sgd (with train.momentum, as Wong et al.'s CIFAR-10 recipe)
+    config.train.momentum = 0.9  # sgd only: heavy-ball momentum, PyTorch's SGD (0: none)
+    # Any optimizer: weight_decay * params added to the gradient before the optimizer, as PyTorch's weight_decay.
+    config.train.weight_decay = 0.0
+    # Data augmentation of each training batch, on the device inside the compiled epoch: none | crop_flip (a random
+    # crop of the image's size from it zero-padded by 4 pixels, then a random horizontal flip: Wong et al.'s CIFAR-10).
+    config.train.augment = "none"
     config.train.eps = 0.1  # FGSM adversarial training (L-inf, pixels in [0, 1])
     config.train.alpha = 0.5  # weight of the clean loss: alpha*J(x) + (1-alpha)*J(x_adv)
     config.train.sigma = 0.3  # Gaussian-noise training, std before clipping

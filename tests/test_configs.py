@@ -82,3 +82,28 @@ def test_the_paper_config_refuses_an_unknown_dataset_naming_the_field():
 
     with pytest.raises(ValueError, match="data.name"):
         paper_lib.validate(paper.get_config("fashoin_mnist"))
+
+
+def test_cifar10_fast_is_wong_et_al_s_recipe_and_validates_and_builds():
+    import jax
+
+    from advjax import data, memory, models, train, validation
+    from configs import cifar10_fast
+
+    config = cifar10_fast.get_config()
+    validation.validate(config)
+    assert (config.data.name, config.model.name, config.train.mode) == ("cifar10", "preact_resnet18", "fast")
+    assert config.train.eps == config.eval.eps == 8 / 255 and config.train.fast_step_size * config.train.eps == 10 / 255
+    assert (config.train.epochs, config.train.batch_size, config.train.schedule) == (15, 128, "cyclic")
+    assert (config.train.optimizer, config.train.learning_rate, config.train.momentum) == ("sgd", 0.2, 0.9)
+    assert (config.train.weight_decay, config.train.augment) == (5e-4, "crop_flip")
+    assert config.eval.num_validation <= config.data.num_validation == 5000
+    robust = config.robust
+    assert (robust.pgd_steps, robust.pgd_restarts, robust.pgd_step_size) == (50, 10, 2 / 255)
+    assert (robust.num_examples, robust.split, tuple(robust.eps_grid)) == (1000, "test", (8 / 255,))
+    info = data.dataset_info(config.data)
+    model = models.build_model(config.model, info)
+    assert (tuple(model.image_shape), model.num_classes, model.width) == ((32, 32, 3), 10, 64)
+    state = jax.eval_shape(lambda: train.create_states(jax.random.key(0), model, config.train, 351, 1))
+    assert isinstance(state, train.BatchNormState) and "batch_stats" not in state.params
+    assert memory.parameter_count(config.model, info) == 11_172_170

@@ -102,8 +102,9 @@ def test_logits_have_shape_batch_by_ten(name, batch):
 )
 def test_the_datas_image_shape_and_class_count_reach_the_model_and_its_init(name, info):
     model = models.build_model(model_config(name), info)
-    params = jax.eval_shape(lambda key: train.init_params(key, model), jax.random.key(0))
-    first = params["Dense_0" if name == "bp" else "Conv_0"]["kernel"]
+    variables = jax.eval_shape(lambda key: train.init_variables(key, model), jax.random.key(0))
+    params = variables["params"] if name != "preact_resnet18" else models.Variables(**variables)
+    first = variables["params"][{"bp": "Dense_0", "preact_resnet18": "conv1"}.get(name, "Conv_0")]["kernel"]
     height, width, channels = info.image_shape
     # BP's first layer sees every pixel; a convolution's kernel sees the channels.
     assert first.shape[0] == height * width * channels if name == "bp" else first.shape[2] == channels

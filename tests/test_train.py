@@ -148,6 +148,38 @@ def test_unknown_schedule_raises():
         train.learning_rate_schedule(cfg.train, 5)
 
 
+def test_the_default_optimizer_is_adam_alone_so_older_checkpoints_keep_their_optimizer_state():
+    import optax
+
+    cfg = small_config()
+    params = {"w": jnp.ones(3)}
+    adam = optax.adam(train.learning_rate_schedule(cfg.train, 5)).init(params)
+    assert jax.tree.structure(train.make_optimizer(cfg.train, 5).init(params)) == jax.tree.structure(adam)
+    cfg.train.optimizer = "rmsprop"
+    with pytest.raises(ValueError, match="train.optimizer='rmsprop'"):
+        train.make_optimizer(cfg.train, 5)
+
+
+def test_sgd_with_momentum_and_weight_decay_steps_as_pytorch_does():
+    cfg = small_config()
+    cfg.train.optimizer, cfg.train.learning_rate, cfg.train.momentum, cfg.train.weight_decay = "sgd", 0.1, 0.9, 0.01
+    tx = train.make_optimizer(cfg.train, 5)
+    p0, grads = np.array([1.0, -2.0]), [np.array([0.5, 0.25]), np.array([-1.0, 2.0])]
+    params, opt_state = jnp.asarray(p0), tx.init(jnp.asarray(p0))
+    # PyTorch's SGD: d = g + wd p; buf = momentum buf + d (buf = d at the first step); p -= lr buf.
+    expected, buf = p0, np.zeros(2)
+    for g in grads:
+        updates, opt_state = tx.update(jnp.asarray(g), opt_state, params)
+        params = params + updates
+        buf = 0.9 * buf + g + 0.01 * expected
+        expected = expected - 0.1 * buf
+    np.testing.assert_allclose(params, expected, rtol=1e-6)
+    cfg.train.momentum, cfg.train.weight_decay = 0.0, 0.0  # plain SGD
+    plain = train.make_optimizer(cfg.train, 5)
+    updates, _ = plain.update(jnp.asarray(grads[0]), plain.init(params), params)
+    np.testing.assert_allclose(updates, -0.1 * grads[0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("schedule,moves_at_the_end", [("cosine", False), ("constant", True)])
 def test_train_state_optimizer_follows_the_schedule(schedule, moves_at_the_end):
     # One epoch of two steps: the cosine rate is 0 at step 2, so a third step

@@ -31,6 +31,12 @@ BAD_VALUES = [
     ("model.hidden", ()),
     ("model.hidden", (256, -1)),
     ("model.dropout", 1.0),
+    ("model.width", 0),
+    ("train.optimizer", "adamw"),
+    ("train.momentum", 1.0),
+    ("train.momentum", -0.1),
+    ("train.weight_decay", -1e-4),
+    ("train.augment", "flip"),
     ("train.mode", "sgd"),  # not a training mode (pgd became one)
     ("train.fast_clip_start", "no"),
     ("train.nfgsm_noise", -1.0),

@@ -1,4 +1,4 @@
-"""What the benchmarks against PyTorch share: the machine's description and advjax's networks copied into PyTorch."""
+"""What the benchmarks share: the machine, measurements in fresh processes, advjax's networks in PyTorch."""
 
 import contextlib
 import os
@@ -51,3 +51,28 @@ def torch_model(name: str, params: dict):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def run_in_fresh_process(script: str, spec: dict, cwd: str) -> tuple[dict | None, str]:
+    """Runs `script --worker=<spec as JSON>` in a new Python process, so that its compilation and peak memory are
+    its own; (the JSON its last stdout line holds, or None if it failed; its stderr)."""
+    import json
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(script), f"--worker={json.dumps(spec)}"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+    if result.returncode != 0:
+        return None, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def answer_as_worker(spec_json: str, workers: dict, key: str) -> None:
+    """The worker side of `run_in_fresh_process`: runs workers[spec[key]] on the rest of the spec, prints its JSON."""
+    import json
+
+    spec = json.loads(spec_json)
+    print(json.dumps(workers[spec.pop(key)](spec)))
