@@ -95,6 +95,7 @@ def test_cifar10_fast_is_wong_et_al_s_recipe_and_validates_and_builds():
     assert (config.data.name, config.model.name, config.train.mode) == ("cifar10", "preact_resnet18", "fast")
     assert config.train.eps == config.eval.eps == 8 / 255 and config.train.fast_step_size * config.train.eps == 10 / 255
     assert (config.train.epochs, config.train.batch_size, config.train.schedule) == (15, 128, "cyclic")
+    assert config.train.cyclic_peak == 0.5  # their CIFAR-10 CyclicLR peaks halfway
     assert (config.train.optimizer, config.train.learning_rate, config.train.momentum) == ("sgd", 0.2, 0.9)
     assert (config.train.weight_decay, config.train.augment) == (5e-4, "crop_flip")
     assert config.eval.num_validation <= config.data.num_validation == 5000

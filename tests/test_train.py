@@ -135,6 +135,17 @@ def test_cosine_schedule_decays_to_zero_at_the_end_of_the_run():
     assert np.all(np.diff(got) < 0)
 
 
+@pytest.mark.parametrize("peak, total, peak_step", [(0.4, 1950, 780), (0.4, 7, 2), (0.5, 5265, 2632), (0.25, 8, 2)])
+def test_cyclic_schedule_rises_linearly_to_the_rate_at_its_peak_share_and_falls_to_zero(peak, total, peak_step):
+    cfg = small_config(schedule="cyclic")
+    cfg.train.epochs, cfg.train.cyclic_peak = 1, peak
+    schedule = train.learning_rate_schedule(cfg.train, total)
+    rates = np.array([float(schedule(t)) for t in range(total + 1)])
+    assert int(np.argmax(rates)) == peak_step  # 2/5 of 1950 is exactly 780: no float rounding moves it
+    assert rates[peak_step] == pytest.approx(cfg.train.learning_rate) and rates[0] == 0 and rates[-1] == 0
+    np.testing.assert_allclose(np.diff(rates[: peak_step + 1]), cfg.train.learning_rate / peak_step, rtol=1e-3)
+
+
 def test_constant_schedule_stays_at_the_learning_rate():
     cfg = small_config(schedule="constant")
     schedule = train.learning_rate_schedule(cfg.train, 5)
