@@ -10,6 +10,7 @@ The base classifier that is certified clips its input to [0, 1] inside itself,
 f(x) = argmax apply_fn(params, clip_to_pixels(x)) (`base_classifier`), as
 Gaussian training (noise.gaussian) clips the noisy image it trains on: the
 certificate is over x + delta, and the classifier sees what it was trained on.
+With train.noise_clip False both leave x + delta unclipped, as Cohen et al. do.
 
 Key scheme: seed i's key is the certification key's row i (advjax.evaluators);
 batch b of the images draws from `fold_in(key, b)` (`batch_key`), and every sigma
@@ -38,7 +39,10 @@ from advjax.models import ApplyFn
 from advjax.norms import clip_to_pixels
 
 NAME = "certification"  # the summary's field
-BASE_CLASSIFIER = "argmax apply_fn(params, clip_to_pixels(x + delta)): x + delta clipped to [0, 1], as in training"
+BASE_CLASSIFIERS = {
+    True: "argmax apply_fn(params, clip_to_pixels(x + delta)): x + delta clipped to [0, 1], as in training",
+    False: "argmax apply_fn(params, x + delta): x + delta unclipped, as in training (train.noise_clip False)",
+}
 
 
 class Certificates(NamedTuple):
@@ -50,13 +54,14 @@ class Certificates(NamedTuple):
     seconds: float
 
 
-def base_classifier(apply_fn: ApplyFn, params) -> LogitsFn:
-    """The certified base classifier's logits: the model on its input clipped to [0, 1], as it trained.
+def base_classifier(apply_fn: ApplyFn, params, clip: bool = True) -> LogitsFn:
+    """The certified base classifier's logits: the model on its input clipped to [0, 1], as it trained
+    (`clip=False`: on its input as it is, for a model trained on unclipped noise).
 
     >>> cert = smoothing.certify(base_classifier(apply_fn, params), images, key, sigma=0.5, n0=100, n=10_000,
     ...                          alpha=0.001, chunk_size=100)
     """
-    return lambda x: apply_fn(params, clip_to_pixels(x))
+    return (lambda x: apply_fn(params, clip_to_pixels(x))) if clip else (lambda x: apply_fn(params, x))
 
 
 def examples(split: Split, num_examples: int) -> tuple[jax.Array, np.ndarray]:
@@ -146,15 +151,17 @@ def run_certification(
     num_seeds: int,
     log: Callable[[str], None] = lambda line: None,
     first_seed: int = 0,
+    clip: bool = True,
 ) -> Certificates:
     """Each seed's certificates (params and key carry a seed axis when num_seeds > 1), and the seconds they took.
-    `log` gets certify_images's progress lines, each naming the seed as first_seed + index.
+    `log` gets certify_images's progress lines, each naming the seed as first_seed + index; `clip`: whether the
+    base classifier clips x + delta (train.noise_clip).
 
     >>> certificates = run_certification(apply_fn, params, images, key, config.certify, config.num_seeds)
     """
     start, per_seed = time.perf_counter(), []
     for i in range(num_seeds):
-        logits_fn = base_classifier(apply_fn, seeds.select_seed(params, i, num_seeds))  # one per seed: one compile
+        logits_fn = base_classifier(apply_fn, seeds.select_seed(params, i, num_seeds), clip)  # one compile per seed
         progress = lambda line, seed=first_seed + i: log(f"certification, seed {seed}: {line}")
         per_seed.append(certify_images(logits_fn, images, seeds.select_seed(key, i, num_seeds), section, progress))
     fields = (np.stack([c[field] for c in per_seed]) for field in range(3))
@@ -166,7 +173,11 @@ def _scalar_summary(name: str, per_seed: np.ndarray) -> dict:
 
 
 def certification_summary(
-    certificates: Certificates, labels: np.ndarray, section: ml_collections.ConfigDict, num_seeds: int
+    certificates: Certificates,
+    labels: np.ndarray,
+    section: ml_collections.ConfigDict,
+    num_seeds: int,
+    clip: bool = True,
 ) -> dict:
     """summary.json's "certification": the budgets, and per sigma the certified accuracy at each radius, the ACR
     and the abstention rate (mean, std and per seed); wall-clock figures under "seconds".
@@ -197,7 +208,7 @@ def certification_summary(
         "alpha": section.alpha,
         "num_examples": len(labels),
         "radii": radii,
-        "base_classifier": BASE_CLASSIFIER,
+        "base_classifier": BASE_CLASSIFIERS[clip],
         "by_sigma": by_sigma,
         "seconds": {
             NAME: certificates.seconds,

@@ -140,10 +140,12 @@ def certification(ctx: Context) -> dict:
     images, labels = certify_report.examples(getattr(ctx.mnist, c.certify.split), c.certify.num_examples)
     key = seeds.map_over_seeds(lambda k: jax.random.fold_in(k, len(ctx.sets) + 1), c.num_seeds)(ctx.eval_rng)
     params = ctx.params if ctx.mesh is None else jax.device_get(ctx.params)
+    clip = c.train.noise_clip  # the certified classifier sees x + delta as training saw its noisy images
     certificates = certify_report.run_certification(
-        ctx.apply_fn, params, images, key, c.certify, c.num_seeds, log=ctx.log, first_seed=c.seed
+        ctx.apply_fn, params, images, key, c.certify, c.num_seeds, log=ctx.log, first_seed=c.seed, clip=clip
     )
-    return {certify_report.NAME: certify_report.certification_summary(certificates, labels, c.certify, c.num_seeds)}
+    summary = certify_report.certification_summary(certificates, labels, c.certify, c.num_seeds, clip)
+    return {certify_report.NAME: summary}
 
 
 class Evaluator(NamedTuple):

@@ -9,15 +9,17 @@ import jax.numpy as jnp
 from advjax.norms import clip_to_pixels, per_image
 
 
-def gaussian(key: jax.Array, images: jax.Array, sigma: jax.Array | float, mean: jax.Array | float = 0.0) -> jax.Array:
-    """x + N(mean, sigma^2) per pixel, clipped to [0, 1].
+def gaussian(
+    key: jax.Array, images: jax.Array, sigma: jax.Array | float, mean: jax.Array | float = 0.0, clip: bool = True
+) -> jax.Array:
+    """x + N(mean, sigma^2) per pixel, clipped to [0, 1] (`clip=False`: left unclipped, as Cohen et al. train).
 
     `sigma` is the std before clipping; `perturbation_stats` gives it after.
 
     >>> noisy = gaussian(jax.random.key(0), images, 0.3)
     """
     noise = mean + sigma * jax.random.normal(key, images.shape, images.dtype)
-    return clip_to_pixels(images + noise)
+    return clip_to_pixels(images + noise) if clip else images + noise
 
 
 def matched_gaussian(key: jax.Array, images: jax.Array, reference: jax.Array) -> jax.Array:

@@ -154,7 +154,9 @@ def _ordinary(s: _Setting) -> Objective:
 def _gaussian(s: _Setting) -> Objective:
     def gaussian(params, images, labels, rng, step=None):
         noise_rng, dropout_rng = jax.random.split(rng)
-        logits, params = s.train_logits(params, noise.gaussian(noise_rng, images, s.config.sigma), dropout_rng)
+        logits, params = s.train_logits(
+            params, noise.gaussian(noise_rng, images, s.config.sigma, clip=s.config.noise_clip), dropout_rng
+        )
         return jnp.mean(losses.cross_entropy(logits, labels)), _aux(logits, params)
 
     return gaussian
@@ -162,7 +164,7 @@ def _gaussian(s: _Setting) -> Objective:
 
 def _consistency(s: _Setting) -> Objective:
     # Jeong & Shin: train.consistency_copies copies of each image, each with its own noise.gaussian draw at
-    # train.sigma (clipped, as Gaussian training's and the certified base classifier's inputs are), in one
+    # train.sigma (clipped unless train.noise_clip is False, as the certified base classifier's input), in one
     # pass; losses.consistency_loss on their logits. Accuracy is reported on the first copy's logits: one
     # noisy draw per image, as in gaussian mode, and in expectation their code's accuracy over all copies.
     copies, lam, eta = s.config.consistency_copies, s.config.consistency_lambda, s.config.consistency_eta
@@ -173,7 +175,8 @@ def _consistency(s: _Setting) -> Objective:
         # Example-major [B, m, ...]: a device's share of the batch keeps its own copies, and with m = 1
         # the draw is gaussian mode's, value for value.
         repeated = jnp.broadcast_to(images[:, None], (batch, copies, *image_shape))
-        noisy = noise.gaussian(noise_rng, repeated, s.config.sigma).reshape(batch * copies, *image_shape)
+        noisy = noise.gaussian(noise_rng, repeated, s.config.sigma, clip=s.config.noise_clip)
+        noisy = noisy.reshape(batch * copies, *image_shape)
         logits, params = s.train_logits(params, noisy, dropout_rng)
         logits = logits.reshape(batch, copies, -1)
         return losses.consistency_loss(logits, labels, lam, eta), _aux(logits[:, 0], params)

@@ -95,6 +95,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_examples": non_negative_int(),
     "train.learning_rate": ((lambda v: _is_number(v) and 0 < v < float("inf")), "a positive finite number"),
     "train.schedule": one_of(train.SCHEDULES),
+    "train.noise_clip": boolean(),
     "train.cyclic_peak": ((lambda v: _is_number(v) and 0 < v < 1), "a number in (0, 1)"),
     "train.optimizer": one_of(train.OPTIMIZERS),
     "train.momentum": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),

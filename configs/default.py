@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eps = 0.1  # FGSM adversarial training (L-inf, pixels in [0, 1])
     config.train.alpha = 0.5  # weight of the clean loss: alpha*J(x) + (1-alpha)*J(x_adv)
     config.train.sigma = 0.3  # Gaussian-noise training, std before clipping
+    # Gaussian and consistency training clip each noisy image to [0, 1], and so does the certified base
+    # classifier (certify); False leaves x + delta unclipped in both, as Cohen et al. and Jeong & Shin do.
+    config.train.noise_clip = True
     # Consistency regularization (mode consistency; Jeong & Shin 2020, advjax.losses.consistency_loss): m copies of
     # each image, each with its own train.sigma noise, so a step passes m x train.batch_size images forward.
     # Their code (github.com/jh-jeong/smoothing-consistency) instead splits each batch of 256 into m steps.

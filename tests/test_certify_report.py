@@ -125,10 +125,34 @@ def test_certification_logs_its_progress_after_each_batch_naming_the_seed(config
     assert lines[1].startswith(f"certification, seed {config.seed}: 8/8 images, ") and "about 0 s left" in lines[1]
 
 
-def test_the_base_classifier_clips_to_pixels():
+def test_the_base_classifier_clips_to_pixels_unless_training_left_its_noise_unclipped():
     apply_fn = lambda params, x: x.reshape(len(x), -1)[:, :2] * params
     logits = certify_report.base_classifier(apply_fn, 1.0)(jnp.full((1, 28, 28, 1), 3.0))
     np.testing.assert_array_equal(logits, [[1.0, 1.0]])
+    unclipped = certify_report.base_classifier(apply_fn, 1.0, clip=False)(jnp.full((1, 28, 28, 1), 3.0))
+    np.testing.assert_array_equal(unclipped, [[3.0, 3.0]])
+
+
+def test_the_evaluator_certifies_the_unclipped_classifier_when_training_was_unclipped(config, mnist):
+    tiny_certify(config, num_examples=8, batch=8)
+    config.train.noise_clip = False
+    ctx = context(config, mnist)
+    entry = evaluators.certification(ctx)["certification"]
+    assert entry["base_classifier"] == certify_report.BASE_CLASSIFIERS[False]
+    key = jax.random.fold_in(ctx.eval_rng, len(ctx.sets) + 1)
+    images, labels = certify_report.examples(mnist.test, 8)
+    c = config.certify
+    direct = smoothing.certify(
+        certify_report.base_classifier(ctx.apply_fn, ctx.params, clip=False),
+        images,
+        certify_report.batch_key(key, 0),
+        sigma=0.5,
+        n0=c.n0,
+        n=c.n,
+        alpha=c.alpha,
+        chunk_size=c.chunk_size,
+    )
+    assert entry["by_sigma"]["0.5"]["acr"] == pytest.approx(smoothing.average_certified_radius(direct, labels))
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
 
 # Jitted only for speed: eagerly, every new shape compiles each op on its own.
-gaussian = jax.jit(noise.gaussian)
+gaussian = jax.jit(noise.gaussian, static_argnames="clip")
 matched_gaussian = jax.jit(noise.matched_gaussian)
 perturbation_stats = jax.jit(noise.perturbation_stats)
 
@@ -38,6 +38,13 @@ def test_gaussian_clips_to_unit_interval(saturated_images, sigma):
     # Half of the noise pushes each saturated pixel outwards, where it is clipped
     # back onto its boundary (more land on one when sigma is large).
     assert np.mean((noisy == 0.0) | (noisy == 1.0)) > 0.45
+
+
+def test_gaussian_without_clipping_is_the_image_plus_the_same_noise(saturated_images):
+    key = jax.random.key(3)
+    unclipped = np.asarray(gaussian(key, saturated_images, 0.5, clip=False))
+    assert unclipped.min() < 0 and unclipped.max() > 1
+    np.testing.assert_array_equal(np.clip(unclipped, 0, 1), np.asarray(gaussian(key, saturated_images, 0.5)))
 
 
 def test_matched_gaussian_clips_to_unit_interval(saturated_images):

@@ -112,6 +112,20 @@ def test_fgsm_objective_gradient_treats_x_adv_as_a_constant(bp_batch, alpha):
 
 
 @pytest.mark.slow  # alpha 0.3 on top of the alphas above, with an FGSM written out
+@pytest.mark.parametrize("mode", ["gaussian", "consistency"])
+def test_noise_training_without_clipping_trains_on_the_unclipped_noisy_images(bp_batch, mode):
+    model, params, images, labels, rng = bp_batch
+    images = images.at[:, :4].set(1.0)  # saturated pixels: clipping would change half their noisy values
+    clipped, _ = make_objective(model, mode, consistency_copies=1, consistency_eta=0.0)
+    unclipped, config = make_objective(model, mode, noise_clip=False, consistency_copies=1, consistency_eta=0.0)
+    loss, _ = unclipped(params, images, labels, rng)
+    noise_rng, _ = jax.random.split(rng)
+    noisy = noise.gaussian(noise_rng, images, config.sigma, clip=False)
+    expected = numpy_cross_entropy(logits_of(model, params, noisy), labels).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert abs(float(clipped(params, images, labels, rng)[0]) - expected) > 1e-4
+
+
 @pytest.mark.usefixtures("quick_compile")
 def test_fgsm_objective_is_the_weighted_loss_on_frozen_adversarial_images():
     setup = Setup(mode="fgsm")
