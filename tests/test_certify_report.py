@@ -251,6 +251,9 @@ def test_the_smoothing_configs_train_and_certify_at_one_sigma_and_build(module, 
     assert config.train.mode == "gaussian" and config.train.epochs == 5
     assert config.train.sigma == sigma and tuple(config.certify.sigma) == (sigma,) and config.certify.enabled
     assert config.train.noise_clip is False  # Cohen et al.'s unclipped noise, in training and certification alike
+    assert config.train.learning_rate == (
+        1e-3 if config.model.name == "cnn" else default.get_config().train.learning_rate
+    )
     assert config.model.name == module.__name__.split(".")[-1].split("_")[0]
     objectives.make_objective(models.build_model(config.model).apply, config.train)
 
