@@ -82,8 +82,8 @@ def learnable_cifar_dir(directory, per_batch: int = 240, num_test: int = 200):
     return write_batches_dir(directory, files | {cifar.TEST_BATCH: batch(num_test, 99)})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("model", ["small_cnn", "bp"])
+@pytest.mark.slow  # BP here; tests/test_batchnorm.py runs the convolutional PreAct ResNet through the same pipeline
+@pytest.mark.parametrize("model", ["bp"])
 def test_train_attack_report_and_restore_run_on_synthetic_cifar10(tmp_path, model):
     import jax
     import numpy as np
