@@ -221,9 +221,13 @@ CONSISTENCY_MNIST_LAMBDAS = {0.25: 10.0, 0.5: 5.0, 1.0: 5.0}
 
 
 def smoothing(model: str, arg: str | None, config_file: str) -> ml_collections.ConfigDict:
-    """Noise training at the sigma after the colon (0.25 by default, the certify section's default) and the
-    smoothed classifier certified at that same sigma. The mode follows the sigma after a comma ('0.5,consistency'),
-    one of SMOOTHING_MODES; gaussian (Cohen et al.'s Gaussian training) by default."""
+    """Noise training at the sigma after the colon (0.25 by default, the certify section's default; Cohen et al.'s
+    are 0.25, 0.5 and 1.0) for 5 epochs, and the smoothed classifier certified at that same sigma (train.sigma and
+    certify.sigma). The mode follows the sigma after a comma ('0.5,consistency'), one of SMOOTHING_MODES: gaussian
+    (Cohen et al.'s Gaussian training) by default, or Jeong & Shin's (2020) consistency regularization with their
+    MNIST lambda for the sigma (CONSISTENCY_MNIST_LAMBDAS). Training and certification see the same inputs,
+    x + delta unclipped as in Cohen et al.'s code (train.noise_clip False; True clips both to [0, 1], which costs
+    certified accuracy: docs/results.md)."""
     sigma_text, comma, mode = (arg or "").partition(",")
     text = sigma_text or SMOOTHING_SIGMAS[0]
     try:
