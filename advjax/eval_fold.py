@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -48,12 +47,29 @@ def make_eval_set(
     num_batches = -(-num_examples // batch_size)
     padding = num_batches * batch_size - num_examples
 
+    # Cut and padded on the host, then placed once: on the device each step would be its own compilation.
     def batched(a):
-        padded = jnp.pad(jnp.asarray(a[:num_examples]), [(0, padding)] + [(0, 0)] * (a.ndim - 1))
+        padded = np.pad(np.asarray(a[:num_examples]), [(0, padding)] + [(0, 0)] * (a.ndim - 1))
         return padded.reshape((num_batches, batch_size) + padded.shape[1:])
 
-    mask = (jnp.arange(num_batches * batch_size) < num_examples).reshape(num_batches, batch_size)
-    return EvalSet(batched(images), batched(labels), mask, num_examples)
+    mask = (np.arange(num_batches * batch_size) < num_examples).reshape(num_batches, batch_size)
+    return EvalSet(*jax.device_put((batched(images), batched(labels), mask)), num_examples)
+
+
+def eval_set_spec(data_split, num_examples: int, batch_size: int) -> EvalSet:
+    """The shapes and dtypes of `make_eval_set(data_split.images, data_split.labels, num_examples, batch_size)`,
+    for compiling ahead without building it.
+
+    >>> spec = eval_set_spec(mnist.test, 10_000, 500)  # images: ShapeDtypeStruct((20, 500, 28, 28, 1), uint8)
+    """
+    num_batches = -(-num_examples // batch_size)
+    lead = (num_batches, batch_size)
+    return EvalSet(
+        jax.ShapeDtypeStruct(lead + tuple(data_split.images.shape[1:]), np.uint8),
+        jax.ShapeDtypeStruct(lead, np.int32),
+        jax.ShapeDtypeStruct(lead, np.bool_),
+        num_examples,
+    )
 
 
 def shard_eval_set(eval_set: EvalSet, mesh: Mesh | None) -> EvalSet:
@@ -89,6 +105,46 @@ class Batch(NamedTuple):
 PerBatch = Callable[[Any, Batch, LogitsFn, Any], Any]
 
 
+@jax.jit
+def _take_batch(arrays: tuple, index: jax.Array) -> tuple:
+    return tuple(a[index] for a in arrays)
+
+
+def _batchwise_chunked_fold(
+    batch_body: loops.Body, ticks_per_batch: int, chunk_size: int, num_seeds: int
+) -> loops.Fold:
+    """The chunked form, one batch at a time: each chunk sees only its batch, so eval sets of any length share
+    one executable (docs/design.md, "Counting executables"). A chunk holds the largest divisor of
+    `ticks_per_batch` not above loops.steps_per_chunk's ticks, so no batch needs a remainder chunk of another
+    length."""
+    size = loops.largest_divisor_at_most(ticks_per_batch, loops.steps_per_chunk(chunk_size, num_seeds))
+    chunk = loops.unrolled_chunk(batch_body)
+
+    def fold(num_steps, carry, seeded, shared):
+        arrays, extra = shared
+        for index in range(num_steps // ticks_per_batch):
+            batch = _take_batch(arrays, index)
+            for start in range(index * ticks_per_batch, (index + 1) * ticks_per_batch, size):
+                carry = chunk(size, carry, start, seeded, (batch, extra))
+        return carry
+
+    def compile_ahead(num_steps, carry, seeded, shared) -> None:
+        arrays, extra = shared
+        chunk.lower(size, carry, 0, seeded, (jax.eval_shape(_take_batch, arrays, 0), extra)).compile()
+
+    fold.compile_ahead = compile_ahead
+    return fold
+
+
+def _fold(form: str, body, batch_body, ticks_per_batch: int, chunk_size: int, num_seeds: int) -> loops.Fold:
+    """The scan of `body` over the whole set, or the batchwise chunks of `batch_body`; either with `compile_ahead`."""
+    if loops.resolve_form(form) == "scan":
+        fold = loops.make_fold(body, form="scan")
+        fold.compile_ahead = lambda *args: fold.lower(*args).compile()
+        return fold
+    return _batchwise_chunked_fold(batch_body, ticks_per_batch, chunk_size, num_seeds)
+
+
 def make_eval_fold(
     per_batch: PerBatch,
     apply_fn: ApplyFn,
@@ -112,17 +168,24 @@ def make_eval_fold(
     >>> correct = make_eval_fold(count, apply_fn)(params, eval_set, key, jnp.int32(0))
     """
 
-    def body(carry, tick, seeded, shared):
+    batch_index = lambda tick: tick if ticks_per_batch == 1 else tick // ticks_per_batch
+
+    def batch_body(carry, tick, seeded, shared):  # shared: (one batch's (images, labels, mask), extra)
         params, key = seeded
         (images, labels, mask), extra = shared
-        index = tick if ticks_per_batch == 1 else tick // ticks_per_batch
-        x, y, valid = sharding.constrain_batch((to_float_images(images[index]), labels[index], mask[index]), mesh)
+        index = batch_index(tick)
+        x, y, valid = sharding.constrain_batch((to_float_images(images), labels, mask), mesh)
         batch = Batch(x, y, valid, index, jax.random.fold_in(key, index), tick)
         carry = per_batch(carry, batch, lambda z: apply_fn(params, z), extra)
         return sharding.constrain_replicated(carry, mesh)
 
+    def body(carry, tick, seeded, shared):  # shared: (the whole set's (images, labels, mask), extra)
+        arrays, extra = shared
+        index = batch_index(tick)
+        return batch_body(carry, tick, seeded, (tuple(a[index] for a in arrays), extra))
+
     body = seeds.map_body_over_seeds(body, num_seeds)
-    fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds)
+    fold = _fold(form, body, seeds.map_body_over_seeds(batch_body, num_seeds), ticks_per_batch, chunk_size, num_seeds)
 
     def fold_args(params, eval_set: EvalSet, key: jax.Array, carry, shared=()) -> tuple:
         sharding.check_batch_size(eval_set.labels.shape[1], mesh, "eval.batch_size")
@@ -132,6 +195,12 @@ def make_eval_fold(
     def run(params, eval_set: EvalSet, key: jax.Array, carry, shared=()):
         return fold(*fold_args(params, eval_set, key, carry, shared))
 
+    def compile_ahead(params, eval_set: EvalSet, key: jax.Array, carry, shared=()) -> None:
+        """Compiles what `run` with these arguments' shapes will run, without running it (nothing is donated),
+        so a thread can compile while another trains (docs/design.md, "Counting executables")."""
+        if mesh is None:  # on a mesh the arguments' placement is part of the executable: compiled on first call
+            fold.compile_ahead(*fold_args(params, eval_set, key, carry, shared))
+
     # Exposed so tests can inspect the program: body(carry, tick, (params, key), ((images, labels, mask), shared)).
-    run.fold, run.body, run.fold_args = fold, body, fold_args
+    run.fold, run.body, run.fold_args, run.compile_ahead = fold, body, fold_args, compile_ahead
     return run

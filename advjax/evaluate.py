@@ -57,10 +57,11 @@ def attack_labels(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, use
 
 
 def _zero_totals(perturbations: Sequence[str], num_seeds: int) -> dict:
+    """Host arrays, as every operand a fold is called with: made on the device, each would compile."""
     lead = seeds.seed_shape(num_seeds)
     return {
-        "correct": {p: jnp.zeros(lead, jnp.int32) for p in perturbations},
-        "stats": {p: jnp.zeros(lead + (len(STATISTICS),), jnp.float32) for p in perturbations},
+        "correct": {p: np.zeros(lead, np.int32) for p in perturbations},
+        "stats": {p: np.zeros(lead + (len(STATISTICS),), np.float32) for p in perturbations},
     }
 
 
@@ -106,10 +107,14 @@ def make_evaluator(
     run = make_eval_fold(per_batch, apply_fn, form=form, chunk_size=chunk_size, num_seeds=num_seeds, mesh=mesh)
 
     def evaluate(params, eval_set: EvalSet, key, eps=0.0, sigma=0.0) -> dict:
-        strengths = (jnp.float32(eps), jnp.float32(sigma))
+        strengths = (np.float32(eps), np.float32(sigma))
         totals = run(params, eval_set, key, _zero_totals(perturbations, num_seeds), strengths)
         return summarize(jax.device_get(totals), eval_set.num_examples)
 
+    strengths = (np.float32(0), np.float32(0))
+    evaluate.compile_ahead = lambda params, eval_set, key: run.compile_ahead(
+        params, eval_set, key, _zero_totals(perturbations, num_seeds), strengths
+    )
     return evaluate
 
 
@@ -202,14 +207,15 @@ def make_sweep(
     run = make_eval_fold(per_batch, apply_fn, form=form, chunk_size=chunk_size, num_seeds=num_seeds, mesh=mesh)
 
     def fold_args(params, eval_set: EvalSet, key, grid) -> tuple:
-        grid = jnp.asarray(grid, jnp.float32)
-        return run.fold_args(
-            params, eval_set, key, jnp.zeros(seeds.seed_shape(num_seeds) + grid.shape, jnp.int32), grid
-        )
+        grid = np.asarray(grid, np.float32)
+        return run.fold_args(params, eval_set, key, np.zeros(seeds.seed_shape(num_seeds) + grid.shape, np.int32), grid)
 
     def sweep(params, eval_set: EvalSet, key, grid) -> np.ndarray:
         return np.asarray(run.fold(*fold_args(params, eval_set, key, grid))) / eval_set.num_examples
 
     # Exposed so tests can inspect the compiled program: sweep.fold(*sweep.fold_args(params, eval_set, key, grid)).
     sweep.fold, sweep.fold_args = run.fold, fold_args
+    sweep.compile_ahead = lambda params, eval_set, key, grid: run.fold.compile_ahead(
+        *fold_args(params, eval_set, key, grid)
+    )
     return sweep

@@ -18,7 +18,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from advjax import autoattack_report, certify_report, data, evaluate, robustness, seeds, sharding, workdir
-from advjax.eval_fold import EvalSet, make_eval_set, shard_eval_set
+from advjax.eval_fold import EvalSet, eval_set_spec, make_eval_set, shard_eval_set
 from advjax.models import ApplyFn
 
 SPLITS = ("train", "validation", "test")
@@ -33,30 +33,28 @@ class Context(NamedTuple):
     sets: dict[str, EvalSet]  # the paper's evaluation subsets, placed on the mesh
     keys: dict[str, jax.Array]  # per split, placed on the mesh
     eval_rng: jax.Array
-    sweep: Callable  # perturbation -> its sweep (evaluate.make_sweep), built once
+    built: "Built"  # the evaluations, built once
     log: Callable[[str], None] = lambda message: None  # evaluate_trained's log, for warnings
 
 
-def eval_sets(mnist: data.MNIST, eval_config: ml_collections.ConfigDict) -> dict[str, EvalSet]:
-    """The paper's evaluation subsets (Tables 2-4: 5000 train, 5000 validation) and the test set."""
+def eval_set_sizes(mnist: data.MNIST, eval_config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """split -> (its data, images to evaluate, batch size): the paper's evaluation subsets (Tables 2-4: 5000 train,
+    5000 validation) and the test set."""
     sizes = {"train": eval_config.num_train, "validation": eval_config.num_validation, "test": eval_config.num_test}
+    return {split: (getattr(mnist, split), n, eval_config.batch_size) for split, n in sizes.items()}
+
+
+def eval_sets(mnist: data.MNIST, eval_config: ml_collections.ConfigDict) -> dict[str, EvalSet]:
+    """The eval sets of `eval_set_sizes`."""
     return {
-        split: make_eval_set(getattr(mnist, split).images, getattr(mnist, split).labels, n, eval_config.batch_size)
-        for split, n in sizes.items()
+        split: make_eval_set(data_split.images, data_split.labels, n, batch_size)
+        for split, (data_split, n, batch_size) in eval_set_sizes(mnist, eval_config).items()
     }
 
 
 def splits(ctx: Context) -> dict:
     """Every split under every perturbation: accuracies and perturbation statistics."""
-    c = ctx.config
-    full = evaluate.make_evaluator(
-        ctx.apply_fn,
-        use_predicted_labels=c.eval.use_predicted_labels,
-        form=c.eval.loop,
-        chunk_size=c.eval.chunk_size,
-        num_seeds=c.num_seeds,
-        mesh=ctx.mesh,
-    )
+    c, full = ctx.config, ctx.built.splits
     results = {split: full(ctx.params, s, ctx.keys[split], c.eval.eps, c.eval.sigma) for split, s in ctx.sets.items()}
     fields = next(iter(results.values()))
     return {
@@ -71,7 +69,7 @@ def sweeps(ctx: Context) -> dict:
     out = {"split": split}
     for name, grid in (("gaussian", c.eval.sigma_grid), ("fgsm", c.eval.eps_grid)):
         if grid:
-            accuracy = ctx.sweep(name)(ctx.params, ctx.sets[split], ctx.keys[split], grid)  # [seeds?, grid]
+            accuracy = ctx.built.sweep(name)(ctx.params, ctx.sets[split], ctx.keys[split], grid)  # [seeds?, grid]
             out[name] = {"grid": list(grid), **seeds.seed_summary(accuracy, c.num_seeds)}
     return {"sweeps": out}
 
@@ -86,7 +84,7 @@ def by_eps(ctx: Context) -> dict:
         return {"by_eps": {}}
     accuracy = {
         (name, split): seeds.per_seed(
-            ctx.sweep(name)(ctx.params, ctx.sets[split], ctx.keys[split], eps_list), ctx.config.num_seeds
+            ctx.built.sweep(name)(ctx.params, ctx.sets[split], ctx.keys[split], eps_list), ctx.config.num_seeds
         )
         for name in names
         for split in table_splits
@@ -114,7 +112,7 @@ def robust(ctx: Context) -> dict:
     split = getattr(ctx.mnist, c.robust.split)
     robust_set = robustness.robust_eval_set(split.images, split.labels, c.robust)
     index = len(ctx.sets)
-    key = seeds.map_over_seeds(lambda k: jax.random.fold_in(k, index), c.num_seeds)(ctx.eval_rng)
+    key = seeds.fold_in(ctx.eval_rng, index, c.num_seeds)
     params = ctx.params if ctx.mesh is None else jax.device_get(ctx.params)
     cascades, extra = None, None
     if autoattack_report.requested(c.robust):
@@ -138,7 +136,7 @@ def certification(ctx: Context) -> dict:
     if not c.certify.enabled:
         return {}
     images, labels = certify_report.examples(getattr(ctx.mnist, c.certify.split), c.certify.num_examples)
-    key = seeds.map_over_seeds(lambda k: jax.random.fold_in(k, len(ctx.sets) + 1), c.num_seeds)(ctx.eval_rng)
+    key = seeds.fold_in(ctx.eval_rng, len(ctx.sets) + 1, c.num_seeds)
     params = ctx.params if ctx.mesh is None else jax.device_get(ctx.params)
     clip = c.train.noise_clip  # the certified classifier sees x + delta as training saw its noisy images
     certificates = certify_report.run_certification(
@@ -188,21 +186,43 @@ def reusable(evaluator: Evaluator, config: ml_collections.ConfigDict, previous: 
     return all(_field(saved, path) == _field(current, path) for path in evaluator.reads)
 
 
-def _sweep_builder(config: ml_collections.ConfigDict, apply_fn: ApplyFn, mesh: Mesh | None) -> Callable:
+class Built(NamedTuple):
+    """The evaluations of splits, sweeps and by_eps, built once per run: the same objects compile ahead while
+    training runs (`compile_ahead`) and evaluate after it, so the executables are shared."""
+
+    splits: Callable  # evaluate.make_evaluator's
+    sweep: Callable  # perturbation -> its sweep (evaluate.make_sweep), built on first use
+
+    def compile_ahead(self, config: ml_collections.ConfigDict, params, mnist: data.MNIST) -> None:
+        """Compiles the splits' evaluation, the sweeps and by_eps for params of this shape, running nothing.
+
+        >>> built.compile_ahead(config, jax.eval_shape(lambda p: p, params), mnist)
+        """
+        c, key = config.eval, seeds.seed_keys(config.seed, config.num_seeds)[3]
+        sets = {split: eval_set_spec(*sizes) for split, sizes in eval_set_sizes(mnist, c).items()}
+        self.splits.compile_ahead(params, sets["test"], key)
+        for name, grid in (("gaussian", c.sigma_grid), ("fgsm", c.eps_grid)):
+            if grid:
+                self.sweep(name).compile_ahead(params, sets[c.sweep_split], key, grid)
+        for name in ("fgsm", "matched_gaussian") if c.table_eps else ():
+            self.sweep(name).compile_ahead(params, sets["train"], key, tuple(c.table_eps))
+
+
+def build(config: ml_collections.ConfigDict, apply_fn: ApplyFn, mesh: Mesh | None = None) -> Built:
+    """The evaluations `evaluate_trained` runs, for `compile_ahead` before it and for it.
+
+    >>> built = build(config, models.eval_apply(model.apply))
+    """
+    c = config.eval
+    common = dict(use_predicted_labels=c.use_predicted_labels, form=c.loop, chunk_size=c.chunk_size, mesh=mesh)
+
     @functools.cache
     def sweep(perturbation: str) -> Callable:
         return evaluate.make_sweep(
-            apply_fn,
-            perturbation,
-            use_predicted_labels=config.eval.use_predicted_labels,
-            form=config.eval.loop,
-            chunk_size=config.eval.chunk_size,
-            num_seeds=config.num_seeds,
-            grid_chunk=config.eval.grid_chunk,
-            mesh=mesh,
+            apply_fn, perturbation, num_seeds=config.num_seeds, grid_chunk=c.grid_chunk, **common
         )
 
-    return sweep
+    return Built(evaluate.make_evaluator(apply_fn, num_seeds=config.num_seeds, **common), sweep)
 
 
 def evaluate_trained(
@@ -213,8 +233,11 @@ def evaluate_trained(
     mesh: Mesh | None = None,
     previous: dict | None = None,
     log: Callable[[str], None] = lambda message: None,
+    built: Built | None = None,
 ) -> dict:
     """The summary's results: every evaluator of EVALUATORS, in order, on `params`.
+
+    `built`: the evaluations from `build` when they were compiled ahead, else built here.
 
     `previous`: the summary of a finished run of these same params, whose parts are reused
     where the fields they depend on are unchanged (`reusable`). Split i's key is fold_in(eval
@@ -227,12 +250,9 @@ def evaluate_trained(
     place, k = sharding.placer(mesh), config.num_seeds
     eval_rng = seeds.seed_keys(config.seed, k)[3]
     sets = {split: shard_eval_set(s, mesh) for split, s in eval_sets(mnist, config.eval).items()}
-    keys = {
-        split: place(seeds.map_over_seeds(lambda key, i=i: jax.random.fold_in(key, i), k)(eval_rng))
-        for i, split in enumerate(sets)
-    }
-    sweep = _sweep_builder(config, apply_fn, mesh)
-    ctx = Context(config, apply_fn, params, mnist, mesh, sets, keys, eval_rng, sweep, log)
+    keys = {split: place(seeds.fold_in(eval_rng, i, k)) for i, split in enumerate(sets)}
+    built = built or build(config, apply_fn, mesh)
+    ctx = Context(config, apply_fn, params, mnist, mesh, sets, keys, eval_rng, built, log)
     results = {}
     for evaluator in (e for e in EVALUATORS if e.enabled(config)):
         if reusable(evaluator, config, previous):

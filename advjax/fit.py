@@ -7,12 +7,12 @@ and the optimizer step, so the resumed run ends exactly where an uninterrupted
 one would.
 """
 
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -41,6 +41,7 @@ class _Epochs(NamedTuple):
     progress: Callable  # params -> clean accuracy on the whole validation split
     overfitting_check: Callable | None  # params -> the held-out FGSM and PGD (or APGD-CE) accuracy
     place: Callable
+    compile_checks: Callable  # params -> None: compiles the per-epoch checks without running them
 
 
 def _build(config: ml_collections.ConfigDict, model, mnist: data.MNIST, mesh: Mesh | None):
@@ -78,14 +79,21 @@ def _build(config: ml_collections.ConfigDict, model, mnist: data.MNIST, mesh: Me
         apply_fn, ("clean",), form=config.eval.loop, chunk_size=config.eval.chunk_size, num_seeds=k, mesh=mesh
     )
     check = overfitting.make_configured_check(config, apply_fn, validation)
+
+    def compile_checks(params) -> None:
+        clean.compile_ahead(params, progress_set, eval_rng)
+        if check is not None:
+            check.compile_ahead(params, eval_rng)
+
     return state, _Epochs(
         run=run_epoch,
-        permutation=seeds.map_over_seeds(lambda rng, epoch: train.epoch_permutation(rng, epoch, num_train), k),
+        permutation=jax.jit(seeds.map_over_seeds(lambda rng, epoch: train.epoch_permutation(rng, epoch, num_train), k)),
         data=(images, labels),
         keys=(shuffle_rng, step_rng, eval_rng),
         progress=lambda params: clean(params, progress_set, eval_rng),
         overfitting_check=None if check is None else (lambda params: check(params, eval_rng)),
         place=place,
+        compile_checks=compile_checks,
     )
 
 
@@ -136,7 +144,7 @@ def _train_epoch(config: ml_collections.ConfigDict, loop: _Epochs, state, epoch:
     """One epoch and its checks: (state, its metrics record, its timing)."""
     k, (shuffle_rng, step_rng, _) = config.num_seeds, loop.keys
     start = time.perf_counter()
-    epochs = jnp.full(seeds.seed_shape(k), epoch)
+    epochs = np.full(seeds.seed_shape(k), epoch, np.int32)
     totals = loop.place(train.EpochTotals.zeros(k))
     state, totals = loop.run(state, totals, *loop.data, loop.place(loop.permutation(shuffle_rng, epochs)), step_rng)
     totals = jax.device_get(totals)  # the epoch's only host sync
@@ -144,6 +152,22 @@ def _train_epoch(config: ml_collections.ConfigDict, loop: _Epochs, state, epoch:
     check_finite(totals, epoch, loop.run.num_steps, config)
     record = epoch_record(epoch, totals, loop.run.num_steps, loop.progress(train.eval_variables(state)))
     return state, record, epoch_timing(epoch, totals, seconds)
+
+
+def _in_background(compile_checks: Callable, params, compile_ahead: Callable | None) -> None:
+    """Runs the compilations in a daemon thread: XLA releases the GIL while it compiles (docs/design.md,
+    "Counting executables"). An error there is dropped, not lost: the main thread compiles the same
+    programs on first use and raises it there, with its own traceback."""
+
+    def run() -> None:
+        try:
+            compile_checks(params)
+            if compile_ahead is not None:
+                compile_ahead(params)
+        except Exception:  # noqa: BLE001 -- raised again by the main thread's own compilation
+            pass
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def fit(
@@ -154,6 +178,7 @@ def fit(
     log: Callable[[str], None],
     mesh: Mesh | None = None,
     data_identity: dict | None = None,
+    compile_ahead: Callable | None = None,
 ) -> Fitted:
     """Trains for config.train.epochs, resuming after the last epoch checkpointed in `run_dir`.
 
@@ -161,6 +186,8 @@ def fit(
     metrics.jsonl and timings.json. The workdir must hold no run of another
     config (workdir.check). When every epoch is checkpointed already, this
     only restores the final state. Each checkpoint also records `data_identity`.
+    While epochs remain, a thread compiles the per-epoch checks and then `compile_ahead(params shapes)`
+    (the evaluation after training) as the first epoch runs.
     """
     state, loop = _build(config, model, mnist, mesh)
     records, timings, keep_best = [], [], config.train.keep_best
@@ -175,6 +202,9 @@ def fit(
             # Rewritten from the checkpoint: drops records of epochs after it, restores any missing.
             workdir.write_metrics(run_dir, records)
             workdir.write_timings(run_dir, timings)
+        if len(records) < config.train.epochs:  # the checks compile on another core while epoch 1 trains
+            # Shapes only: the epoch donates the state's buffers while the thread may still be lowering.
+            _in_background(loop.compile_checks, jax.eval_shape(train.eval_variables, state), compile_ahead)
         for epoch in range(len(records) + 1, config.train.epochs + 1):
             state, record, timing = _train_epoch(config, loop, state, epoch)
             records.append(record)

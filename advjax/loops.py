@@ -55,14 +55,22 @@ def _scan_fold(body: Body) -> Fold:
     return jax.jit(fold, static_argnums=0, donate_argnums=1)
 
 
-def _chunked_fold(body: Body, chunk_size: int) -> Fold:
+def unrolled_chunk(body: Body) -> Callable:
+    """`chunk(size, carry, start, *operands)`: `body` for steps start..start+size-1, Python-unrolled in one jit.
+
+    `size` is static: one executable per chunk length (and operand shapes).
+    """
+
     def chunk(size, carry, start, *operands):
         for offset in range(size):
             carry = body(carry, start + offset, *operands)
         return carry
 
-    # `size` is static: one executable for full chunks, one per remainder length.
-    chunk = jax.jit(chunk, static_argnums=0, donate_argnums=1)
+    return jax.jit(chunk, static_argnums=0, donate_argnums=1)
+
+
+def _chunked_fold(body: Body, chunk_size: int) -> Fold:
+    chunk = unrolled_chunk(body)  # one executable for full chunks, one per remainder length
 
     def fold(num_steps, carry, *operands):
         if num_steps == 0:
@@ -88,6 +96,12 @@ def steps_per_chunk(chunk_size: int, num_seeds: int = 1) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return max(1, chunk_size // max(1, num_seeds))
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of `n` not above `limit` (at least 1): a chunk length that cuts `n` steps into equal
+    chunks, so one executable serves them all."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
 def make_fold(

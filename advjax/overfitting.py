@@ -68,6 +68,11 @@ def make_check(
             for name, sweep in sweeps.items()
         }
 
+    def compile_ahead(params, eval_set: EvalSet, key: jax.Array) -> None:
+        for sweep in sweeps.values():
+            sweep.compile_ahead(params, eval_set, key, (eps,))
+
+    check.compile_ahead = compile_ahead
     return check
 
 
@@ -87,7 +92,9 @@ def make_configured_check(
         form=config.eval.loop,
         num_seeds=config.num_seeds,
     )
-    return lambda params, key: check(params, held_out, key)
+    configured = lambda params, key: check(params, held_out, key)
+    configured.compile_ahead = lambda params, key: check.compile_ahead(params, held_out, key)
+    return configured
 
 
 def check_attack(record: dict) -> str:

@@ -169,13 +169,13 @@ def _state_shapes(spec: AttackSpec, batch_size: int, image_shape: tuple) -> Any:
     images = jax.ShapeDtypeStruct((batch_size,) + image_shape, jnp.float32)
     labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     init = lambda x, y, key: iterative_attack(spec, stand_in, 0.1).init(x, y, key)
-    return jax.eval_shape(init, images, labels, jax.random.key(0))
+    return jax.eval_shape(init, images, labels, jax.eval_shape(jax.random.key, 0))
 
 
 def _initial_carry(spec: AttackSpec, num_seeds: int, grid_size: int, eval_set: EvalSet) -> _Carry:
     lead = seeds.seed_shape(num_seeds)
     num_batches, batch_size = eval_set.labels.shape
-    correct = jnp.zeros(lead + (grid_size, num_batches, batch_size), bool)
+    correct = np.zeros(lead + (grid_size, num_batches, batch_size), bool)  # host arrays: see evaluate._zero_totals
     if spec.name not in ITERATIVE:
         return _Carry(correct)
     per_example = lead + (grid_size, batch_size)
@@ -183,10 +183,10 @@ def _initial_carry(spec: AttackSpec, num_seeds: int, grid_size: int, eval_set: E
     shapes = _state_shapes(spec, batch_size, tuple(eval_set.images.shape[2:]))
     return _Carry(
         correct=correct,
-        attack=jax.tree.map(lambda s: jnp.zeros(lead + (grid_size,) + s.shape, s.dtype), shapes),
-        labels=jnp.zeros(lead + (batch_size,), jnp.int32),
-        kept_correct=jnp.zeros(per_example, bool),
-        kept=restarts.AttackOutcome(jnp.zeros(per_example, bool), jnp.zeros(per_example, jnp.float32)),
+        attack=jax.tree.map(lambda s: np.zeros(lead + (grid_size,) + s.shape, s.dtype), shapes),
+        labels=np.zeros(lead + (batch_size,), np.int32),
+        kept_correct=np.zeros(per_example, bool),
+        kept=restarts.AttackOutcome(np.zeros(per_example, bool), np.zeros(per_example, np.float32)),
     )
 
 
@@ -211,7 +211,7 @@ def make_robust_sweep(
     )
 
     def sweep(params, eval_set: EvalSet, key: jax.Array, eps_grid: Sequence[float] | jax.Array) -> RobustResult:
-        grid = jnp.asarray(eps_grid, jnp.float32)
+        grid = np.asarray(eps_grid, np.float32)
         if grid.ndim != 1 or grid.shape[0] == 0:
             raise ValueError(f"eps_grid must be a non-empty list of numbers, got {eps_grid!r}")
         carry = run(params, eval_set, key, _initial_carry(spec, num_seeds, grid.shape[0], eval_set), grid)
@@ -219,8 +219,13 @@ def make_robust_sweep(
         correct = correct.reshape(correct.shape[:-2] + (-1,))[..., np.asarray(eval_set.mask).reshape(-1)]
         return RobustResult(np.asarray(grid), correct.sum(-1) / eval_set.num_examples, correct)
 
+    def compile_ahead(params, eval_set: EvalSet, key: jax.Array, eps_grid: Sequence[float]) -> None:
+        grid = np.asarray(eps_grid, np.float32)
+        run.compile_ahead(params, eval_set, key, _initial_carry(spec, num_seeds, grid.shape[0], eval_set), grid)
+
     # Exposed for inspection: tests check that a tick's program holds no while loop.
     sweep.fold, sweep.body, sweep.ticks_per_batch = run.fold, run.body, ticks_per_batch
+    sweep.compile_ahead = compile_ahead
     sweep.initial_carry = lambda grid_size, eval_set: _initial_carry(spec, num_seeds, grid_size, eval_set)
     return sweep
 
@@ -265,7 +270,7 @@ def _run_attacks(apply_fn, params, eval_set, key, section, form, runs, grids, nu
         grid = (0.0,) if name == "clean" else grids[ATTACK_NORMS[spec.name]]
         # fold_in(key, crc32(name)): an attack's numbers do not change when another is added to the list.
         salt = zlib.crc32(name.encode())
-        attack_key = seeds.map_over_seeds(lambda k, salt=salt: jax.random.fold_in(k, salt), num_seeds)(key)
+        attack_key = seeds.fold_in(key, salt, num_seeds)
         sweep = make_robust_sweep(apply_fn, spec, form=form, chunk_size=section.chunk_size, num_seeds=num_seeds)
         start = time.perf_counter()
         results[name] = sweep(params, eval_set, attack_key, grid)

@@ -8,6 +8,7 @@ place that knows the difference:
 the rest of the library calls these helpers instead of testing `num_seeds == 1`.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -40,12 +41,34 @@ def map_body_over_seeds(body: Callable, num_seeds: int) -> Callable:
     return map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None))
 
 
-def seed_keys(seed: int, num_seeds: int) -> tuple[jax.Array, ...]:
-    """(init, shuffle, step, eval) keys of seeds seed..seed+K-1; each with a leading seed axis when K > 1."""
+@functools.partial(jax.jit, static_argnums=1)
+def _seed_keys(seed: jax.Array, num_seeds: int) -> tuple[jax.Array, ...]:
     if num_seeds == 1:
         return tuple(jax.random.split(jax.random.key(seed), 4))
-    keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 4))(jnp.arange(seed, seed + num_seeds))
+    keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s), 4))(seed + jnp.arange(num_seeds))
     return tuple(keys[:, i] for i in range(4))
+
+
+def seed_keys(seed: int, num_seeds: int) -> tuple[jax.Array, ...]:
+    """(init, shuffle, step, eval) keys of seeds seed..seed+K-1; each with a leading seed axis when K > 1.
+
+    One compiled call for every seed (it is traced): run eagerly, each key operation would be its own
+    small compilation (docs/design.md, "Counting executables").
+    """
+    return _seed_keys(np.uint32(seed), num_seeds)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _fold_in(keys: jax.Array, data: jax.Array, num_seeds: int) -> jax.Array:
+    return map_over_seeds(lambda key: jax.random.fold_in(key, data), num_seeds)(keys)
+
+
+def fold_in(keys: jax.Array, data: int, num_seeds: int) -> jax.Array:
+    """`jax.random.fold_in(key, data)` for each seed's key, one compiled call for every `data` (it is traced).
+
+    >>> split_key = fold_in(eval_keys, 2, num_seeds=4)  # keys [4] -> keys [4]
+    """
+    return _fold_in(keys, np.uint32(data), num_seeds)
 
 
 def per_seed(values, num_seeds: int) -> np.ndarray:

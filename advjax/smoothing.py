@@ -32,7 +32,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 from advjax.losses import LogitsFn
 
@@ -43,6 +42,13 @@ class Certificate(NamedTuple):
     prediction: np.ndarray  # int [B]: the smoothed class, or ABSTAIN (-1)
     radius: np.ndarray  # float [B]: the certified L2 radius; 0.0 where abstaining, as in Cohen et al.'s logs
     p_lower: np.ndarray  # float [B]: the Clopper-Pearson lower bound on the selected class's probability
+
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: it is slow to import, and most launches certify nothing."""
+    import scipy.stats
+
+    return scipy.stats
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -139,7 +145,7 @@ def lower_confidence_bound(count: np.ndarray | int, n: int, alpha: float) -> np.
     if np.any(count < 0) or np.any(count > n):
         raise ValueError(f"count must be in 0..n={n}")
     # beta.ppf is nan at shape 0; the bound there is 0, and the shape is moved off 0 only to keep nan out.
-    bound = scipy.stats.beta.ppf(alpha, np.maximum(count, 1), n - count + 1)
+    bound = _scipy_stats().beta.ppf(alpha, np.maximum(count, 1), n - count + 1)
     return np.where(count == 0, 0.0, bound)
 
 
@@ -195,7 +201,7 @@ def certificate_from_counts(
     p_lower = lower_confidence_bound(count_a, n, alpha)
     certified = p_lower > 0.5
     # Phi^-1 is evaluated where certified only: at p_lower <= 1/2 it would be a negative or infinite radius.
-    radius = np.where(certified, sigma * scipy.stats.norm.ppf(np.where(certified, p_lower, 0.75)), 0.0)
+    radius = np.where(certified, sigma * _scipy_stats().norm.ppf(np.where(certified, p_lower, 0.75)), 0.0)
     return Certificate(np.where(certified, selected, ABSTAIN), radius, p_lower)
 
 
@@ -225,7 +231,7 @@ def predict(
     top_two = np.argsort(-counts, axis=1, kind="stable")[:, :2]
     n_a, n_b = np.take_along_axis(counts, top_two, axis=1).T
     # binomtest takes one test at a time: B scalar tests on the host, after the sampling.
-    pvalues = np.array([scipy.stats.binomtest(int(a), int(a + b), 0.5).pvalue for a, b in zip(n_a, n_b)])
+    pvalues = np.array([_scipy_stats().binomtest(int(a), int(a + b), 0.5).pvalue for a, b in zip(n_a, n_b)])
     return np.where(pvalues <= alpha, top_two[:, 0], ABSTAIN)
 
 

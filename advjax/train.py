@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax.training import train_state
 from jax.sharding import Mesh
@@ -46,12 +47,12 @@ class EpochTotals(NamedTuple):
 
     @classmethod
     def zeros(cls, num_seeds: int = 1) -> "EpochTotals":
-        shape = seeds.seed_shape(num_seeds)
+        shape = seeds.seed_shape(num_seeds)  # host arrays: the epoch's fold takes them without a compilation of its own
         return cls(
-            jnp.zeros(shape, jnp.float32),
-            jnp.zeros(shape, jnp.int32),
-            jnp.zeros(shape, jnp.int32),
-            jnp.full(shape, cls.NO_STEP, jnp.int32),
+            np.zeros(shape, np.float32),
+            np.zeros(shape, np.int32),
+            np.zeros(shape, np.int32),
+            np.full(shape, cls.NO_STEP, np.int32),
         )
 
 

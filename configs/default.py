@@ -117,8 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Extra FGSM strengths evaluated on the train and validation subsets (the paper never states its eps).
     config.eval.table_eps = ()
     config.eval.batch_size = 500
-    # Batches per compiled chunk on CPU: an eval batch is big enough that one per
-    # dispatch costs nothing measurable, and a longer chunk compiles longer (bench/README.md).
+    # Ticks per compiled chunk in the chunked (CPU) form. A chunk never spans two batches
+    # (docs/design.md, "The fold forms, and why"), so an evaluation of one tick per batch runs one per chunk.
     config.eval.chunk_size = 1
     # The form of every evaluation fold (sweeps, attacks, the per-epoch checks); as train.loop.
     config.eval.loop = "auto"

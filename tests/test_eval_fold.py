@@ -166,6 +166,45 @@ def test_eval_fold_over_seeds_gives_each_seed_its_params_key_and_carry():
         np.testing.assert_array_equal(first_keys[s], jax.random.key_data(jax.random.fold_in(keys[s], 0)))
 
 
+def test_the_chunked_fold_compiles_one_chunk_for_eval_sets_of_any_length():
+    # Each chunk sees one batch, not the whole set: sets of 3 and 2 batches share the executable
+    # (docs/design.md, "Counting executables"), and count as the scan form does.
+    images, labels = dataset()
+    traces = []
+
+    def counting(carry, batch, logits_fn, shared):
+        traces.append(None)
+        return count_correct(carry, batch, logits_fn, shared)
+
+    run = eval_fold.make_eval_fold(counting, predict_class, form="chunked")
+    scan = eval_fold.make_eval_fold(count_correct, predict_class, form="scan")
+    for num_examples in (NUM_EXAMPLES, 16):
+        eval_set = eval_fold.make_eval_set(images, labels, num_examples, BATCH_SIZE)
+        zero = lambda: (jnp.int32(0), jnp.int32(0))  # a fresh carry per call: the fold donates it
+        chunked = run({"class": 1}, eval_set, jax.random.key(0), zero())
+        np.testing.assert_array_equal(chunked, scan({"class": 1}, eval_set, jax.random.key(0), zero()))
+        assert int(chunked[0]) == num_examples
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("ticks_per_batch,chunk_size,ticks_per_chunk", [(6, 4, 3), (10, 4, 2), (5, 4, 1), (4, 8, 4)])
+def test_a_chunk_never_spans_two_batches_nor_leaves_a_remainder(ticks_per_batch, chunk_size, ticks_per_chunk):
+    images, labels = dataset()
+    eval_set = eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
+    traces = []
+
+    def record(carry, batch, logits_fn, shared):
+        traces.append(None)
+        return carry.at[batch.tick].set(batch.index)
+
+    run = eval_fold.make_eval_fold(
+        record, predict_class, ticks_per_batch=ticks_per_batch, form="chunked", chunk_size=chunk_size
+    )
+    index_at_tick = run({}, eval_set, jax.random.key(0), jnp.full(NUM_BATCHES * ticks_per_batch, -1))
+    np.testing.assert_array_equal(index_at_tick, np.repeat(np.arange(NUM_BATCHES), ticks_per_batch))
+    assert len(traces) == ticks_per_chunk  # one chunk length, unrolled that many ticks
+
+
 def test_shard_eval_set_without_a_mesh_is_the_eval_set_itself():
     images, labels = dataset()
     eval_set = eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)

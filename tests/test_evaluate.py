@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import attacks, data, eval_fold, evaluate, models, noise, train
+from advjax import attacks, data, eval_fold, evaluate, models, noise, runtime, train
 from tests.helpers import tiny_config
 
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
@@ -429,3 +429,31 @@ def test_matched_gaussian_sweep_equals_a_python_loop():
             correct += int(np.sum(hits & np.asarray(eval_set.mask[b])))
         looped.append(correct / NUM_EXAMPLES)
     np.testing.assert_allclose(swept, looped, atol=1e-9)
+
+
+@pytest.mark.parametrize("form", ["scan", "chunked"])
+def test_compile_ahead_leaves_nothing_to_compile_but_the_batch_slice(form):
+    # What fit.fit compiles in a thread while training runs: the evaluation proper must be among it, or
+    # the evaluation after training compiles it again (docs/design.md, "Counting executables").
+    model, params = model_and_params()
+    evaluator = evaluate.make_evaluator(models.eval_apply(model.apply), form=form)
+    sweep = evaluate.make_sweep(models.eval_apply(model.apply), "fgsm", form=form)
+    images, labels = dataset(4)
+    split = data.Split(images, labels)
+    meter = runtime.CompileMeter().install()
+    try:
+        params_shape, spec = (
+            jax.eval_shape(lambda p: p, params),
+            eval_fold.eval_set_spec(split, NUM_EXAMPLES, BATCH_SIZE),
+        )
+        evaluator.compile_ahead(params_shape, spec, jax.random.key(1))
+        sweep.compile_ahead(params_shape, spec, jax.random.key(1), (0.1, 0.2))
+        ahead = len(meter.executables)
+        es = eval_fold.make_eval_set(images, labels, NUM_EXAMPLES, BATCH_SIZE)
+        evaluator(params, es, jax.random.key(1), EPS, SIGMA)
+        sweep(params, es, jax.random.key(1), (0.3, 0.4))
+        later = [e["name"] for e in meter.executables[ahead:]]
+    finally:
+        meter.uninstall()
+    assert ahead >= 2
+    assert all("take_batch" in name for name in later), later

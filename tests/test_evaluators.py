@@ -5,7 +5,7 @@ import json
 import jax
 import pytest
 
-from advjax import data, evaluate, evaluators, models, seeds, train, workdir
+from advjax import data, evaluate, evaluators, models, runtime, seeds, train, workdir
 from tests.helpers import run_experiment, synthetic_config, tiny_config
 
 pytestmark = pytest.mark.usefixtures("quick_compile_module")
@@ -129,3 +129,24 @@ def test_an_older_summary_without_the_added_fields_keeps_its_robustness_report_r
     assert evaluators.reusable(robust, config, previous)
     config.robust.autoattack_queries = 100
     assert not evaluators.reusable(robust, config, previous)
+
+
+def test_evaluations_built_and_compiled_ahead_are_the_ones_evaluate_trained_runs(synthetic_mnist_dir):
+    # experiment compiles them in a thread while training runs; afterwards only small slices compile.
+    config = synthetic_config(synthetic_mnist_dir)
+    config.eval.sigma_grid, config.eval.eps_grid, config.eval.table_eps = (0.0, 0.5), (0.1,), (0.1, 0.2)
+    mnist = data.load_mnist(config.data)
+    model = models.build_model(config.model)
+    params, apply_fn = train.init_params(jax.random.key(1), model), models.eval_apply(model.apply)
+    built = evaluators.build(config, apply_fn)
+    meter = runtime.CompileMeter().install()
+    try:
+        built.compile_ahead(config, jax.eval_shape(lambda p: p, params), mnist)
+        ahead = len(meter.executables)
+        results = evaluators.evaluate_trained(config, apply_fn, params, mnist, built=built)
+        later = [e["name"] for e in meter.executables[ahead:]]
+    finally:
+        meter.uninstall()
+    assert ahead >= 4  # the splits' evaluator and the sweeps of three perturbations
+    assert not [name for name in later if "chunk" in name or "fold)" in name], later
+    assert results == evaluators.evaluate_trained(config, apply_fn, params, mnist)

@@ -228,3 +228,11 @@ def test_a_fold_over_four_seeds_compiles_chunks_a_quarter_as_long():
     result = fold(8, fresh_carry(len(xs)), xs, ys)
     chex.assert_trees_all_equal(result, python_fold(8, np.asarray(xs), np.asarray(ys)))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "n,limit,expected", [(10, 4, 2), (12, 4, 4), (11, 4, 1), (1, 4, 1), (3, 8, 3), (25, 4, 1), (6, 0, 1)]
+)
+def test_largest_divisor_at_most_cuts_the_steps_into_equal_chunks(n, limit, expected):
+    assert loops.largest_divisor_at_most(n, limit) == expected
+    assert n % expected == 0

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from advjax import attack_specs, data, models, overfitting, robustness
+from advjax import attack_specs, data, models, overfitting, robustness, runtime
 from tests.helpers import mlp_apply, mlp_eval_set, mlp_params, tiny_config
 
 # The check compiles folds of a tiny MLP (see tests/test_robustness.py).
@@ -162,3 +162,20 @@ def test_records_written_before_the_choice_read_as_pgd_and_keep_their_summary():
         "catastrophic overfitting: PGD accuracy more than 0.2 below its best in an earlier epoch; "
         "gradient masking: FGSM accuracy more than 0.5 above PGD accuracy"
     )
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd_ce"])
+def test_compile_ahead_compiles_the_checks_whole_attack(attack):
+    # fit.fit compiles the check in a thread while the first epoch trains; the check after it then compiles
+    # nothing but its batch slice.
+    params, es, key = mlp_params(), mlp_eval_set(), jax.random.key(2)
+    check = overfitting.make_check(models.eval_apply(mlp_apply), 0.3, 10, attack=attack, form="chunked")
+    meter = runtime.CompileMeter().install()
+    try:
+        check.compile_ahead(jax.eval_shape(lambda p: p, params), es, key)
+        ahead = len(meter.executables)
+        check(params, es, key)
+        later = [e["name"] for e in meter.executables[ahead:]]
+    finally:
+        meter.uninstall()
+    assert ahead >= 2 and all("take_batch" in name for name in later), later
