@@ -65,8 +65,17 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def dense(features: int, x: jax.Array, kernel_init: Initializer, bias_init: BiasInit) -> jax.Array:
-    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init(x.shape[-1]))(x)
+# model.dtype -> the dtype layers compute in (params stay float32): None is float32, as the layers infer it.
+DTYPES: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def as_logits(x: jax.Array, dtype) -> jax.Array:
+    """The last layer's output as float32 logits, so that losses and attacks' gradients start in float32."""
+    return x if dtype is None else x.astype(jnp.float32)
+
+
+def dense(features: int, x: jax.Array, kernel_init: Initializer, bias_init: BiasInit, dtype=None) -> jax.Array:
+    return nn.Dense(features, kernel_init=kernel_init, bias_init=bias_init(x.shape[-1]), dtype=dtype)(x)
 
 
 def conv(
@@ -77,10 +86,17 @@ def conv(
     x: jax.Array,
     kernel_init: Initializer,
     bias_init: BiasInit,
+    dtype=None,
 ) -> jax.Array:
     fan_in = window[0] * window[1] * x.shape[-1]
     return nn.Conv(
-        features, window, strides=strides, padding=padding, kernel_init=kernel_init, bias_init=bias_init(fan_in)
+        features,
+        window,
+        strides=strides,
+        padding=padding,
+        kernel_init=kernel_init,
+        bias_init=bias_init(fan_in),
+        dtype=dtype,
     )(x)
 
 
@@ -92,14 +108,15 @@ class BP(nn.Module):
     image_shape: Sequence[int] = MNIST.image_shape  # what init_params initialises on
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: BiasInit = zero_bias
+    dtype: Any = None  # of the computation (DTYPES); params are float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # no stochastic layers; the argument keeps one signature for both models
         x = x.reshape((x.shape[0], -1))
         for width in self.hidden:
-            x = nn.relu(dense(width, x, self.kernel_init, self.bias_init))
-        return dense(self.num_classes, x, self.kernel_init, self.bias_init)
+            x = nn.relu(dense(width, x, self.kernel_init, self.bias_init, self.dtype))
+        return as_logits(dense(self.num_classes, x, self.kernel_init, self.bias_init, self.dtype), self.dtype)
 
 
 class CNN(nn.Module):
@@ -110,16 +127,17 @@ class CNN(nn.Module):
     dropout_rate: float = 0.4
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: BiasInit = zero_bias
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         for features in (32, 64):
-            x = conv(features, (5, 5), 1, "SAME", x, self.kernel_init, self.bias_init)
+            x = conv(features, (5, 5), 1, "SAME", x, self.kernel_init, self.bias_init, self.dtype)
             x = max_pool_2x2(nn.relu(x))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(dense(1024, x, self.kernel_init, self.bias_init))
+        x = nn.relu(dense(1024, x, self.kernel_init, self.bias_init, self.dtype))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return dense(self.num_classes, x, self.kernel_init, self.bias_init)
+        return as_logits(dense(self.num_classes, x, self.kernel_init, self.bias_init, self.dtype), self.dtype)
 
 
 class SmallCNN(nn.Module):
@@ -134,15 +152,16 @@ class SmallCNN(nn.Module):
     image_shape: Sequence[int] = MNIST.image_shape
     kernel_init: Initializer = nn.initializers.glorot_uniform()
     bias_init: BiasInit = zero_bias
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         del train  # no stochastic layers
         for features in (16, 32):
-            x = nn.relu(conv(features, (4, 4), 2, ((1, 1), (1, 1)), x, self.kernel_init, self.bias_init))
+            x = nn.relu(conv(features, (4, 4), 2, ((1, 1), (1, 1)), x, self.kernel_init, self.bias_init, self.dtype))
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(dense(100, x, self.kernel_init, self.bias_init))
-        return dense(self.num_classes, x, self.kernel_init, self.bias_init)
+        x = nn.relu(dense(100, x, self.kernel_init, self.bias_init, self.dtype))
+        return as_logits(dense(self.num_classes, x, self.kernel_init, self.bias_init, self.dtype), self.dtype)
 
 
 # Wong et al.'s CIFAR-10 input normalisation (their CIFAR10/utils.py), done inside the model so that images, eps
@@ -151,16 +170,23 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 
-def batch_norm(train: bool, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str, dtype=None) -> nn.BatchNorm:
     """PyTorch's BatchNorm2d as Wong et al. use it: running averages with momentum 0.1 of the new value (Flax's
     momentum 0.9 of the old), eps 1e-5, the variance in two passes; batch statistics in train mode only."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name
+    )
 
 
-def conv_no_bias(features: int, window: int, strides: int, x: jax.Array, kernel_init: Initializer, name: str):
+def conv_no_bias(
+    features: int, window: int, strides: int, x: jax.Array, kernel_init: Initializer, name: str, dtype=None
+) -> jax.Array:
     """PyTorch's Conv2d(bias=False), padding 1 for a 3x3 window (same on both sides, unlike Flax's SAME at stride 2)."""
     padding = ((window // 2, window // 2),) * 2
-    return nn.Conv(features, (window, window), strides, padding, use_bias=False, kernel_init=kernel_init, name=name)(x)
+    conv_layer = nn.Conv(
+        features, (window, window), strides, padding, use_bias=False, kernel_init=kernel_init, dtype=dtype, name=name
+    )
+    return conv_layer(x)
 
 
 class PreActBlock(nn.Module):
@@ -170,15 +196,17 @@ class PreActBlock(nn.Module):
     features: int
     strides: int
     kernel_init: Initializer
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out = nn.relu(batch_norm(train, "bn1")(x))
+        dtype, init = self.dtype, self.kernel_init
+        out = nn.relu(batch_norm(train, "bn1", dtype)(x))
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = conv_no_bias(self.features, 1, self.strides, x, self.kernel_init, "shortcut")
-        out = conv_no_bias(self.features, 3, self.strides, out, self.kernel_init, "conv1")
-        out = conv_no_bias(self.features, 3, 1, nn.relu(batch_norm(train, "bn2")(out)), self.kernel_init, "conv2")
+            shortcut = conv_no_bias(self.features, 1, self.strides, x, init, "shortcut", dtype)
+        out = conv_no_bias(self.features, 3, self.strides, out, init, "conv1", dtype)
+        out = conv_no_bias(self.features, 3, 1, nn.relu(batch_norm(train, "bn2", dtype)(out)), init, "conv2", dtype)
         return out + shortcut
 
 
@@ -199,20 +227,23 @@ class PreActResNet18(nn.Module):
     std: Sequence[float] = CIFAR10_STD
     kernel_init: Initializer = KERNEL_INITS["torch_default"]
     bias_init: BiasInit = torch_default_bias
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         x = (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.std, x.dtype)
-        x = conv_no_bias(self.width, 3, 1, x, self.kernel_init, "conv1")
+        x = conv_no_bias(self.width, 3, 1, x, self.kernel_init, "conv1", self.dtype)
         for stage in range(4):
             for block in range(2):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = PreActBlock(self.width * 2**stage, strides, self.kernel_init, name=f"layer{stage + 1}_{block}")(
-                    x, train
-                )
-        x = jnp.mean(nn.relu(batch_norm(train, "bn")(x)), axis=(1, 2))
+                name = f"layer{stage + 1}_{block}"
+                x = PreActBlock(self.width * 2**stage, strides, self.kernel_init, self.dtype, name=name)(x, train)
+        x = jnp.mean(nn.relu(batch_norm(train, "bn", self.dtype)(x)), axis=(1, 2))
         bias_init = self.bias_init(x.shape[-1])
-        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, bias_init=bias_init, name="linear")(x)
+        linear = nn.Dense(
+            self.num_classes, kernel_init=self.kernel_init, bias_init=bias_init, dtype=self.dtype, name="linear"
+        )
+        return as_logits(linear(x), self.dtype)
 
 
 MODELS = ("bp", "cnn", "small_cnn", "preact_resnet18")
@@ -228,6 +259,9 @@ def build_model(model_config: ml_collections.ConfigDict, info: DatasetInfo = MNI
         raise ValueError(f"model.init={model_config.init!r} is not one of {tuple(KERNEL_INITS)}")
     inits = {"kernel_init": KERNEL_INITS[model_config.init], "bias_init": BIAS_INITS[model_config.init]}
     inits |= {"image_shape": tuple(info.image_shape), "num_classes": info.num_classes}
+    if model_config.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={model_config.dtype!r} is not one of {tuple(DTYPES)}")
+    inits["dtype"] = DTYPES[model_config.dtype]
     if model_config.name == "bp":
         return BP(hidden=tuple(model_config.hidden), **inits)
     if model_config.name == "cnn":

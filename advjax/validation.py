@@ -89,6 +89,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.hidden": sequence_of(lambda w: _is_int(w) and w > 0, "positive integers", non_empty=True),
     "model.dropout": ((lambda v: _is_number(v) and 0 <= v < 1), "a number in [0, 1)"),
     "model.width": positive_int(),
+    "model.dtype": one_of(tuple(models.DTYPES)),
     "train.mode": one_of(objectives.TRAINING_MODES),
     "train.epochs": positive_int(),
     "train.batch_size": positive_int(),

@@ -67,6 +67,7 @@ ADDED_FIELDS = {
     **_fields("train", overfitting_check_attack="pgd", consistency_copies=2, consistency_lambda=10.0),
     **_fields("train", consistency_eta=0.5, optimizer="adam", momentum=0.9, weight_decay=0.0, augment="none"),
     **_fields("train", cyclic_peak=0.4, noise_clip=True),
+    **_fields("model", dtype="float32"),
     **_fields("robust", autoattack_version="standard", autoattack_steps=100, autoattack_queries=5000),
     **_fields("certify", enabled=False, sigma=(0.25,), n0=100, n=10_000, alpha=0.001, split="test"),
     **_fields("certify", num_examples=500, batch=50, chunk_size=50),

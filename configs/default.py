@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.hidden = (256, 256)  # BP only
     config.model.dropout = 0.4  # CNN only; active in training alone
     config.model.width = 64  # preact_resnet18 only: the first stage's channels (Wong et al.'s 64), doubled per stage
+    # float32 | bfloat16: the dtype every layer computes in; params, logits and losses stay float32.
+    config.model.dtype = "float32"
 
     config.train = ml_collections.ConfigDict()
     config.train.mode = "ordinary"  # ordinary | fgsm | gaussian | pgd | fast | trades | nfgsm | consistency

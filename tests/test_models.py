@@ -345,3 +345,30 @@ def test_has_convolutions(name, expected):
 def test_has_convolutions_rejects_an_unknown_model():
     with pytest.raises(ValueError, match="model.name"):
         models.has_convolutions(ml_collections.ConfigDict({"name": "resnet"}))
+
+
+@pytest.mark.parametrize("name", ["bp", "cnn", "small_cnn", "preact_resnet18"])
+def test_bfloat16_computes_in_bfloat16_from_float32_params_to_float32_logits(name):
+    overrides = {"width": 4} if name == "preact_resnet18" else {}
+    info = data.DATASETS["cifar10"] if name == "preact_resnet18" else data.DATASETS["mnist"]
+    full, half = (models.build_model(model_config(name, dtype=d, **overrides), info) for d in ("float32", "bfloat16"))
+    x = jax.random.uniform(jax.random.key(1), (4, *info.image_shape), jnp.float32)
+    variables = jax.jit(lambda key: full.init(key, x[:1], train=False))(jax.random.key(0))
+    # The same params serve both: the dtype changes the computation, not the params.
+    half_shapes = jax.eval_shape(lambda key: half.init(key, x[:1], train=False), jax.random.key(0))
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, half_shapes)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    logits = jax.jit(lambda v: half.apply(v, x, train=False))(variables)
+    assert logits.dtype == jnp.float32
+    program = str(jax.make_jaxpr(lambda v: half.apply(v, x, train=False))(variables))
+    assert "bf16[4," in program and "bf16" not in str(
+        jax.make_jaxpr(lambda v: full.apply(v, x, train=False))(variables)
+    )
+    reference = jax.jit(lambda v: full.apply(v, x, train=False))(variables)
+    assert not np.array_equal(logits, reference)  # rounded differently ...
+    np.testing.assert_allclose(logits, reference, atol=0.1 * float(jnp.max(jnp.abs(reference))) + 0.05)  # ... close
+
+
+def test_an_unknown_dtype_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="model.dtype='float16'"):
+        build("bp", dtype="float16")
