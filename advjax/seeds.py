@@ -31,14 +31,28 @@ def map_over_seeds(fn: Callable, num_seeds: int, in_axes: int | tuple = 0) -> Ca
     return fn if num_seeds == 1 else jax.vmap(fn, in_axes=in_axes)
 
 
-def map_body_over_seeds(body: Callable, num_seeds: int) -> Callable:
-    """A fold body `body(carry, step, seeded, shared)` vmapped over the seed axis of `carry` and `seeded`.
+def map_body_over_seeds(body: Callable, num_seeds: int, *, unrolled: bool = False) -> Callable:
+    """A fold body `body(carry, step, seeded, shared)` mapped over the seed axis of `carry` and `seeded`.
 
     Every fold (training epochs, evaluation) passes its per-seed operands in
     `seeded` and the shared ones (the data, strengths, grids) in `shared`, so
     this one rule replaces a positional `in_axes` per fold.
+
+    vmapped by default; `unrolled`: one body per seed, Python-unrolled in the same program, and the results
+    stacked. A vmapped convolution is a grouped one, one group per seed, which XLA:CPU runs many times slower
+    than the seeds' convolutions one by one (docs/design.md, "Seeds of a convnet").
     """
-    return map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None))
+    if num_seeds == 1 or not unrolled:
+        return map_over_seeds(body, num_seeds, in_axes=(0, None, 0, None))
+
+    def each_seed(carry, step, seeded, shared):
+        outs = [
+            body(select_seed(carry, i, num_seeds), step, select_seed(seeded, i, num_seeds), shared)
+            for i in range(num_seeds)
+        ]
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
+
+    return each_seed
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -232,7 +232,10 @@ def make_epoch_fn(
         state, (loss, correct) = train_step(state, objective, batch_images, batch_labels, step_rng)
         return sharding.constrain_replicated((state, _add_step(totals, loss, correct, batch_size, state.step)), mesh)
 
-    body, cpu_form = seeds.map_body_over_seeds(body, num_seeds), "chunked" if convolutional else "scan"
+    cpu_form = "chunked" if convolutional else "scan"
+    # Where a convnet's epoch runs in chunks (XLA:CPU), its seeds' steps run one by one rather than vmapped.
+    unrolled = convolutional and loops.resolve_form(form, cpu_form=cpu_form) == "chunked"
+    body = seeds.map_body_over_seeds(body, num_seeds, unrolled=unrolled)
     fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds, cpu_form=cpu_form)
 
     def fold_args(state, totals, images, labels, permutation, rng) -> tuple:

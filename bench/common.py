@@ -4,6 +4,7 @@ import contextlib
 import os
 import platform
 import sys
+import time
 
 import numpy as np
 
@@ -76,3 +77,46 @@ def answer_as_worker(spec_json: str, workers: dict, key: str) -> None:
 
     spec = json.loads(spec_json)
     print(json.dumps(workers[spec.pop(key)](spec)))
+
+
+def two_epochs(epoch_fn, state, images, labels, steps: int, meter) -> dict:
+    """Calls a `train.make_epoch_fn` epoch twice on device data: the first call compiles (its statistics from
+    `meter`, a runtime.CompileMeter), the second is the steady state.
+    Returns first_call_s, compile (meter.summary() after the first), steady_call_s and mean_loss_second_call."""
+    import jax
+
+    from advjax import train
+
+    n, box = len(labels), {"state": state}
+    device_images, device_labels = jax.device_put((images, labels))
+
+    def call(epoch: int) -> float:
+        start = time.perf_counter()
+        permutation = train.epoch_permutation(jax.random.key(1), epoch, n)
+        box["state"], totals = epoch_fn(
+            box["state"], train.EpochTotals.zeros(), device_images, device_labels, permutation, jax.random.key(2)
+        )
+        jax.block_until_ready((box["state"], totals))
+        box["loss"] = float(jax.device_get(totals.loss)) / steps
+        return time.perf_counter() - start
+
+    first = call(1)
+    compile_stats = meter.summary()
+    steady = call(2)
+    return {
+        "first_call_s": first,
+        "compile": compile_stats,
+        "steady_call_s": steady,
+        "mean_loss_second_call": box["loss"],
+    }
+
+
+def measure_in_fresh_process(script: str, spec: dict, cwd: str, log) -> dict:
+    """One measurement in a fresh process (run_in_fresh_process): its JSON and process_wall_s, or {"error": ...}
+    if it failed, after `log`ging the tail of its stderr."""
+    start = time.perf_counter()
+    out, stderr = run_in_fresh_process(script, spec, cwd)
+    if out is None:
+        log(f"worker {spec} failed:\n{stderr[-3000:]}")
+        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else "the worker failed"}
+    return out | {"process_wall_s": time.perf_counter() - start}

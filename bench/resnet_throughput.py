@@ -65,7 +65,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import answer_as_worker, run_in_fresh_process  # noqa: E402
+from bench.common import answer_as_worker, measure_in_fresh_process, two_epochs  # noqa: E402
 
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps per measured call (and per compile call for advjax).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size (Wong et al.'s 128).")
@@ -167,22 +167,8 @@ def advjax_worker(spec: dict) -> dict:
         augmentation=config.train.augment,
     )
     state = train.create_states(jax.random.key(0), model, config.train, steps, 1)
-    device_images, device_labels = jax.device_put((images, labels))
-    box = {"state": state}
-
-    def call(epoch: int) -> float:
-        start = time.perf_counter()
-        permutation = train.epoch_permutation(jax.random.key(1), epoch, n)
-        box["state"], totals = epoch_fn(
-            box["state"], train.EpochTotals.zeros(), device_images, device_labels, permutation, jax.random.key(2)
-        )
-        jax.block_until_ready((box["state"], totals))
-        box["loss"] = float(jax.device_get(totals.loss)) / steps
-        return time.perf_counter() - start
-
-    first = call(1)
-    compile_stats = meter.summary()
-    steady = call(2)
+    timed = two_epochs(epoch_fn, state, images, labels, steps, meter)
+    first, compile_stats, steady = timed["first_call_s"], timed["compile"], timed["steady_call_s"]
     return {
         "config": "configs/cifar10_fast.py" + ("" if spec["mode"] == "fast" else " with train.mode=ordinary"),
         "model": config.model.name,
@@ -194,7 +180,7 @@ def advjax_worker(spec: dict) -> dict:
         "steady_call_s": steady,
         "steady_step_s": steady / steps,
         "examples_per_s": n / steady,
-        "mean_loss_second_call": box["loss"],
+        "mean_loss_second_call": timed["mean_loss_second_call"],
         "peak_rss_bytes": peak_rss_bytes(),
     }
 
@@ -347,14 +333,7 @@ WORKERS = {"advjax": advjax_worker, "torch": torch_worker}
 
 
 def run_worker(spec: dict) -> dict:
-    """One measurement in a fresh process; its JSON, or {"error": ...} if it failed."""
-    start = time.perf_counter()
-    out, stderr = run_in_fresh_process(__file__, spec, ROOT)
-    if out is None:
-        log(f"worker {spec} failed:\n{stderr[-3000:]}")
-        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else "the worker failed"}
-    out["process_wall_s"] = time.perf_counter() - start
-    return out
+    return measure_in_fresh_process(__file__, spec, ROOT, log)
 
 
 def machine_info() -> dict:

@@ -63,7 +63,8 @@ def test_per_seed_seed_summary_and_as_reported_for_three_seeds():
     assert summary["accuracy_per_seed"] == curves.tolist()
 
 
-def test_map_body_over_seeds_equals_a_python_loop_over_seeds():
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_map_body_over_seeds_equals_a_python_loop_over_seeds(unrolled):
     # A fold body: the carry and `seeded` are per seed, `shared` is the same for every seed.
     def body(carry, step, seeded, shared):
         weights, key = seeded
@@ -76,13 +77,14 @@ def test_map_body_over_seeds_equals_a_python_loop_over_seeds():
     keys = jax.random.split(jax.random.key(0), num_seeds)
     shared = jnp.array([0.25, 4.0])
 
-    mapped = jax.jit(seeds.map_body_over_seeds(body, num_seeds), static_argnums=1)(carry, 1, (weights, keys), shared)
+    mapped = seeds.map_body_over_seeds(body, num_seeds, unrolled=unrolled)
+    mapped = jax.jit(mapped, static_argnums=1)(carry, 1, (weights, keys), shared)
 
     looped = jnp.stack([body(carry[s], 1, (weights[s], keys[s]), shared) for s in range(num_seeds)])
     chex.assert_trees_all_close(mapped, looped, rtol=1e-6)
     assert not np.allclose(looped[0], looped[1])  # the seeds differ, so a mix-up would show
     # One seed: the body itself, untouched.
-    assert seeds.map_body_over_seeds(body, 1) is body
+    assert seeds.map_body_over_seeds(body, 1, unrolled=unrolled) is body
 
 
 @pytest.mark.slow

@@ -500,3 +500,27 @@ def test_epoch_forms_agree_for_a_tiny_cnn():
         (scan_totals.correct, scan_totals.examples, scan_state.step),
     )
     assert int(chunked_totals.examples) == 8
+
+
+def test_a_convnets_seeds_train_one_by_one_on_cpu_not_as_a_grouped_convolution():
+    # docs/design.md, "Seeds of a convnet": on XLA:CPU a vmapped convolution (one group per seed) runs many
+    # times slower than the seeds' convolutions one by one; each seed still trains as it would alone.
+    setup = Setup(model="small_cnn", mode="fgsm")
+    images, labels = synthetic_data(NUM_EXAMPLES, seed=4)
+    perms = jnp.stack([train.epoch_permutation(jax.random.key(5 + i), 0, NUM_EXAMPLES) for i in range(2)])
+    rngs = jax.random.split(jax.random.key(6), 2)
+    base = setup.state(INITIAL_STEP)  # one optimizer object, so that the two states stack
+    states = [base, base.replace(params=jax.tree.map(lambda p: -p, base.params))]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    epoch = train.make_epoch_fn(setup.objective, NUM_EXAMPLES, BATCH_SIZE, form="chunked", chunk_size=2, num_seeds=2)
+    args = (stacked, train.EpochTotals.zeros(2), jnp.asarray(images), jnp.asarray(labels), perms, rngs)
+    program = str(jax.make_jaxpr(lambda *a: epoch.fold(*epoch.fold_args(*a)))(*args))
+    assert "conv_general_dilated" in program and "feature_group_count=2" not in program
+    together, _ = epoch(*args)
+    alone = train.make_epoch_fn(setup.objective, NUM_EXAMPLES, BATCH_SIZE, form="chunked", chunk_size=1)
+    for i, state in enumerate(states):
+        fresh = jax.tree.map(jnp.copy, state)  # the epoch donates its carry, and the two states share buffers
+        single, _ = alone(fresh, train.EpochTotals.zeros(), jnp.asarray(images), jnp.asarray(labels), perms[i], rngs[i])
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda p, i=i: p[i], together.params), single.params, rtol=1e-5, atol=1e-6
+        )
