@@ -213,8 +213,7 @@ def make_epoch_fn(
     only convolution gradients need the chunked form there; without them one `fori_loop` is
     faster and bit-identical to one jitted step per batch (docs/design.md, "Fused rounding").
 
-    `augmentation` (train.augment, advjax.augment) other than "none" splits each step's key into the
-    augmentation's and the objective's; "none" leaves the step exactly as it was.
+    `augmentation` (advjax.augment) other than "none" splits each step's key: augmentation's, objective's.
 
     >>> epoch = make_epoch_fn(objective, 50_000, 128)
     >>> state, totals = epoch(state, EpochTotals.zeros(), images, labels, permutation, jax.random.key(1))
