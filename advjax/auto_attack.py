@@ -91,21 +91,22 @@ def standard_families(logits_fn: LogitsFn, eps: float, *, num_steps: int = 100, 
     }
 
 
-def compiled_family(family: Family, form: str = "auto", chunk_size: int = 4) -> Callable:
+def compiled_family(family: Family, form: str = "auto", chunk_size: int = 4, name: str = "attack") -> Callable:
     """(images, labels, key, rank) -> adversarial images, compiled once for every rank of the family.
 
     The rank is a traced argument of `init` only: a step reads the targets from
     the state, so every rank shares one compiled fold per shape. The steps run in
-    the loop form the backend runs fast.
+    the loop form the backend runs fast. `name` names its executables in timings.json.
 
     >>> run = compiled_family(standard_families(logits_fn, 0.3)["apgd-t"])
     >>> x_adv = run(images, labels, key, 3)  # toward each image's third most likely class
     """
     template = family.make(family.ranks[0])
-    init = jax.jit(lambda images, labels, key, rank: family.make(rank).init(images, labels, key))
-    finalize = jax.jit(template.finalize)
+    init = lambda images, labels, key, rank: family.make(rank).init(images, labels, key)
+    init = jax.jit(loops.named(init, f"{name}_init"))
+    finalize = jax.jit(loops.named(template.finalize, f"{name}_finalize"))
     # XLA:CPU runs convolution gradients slowly inside loops (docs/design.md, "Convolutions in XLA:CPU loops").
-    fold = loops.make_fold(template.step, form=form, chunk_size=chunk_size)
+    fold = loops.make_fold(template.step, form=form, chunk_size=chunk_size, name=name)
 
     def run(images, labels, key, rank):
         return finalize(fold(template.num_steps, init(images, labels, key, jnp.int32(rank))))
@@ -197,7 +198,7 @@ def autoattack(
     seconds = {}
     for stage, name in enumerate(n for n in STANDARD_ATTACKS if n in attacks_to_run):
         start = time.perf_counter()
-        run = compiled_family(families[name], form)
+        run = compiled_family(families[name], form, name=name.replace("-", "_"))
         for i, rank in enumerate(families[name].ranks):
             if not current.any():
                 break

@@ -105,20 +105,20 @@ class Batch(NamedTuple):
 PerBatch = Callable[[Any, Batch, LogitsFn, Any], Any]
 
 
-@jax.jit
+@loops.jit_once
 def _take_batch(arrays: tuple, index: jax.Array) -> tuple:
     return tuple(a[index] for a in arrays)
 
 
 def _batchwise_chunked_fold(
-    batch_body: loops.Body, ticks_per_batch: int, chunk_size: int, num_seeds: int
+    batch_body: loops.Body, ticks_per_batch: int, chunk_size: int, num_seeds: int, name: str
 ) -> loops.Fold:
     """The chunked form, one batch at a time: each chunk sees only its batch, so eval sets of any length share
     one executable (docs/design.md, "Counting executables"). A chunk holds the largest divisor of
     `ticks_per_batch` not above loops.steps_per_chunk's ticks, so no batch needs a remainder chunk of another
     length."""
     size = loops.largest_divisor_at_most(ticks_per_batch, loops.steps_per_chunk(chunk_size, num_seeds))
-    chunk = loops.unrolled_chunk(batch_body)
+    chunk = loops.unrolled_chunk(batch_body, f"{name}_chunk")
 
     def fold(num_steps, carry, seeded, shared):
         arrays, extra = shared
@@ -136,13 +136,13 @@ def _batchwise_chunked_fold(
     return fold
 
 
-def _fold(form: str, body, batch_body, ticks_per_batch: int, chunk_size: int, num_seeds: int) -> loops.Fold:
+def _fold(form: str, body, batch_body, ticks_per_batch: int, chunk_size: int, num_seeds: int, name: str) -> loops.Fold:
     """The scan of `body` over the whole set, or the batchwise chunks of `batch_body`; either with `compile_ahead`."""
     if loops.resolve_form(form) == "scan":
-        fold = loops.make_fold(body, form="scan")
+        fold = loops.make_fold(body, form="scan", name=name)
         fold.compile_ahead = lambda *args: fold.lower(*args).compile()
         return fold
-    return _batchwise_chunked_fold(batch_body, ticks_per_batch, chunk_size, num_seeds)
+    return _batchwise_chunked_fold(batch_body, ticks_per_batch, chunk_size, num_seeds, name)
 
 
 def make_eval_fold(
@@ -154,6 +154,7 @@ def make_eval_fold(
     chunk_size: int = 1,
     num_seeds: int = 1,
     mesh: Mesh | None = None,
+    name: str = "eval_fold",
 ) -> Callable:
     """`run(params, eval_set, key, carry, shared=()) -> carry`: `per_batch` over every batch, one compiled fold.
 
@@ -162,12 +163,11 @@ def make_eval_fold(
     leading seed axis and the eval set is shared. With a `mesh`, each batch is
     split across its `data` axis and the carry is replicated: pass params and
     key replicated and the eval set through `shard_eval_set`. Build it once:
-    every call with the same shapes reuses the compiled code.
+    every call with the same shapes reuses the compiled code. `name` names its executables in timings.json.
 
     >>> count = lambda n, b, logits_fn, _: n + jnp.sum((jnp.argmax(logits_fn(b.images), -1) == b.labels) & b.mask)
     >>> correct = make_eval_fold(count, apply_fn)(params, eval_set, key, jnp.int32(0))
     """
-
     batch_index = lambda tick: tick if ticks_per_batch == 1 else tick // ticks_per_batch
 
     def batch_body(carry, tick, seeded, shared):  # shared: (one batch's (images, labels, mask), extra)
@@ -185,7 +185,8 @@ def make_eval_fold(
         return batch_body(carry, tick, seeded, (tuple(a[index] for a in arrays), extra))
 
     body = seeds.map_body_over_seeds(body, num_seeds)
-    fold = _fold(form, body, seeds.map_body_over_seeds(batch_body, num_seeds), ticks_per_batch, chunk_size, num_seeds)
+    seeded_batch_body = seeds.map_body_over_seeds(batch_body, num_seeds)
+    fold = _fold(form, body, seeded_batch_body, ticks_per_batch, chunk_size, num_seeds, name)
 
     def fold_args(params, eval_set: EvalSet, key: jax.Array, carry, shared=()) -> tuple:
         sharding.check_batch_size(eval_set.labels.shape[1], mesh, "eval.batch_size")

@@ -104,7 +104,9 @@ def make_evaluator(
             stats[name] += jnp.sum(jnp.where(batch.mask[:, None], per_image, 0.0), axis=0)
         return {"correct": correct, "stats": stats}
 
-    run = make_eval_fold(per_batch, apply_fn, form=form, chunk_size=chunk_size, num_seeds=num_seeds, mesh=mesh)
+    run = make_eval_fold(
+        per_batch, apply_fn, form=form, chunk_size=chunk_size, num_seeds=num_seeds, mesh=mesh, name="evaluate"
+    )
 
     def evaluate(params, eval_set: EvalSet, key, eps=0.0, sigma=0.0) -> dict:
         strengths = (np.float32(eps), np.float32(sigma))
@@ -204,7 +206,15 @@ def make_sweep(
         count = lambda value: jnp.sum((jnp.argmax(logits_fn(perturb(value)), -1) == batch.labels) & batch.mask)
         return correct + jax.lax.map(count, grid, batch_size=resolve_grid_chunk(grid_chunk, grid.shape[0]))
 
-    run = make_eval_fold(per_batch, apply_fn, form=form, chunk_size=chunk_size, num_seeds=num_seeds, mesh=mesh)
+    run = make_eval_fold(
+        per_batch,
+        apply_fn,
+        form=form,
+        chunk_size=chunk_size,
+        num_seeds=num_seeds,
+        mesh=mesh,
+        name=f"sweep_{perturbation}",
+    )
 
     def fold_args(params, eval_set: EvalSet, key, grid) -> tuple:
         grid = np.asarray(grid, np.float32)

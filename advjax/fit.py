@@ -17,7 +17,19 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from advjax import checkpoint, data, evaluate, models, objectives, overfitting, seeds, sharding, train, workdir
+from advjax import (
+    checkpoint,
+    data,
+    evaluate,
+    loops,
+    models,
+    objectives,
+    overfitting,
+    seeds,
+    sharding,
+    train,
+    workdir,
+)
 from advjax.eval_fold import make_eval_set, shard_eval_set
 
 
@@ -80,6 +92,9 @@ def _build(config: ml_collections.ConfigDict, model, mnist: data.MNIST, mesh: Me
     )
     check = overfitting.make_configured_check(config, apply_fn, validation)
 
+    def epoch_permutation(rng, epoch):
+        return train.epoch_permutation(rng, epoch, num_train)
+
     def compile_checks(params) -> None:
         clean.compile_ahead(params, progress_set, eval_rng)
         if check is not None:
@@ -87,7 +102,7 @@ def _build(config: ml_collections.ConfigDict, model, mnist: data.MNIST, mesh: Me
 
     return state, _Epochs(
         run=run_epoch,
-        permutation=jax.jit(seeds.map_over_seeds(lambda rng, epoch: train.epoch_permutation(rng, epoch, num_train), k)),
+        permutation=loops.jit_once(loops.named(seeds.map_over_seeds(epoch_permutation, k), "epoch_permutation")),
         data=(images, labels),
         keys=(shuffle_rng, step_rng, eval_rng),
         progress=lambda params: clean(params, progress_set, eval_rng),

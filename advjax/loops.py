@@ -21,6 +21,7 @@ compiled as one step, like a jitted step called once per batch (docs/design.md,
 "Fused rounding").
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -48,14 +49,55 @@ def resolve_form(form: str, backend: str | None = None, *, cpu_form: str = "chun
     return cpu_form if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
-def _scan_fold(body: Body) -> Fold:
+def named(fn: Callable, name: str) -> Callable:
+    """`fn` under another name (`fn` itself untouched): jit names its executables after the function, and
+    timings.json lists them by that name."""
+
+    @functools.wraps(fn)
+    def renamed(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    renamed.__name__ = renamed.__qualname__ = name
+    return renamed
+
+
+# XLA:CPU at backend optimization level 1 (LLVM's -O1) compiles a program about a third as long and, on the
+# programs pinned by tests/test_loops.py, gives the same bits (docs/design.md, "Counting executables").
+QUICK_CPU_COMPILE = {"xla_backend_optimization_level": 1}
+
+
+def jit_once(fn: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` for a program a run calls once or a few times (initialization, keys,
+    shuffles): on CPU, where compiling it takes longer than running it, compiled at QUICK_CPU_COMPILE.
+
+    The backend is read at each call, not at import. Called inside another trace (jit, eval_shape), it is a
+    plain nested jit: it becomes part of the outer program, and JAX takes compiler options at the top only.
+    """
+    plain = jax.jit(fn, **jit_kwargs)
+    quick = jax.jit(fn, compiler_options=QUICK_CPU_COMPILE, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if jax.default_backend() != "cpu":
+            return plain(*args, **kwargs)
+        try:
+            return quick(*args, **kwargs)
+        except ValueError as error:  # inside a trace: JAX has no public test for that before the call
+            if "top-level" not in str(error):
+                raise
+            return plain(*args, **kwargs)
+
+    return call
+
+
+def _scan_fold(body: Body, name: str) -> Fold:
     def fold(num_steps, carry, *operands):
         return jax.lax.fori_loop(0, num_steps, lambda step, c: body(c, step, *operands), carry)
 
-    return jax.jit(fold, static_argnums=0, donate_argnums=1)
+    return jax.jit(named(fold, name), static_argnums=0, donate_argnums=1)
 
 
-def unrolled_chunk(body: Body) -> Callable:
+def unrolled_chunk(body: Body, name: str = "chunk") -> Callable:
     """`chunk(size, carry, start, *operands)`: `body` for steps start..start+size-1, Python-unrolled in one jit.
 
     `size` is static: one executable per chunk length (and operand shapes).
@@ -66,11 +108,11 @@ def unrolled_chunk(body: Body) -> Callable:
             carry = body(carry, start + offset, *operands)
         return carry
 
-    return jax.jit(chunk, static_argnums=0, donate_argnums=1)
+    return jax.jit(named(chunk, name), static_argnums=0, donate_argnums=1)
 
 
-def _chunked_fold(body: Body, chunk_size: int) -> Fold:
-    chunk = unrolled_chunk(body)  # one executable for full chunks, one per remainder length
+def _chunked_fold(body: Body, chunk_size: int, name: str) -> Fold:
+    chunk = unrolled_chunk(body, f"{name}_chunk")  # one executable for full chunks, one per remainder length
 
     def fold(num_steps, carry, *operands):
         if num_steps == 0:
@@ -105,7 +147,13 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def make_fold(
-    body: Body, *, form: str = "auto", chunk_size: int = 8, num_seeds: int = 1, cpu_form: str = "chunked"
+    body: Body,
+    *,
+    form: str = "auto",
+    chunk_size: int = 8,
+    num_seeds: int = 1,
+    cpu_form: str = "chunked",
+    name: str = "fold",
 ) -> Fold:
     """Returns `fold(num_steps, carry, *operands)`, applying `body` for steps 0..num_steps-1.
 
@@ -115,9 +163,10 @@ def make_fold(
     >>> fold = make_fold(lambda total, step, xs: total + xs[step], form="scan")
     >>> fold(3, 0.0, jnp.arange(3.0))  # 3.0
     `num_seeds` (the seeds `body` is vmapped over) shortens chunks; see steps_per_chunk.
-    `cpu_form` is what 'auto' means on CPU (see resolve_form).
+    `cpu_form` is what 'auto' means on CPU (see resolve_form). `name` names the executables (`{name}` as a
+    scan, `{name}_chunk` in chunks) in timings.json.
     """
     size = steps_per_chunk(chunk_size, num_seeds)
     if resolve_form(form, cpu_form=cpu_form) == "scan":
-        return _scan_fold(body)
-    return _chunked_fold(body, size)
+        return _scan_fold(body, name)
+    return _chunked_fold(body, size, name)

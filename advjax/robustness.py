@@ -207,7 +207,13 @@ def make_robust_sweep(
     ticks_per_batch = num_steps(spec) * spec.num_restarts if iterative else 1
     per_batch = _iterative_per_tick(spec) if iterative else _one_tick_per_batch(spec)
     run = make_eval_fold(
-        per_batch, apply_fn, ticks_per_batch=ticks_per_batch, form=form, chunk_size=chunk_size, num_seeds=num_seeds
+        per_batch,
+        apply_fn,
+        ticks_per_batch=ticks_per_batch,
+        form=form,
+        chunk_size=chunk_size,
+        num_seeds=num_seeds,
+        name=f"robust_{spec.name}",
     )
 
     def sweep(params, eval_set: EvalSet, key: jax.Array, eps_grid: Sequence[float] | jax.Array) -> RobustResult:

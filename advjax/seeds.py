@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from advjax import loops
+
 
 def seed_shape(num_seeds: int) -> tuple[int, ...]:
     """The leading shape of a per-seed array: () for one seed, (K,) for K."""
@@ -55,7 +57,7 @@ def map_body_over_seeds(body: Callable, num_seeds: int, *, unrolled: bool = Fals
     return each_seed
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@functools.partial(loops.jit_once, static_argnums=1)
 def _seed_keys(seed: jax.Array, num_seeds: int) -> tuple[jax.Array, ...]:
     if num_seeds == 1:
         return tuple(jax.random.split(jax.random.key(seed), 4))
@@ -72,7 +74,7 @@ def seed_keys(seed: int, num_seeds: int) -> tuple[jax.Array, ...]:
     return _seed_keys(np.uint32(seed), num_seeds)
 
 
-@functools.partial(jax.jit, static_argnums=2)
+@functools.partial(loops.jit_once, static_argnums=2)
 def _fold_in(keys: jax.Array, data: jax.Array, num_seeds: int) -> jax.Array:
     return map_over_seeds(lambda key: jax.random.fold_in(key, data), num_seeds)(keys)
 

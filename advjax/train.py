@@ -138,7 +138,7 @@ def create_states(
     >>> state = create_states(jax.random.key(0), models.build_model(config.model), config.train, 390, 1)
     """
     create = lambda rng: create_train_state(rng, model, train_config, steps_per_epoch)
-    return jax.jit(seeds.map_over_seeds(create, num_seeds))(init_rng)
+    return loops.jit_once(loops.named(seeds.map_over_seeds(create, num_seeds), "create_states"))(init_rng)
 
 
 def train_step(
@@ -200,14 +200,12 @@ def make_epoch_fn(
 ) -> Callable:
     """`epoch(state, totals, images_u8, labels, permutation, rng) -> (state, totals)`.
 
-    Runs num_examples // batch_size steps of one static shape (the last partial batch is dropped).
-    Per-step keys are `fold_in(rng, state.step)`, so every loop form draws the same noise and dropout.
-    With `num_seeds > 1`, state, totals, permutation and rng carry a leading seed
-    axis and the step is vmapped over it; the data are shared.
+    Runs num_examples // batch_size steps of one static shape (the last partial batch is dropped). Per-step
+    keys are `fold_in(rng, state.step)`, so every loop form draws the same noise and dropout.
+    With `num_seeds > 1`, state, totals, permutation and rng carry a leading seed axis; the data are shared.
 
-    With a `mesh`, each batch is split across its `data` axis and the carry stays
-    replicated: the gradient is all-reduced inside the same compiled fold (advjax.sharding).
-    Pass the state, images, labels and keys replicated (`sharding.replicate`).
+    With a `mesh`, each batch is split across its `data` axis and the carry stays replicated: the gradient is
+    all-reduced inside the same compiled fold (advjax.sharding). Pass all operands `sharding.replicate`d.
 
     `convolutional` (does the model have convolutions?) decides what `form="auto"` means on CPU:
     only convolution gradients need the chunked form there; without them one `fori_loop` is
@@ -235,7 +233,9 @@ def make_epoch_fn(
     # Where a convnet's epoch runs in chunks (XLA:CPU), its seeds' steps run one by one rather than vmapped.
     unrolled = convolutional and loops.resolve_form(form, cpu_form=cpu_form) == "chunked"
     body = seeds.map_body_over_seeds(body, num_seeds, unrolled=unrolled)
-    fold = loops.make_fold(body, form=form, chunk_size=chunk_size, num_seeds=num_seeds, cpu_form=cpu_form)
+    fold = loops.make_fold(
+        body, form=form, chunk_size=chunk_size, num_seeds=num_seeds, cpu_form=cpu_form, name="train_epoch"
+    )
 
     def fold_args(state, totals, images, labels, permutation, rng) -> tuple:
         return num_steps, (state, totals), (permutation, rng), (images, labels)

@@ -24,14 +24,18 @@ NUM_PIXELS = 28 * 28
 
 
 @contextlib.contextmanager
-def optimizations_disabled():
-    """Most of XLA's optimisation passes off: for tiny programs, compiling costs several times more than running."""
+def optimizations_disabled(disabled: bool = True):
+    """Most of XLA's optimisation passes off (for tiny programs, compiling costs several times more than
+    running), or with `disabled=False` back on inside the quick tier's fixture that turns them off."""
     previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", disabled)
     try:
         yield
     finally:
         jax.config.update("jax_disable_most_optimizations", previous)
+
+
+full_optimizations = functools.partial(optimizations_disabled, False)
 
 
 # ----------------------------------------------------------------------------

@@ -422,6 +422,9 @@ def test_an_unusable_compilation_cache_is_a_warning_and_the_run_goes_on(tmp_path
     assert compiled["num_executables"] == len(names) > 0
     assert sum(e["from_cache"] for e in compiled["executables"]) == compiled["cache_hits"]
     assert all(name.startswith("jit(") for name in names), names
+    # Named by role (loops.named), not by the helper that compiled them.
+    assert {"jit(create_states)", "jit(epoch_permutation)", "jit(train_epoch)"} <= set(names), names
+    assert any(name.startswith("jit(evaluate") for name in names), names
     assert sum(e["seconds"] for e in compiled["executables"]) == pytest.approx(compiled["backend_seconds"])
     assert f"compilation: {len(names)} executables," in result.stderr
 

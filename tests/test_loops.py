@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from advjax import loops
+from tests.helpers import full_optimizations
 
 # (form, chunk_size, num_steps): scan; chunked with a remainder, with fewer
 # steps than one chunk, with whole chunks only, with one-step chunks, and with
@@ -236,3 +237,59 @@ def test_a_fold_over_four_seeds_compiles_chunks_a_quarter_as_long():
 def test_largest_divisor_at_most_cuts_the_steps_into_equal_chunks(n, limit, expected):
     assert loops.largest_divisor_at_most(n, limit) == expected
     assert n % expected == 0
+
+
+@pytest.mark.parametrize("form, suffix", [("scan", ""), ("chunked", "_chunk")])
+def test_a_named_fold_names_its_executable_and_leaves_the_body_alone(form, suffix):
+    def body(total, step, xs):
+        return total + xs[step]
+
+    fold = loops.make_fold(body, form=form, chunk_size=2, name="my_fold")
+    assert float(fold(4, jnp.float32(0), jnp.arange(4.0))) == 6.0
+    jitted = fold if form == "scan" else fold.__closure__  # the chunk's jit sits in the chunked fold's closure
+    if form == "chunked":
+        jitted = next(c.cell_contents for c in jitted if hasattr(c.cell_contents, "lower"))
+        lowered = jitted.lower(2, jnp.float32(0), 0, jnp.arange(4.0))
+    else:
+        lowered = jitted.lower(4, jnp.float32(0), jnp.arange(4.0))
+    assert f"jit_my_fold{suffix}" in lowered.as_text()
+    assert body.__name__ == "body"
+
+
+def test_jit_once_gives_the_bits_of_jax_jit_for_an_initialization_and_a_shuffle():
+    # The run-once programs compile at a lower XLA optimization level; their values must not move.
+    def init_and_shuffle(key):
+        a, b, c = jax.random.split(key, 3)
+        glorot = jax.nn.initializers.glorot_uniform()(a, (784, 256))
+        normal = jax.nn.initializers.truncated_normal(0.1)(b, (256, 10))
+        return glorot, normal, jax.random.permutation(c, 60_000)
+
+    with full_optimizations():  # against the default level, not the quick tier's
+        once = loops.jit_once(init_and_shuffle)(jax.random.key(3))
+        plain = jax.jit(init_and_shuffle)(jax.random.key(3))
+    for left, right in zip(once, plain):
+        np.testing.assert_array_equal(np.asarray(left), np.asarray(right))
+
+
+def test_jit_once_compiles_at_the_quick_level_on_cpu_only(monkeypatch):
+    called = []
+    real_jit = jax.jit
+
+    def recording_jit(fn, compiler_options=None, **kw):
+        jitted = real_jit(fn, **kw)
+        return lambda *args: called.append(compiler_options) or jitted(*args)
+
+    monkeypatch.setattr(loops.jax, "jit", recording_jit)
+    add_one = loops.jit_once(lambda x: x + 1)
+    add_one(jnp.float32(1))
+    monkeypatch.setattr(loops.jax, "default_backend", lambda: "gpu")
+    add_one(jnp.float32(1))
+    assert called == [loops.QUICK_CPU_COMPILE, None]
+    assert loops.QUICK_CPU_COMPILE == {"xla_backend_optimization_level": 1}
+
+
+def test_jit_once_inside_another_trace_is_a_plain_nested_jit():
+    double = loops.jit_once(lambda x: 2 * x)
+    assert float(jax.jit(lambda x: double(x) + 1)(jnp.float32(3))) == 7.0
+    assert jax.eval_shape(double, jax.ShapeDtypeStruct((2,), jnp.float32)).shape == (2,)
+    assert jax.eval_shape(lambda: double(jnp.ones(3))).shape == (3,)  # traced with concrete operands

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from advjax import data, loops, models, objectives, train
-from tests.helpers import Setup, small_config, synthetic_data, tiny_config
+from tests.helpers import Setup, full_optimizations, small_config, synthetic_data, tiny_config
 
 # Compilation dominates these tests, and this roughly halves BP compile
 # time. It also matters for the exact comparisons: with full optimizations
@@ -363,8 +363,8 @@ def test_epoch_equals_a_python_loop_of_train_steps(mode):
 @pytest.mark.parametrize("model_name,expected", [("bp", "scan"), ("cnn", "chunked"), ("small_cnn", "chunked")])
 def test_auto_epoch_form_on_cpu_is_chunked_only_for_convolutions(model_name, expected, monkeypatch):
     chosen = []
-    monkeypatch.setattr(loops, "_scan_fold", lambda body: chosen.append("scan"))
-    monkeypatch.setattr(loops, "_chunked_fold", lambda body, size: chosen.append("chunked"))
+    monkeypatch.setattr(loops, "_scan_fold", lambda body, name: chosen.append("scan"))
+    monkeypatch.setattr(loops, "_chunked_fold", lambda body, size, name: chosen.append("chunked"))
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     convolutional = models.has_convolutions(small_config(model_name).model)
     train.make_epoch_fn(Setup().objective, NUM_EXAMPLES, BATCH_SIZE, convolutional=convolutional)
@@ -524,3 +524,20 @@ def test_a_convnets_seeds_train_one_by_one_on_cpu_not_as_a_grouped_convolution()
         chex.assert_trees_all_close(
             jax.tree.map(lambda p, i=i: p[i], together.params), single.params, rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.parametrize(
+    "model_name",
+    ["bp", *(pytest.param(name, marks=pytest.mark.slow) for name in ("cnn", "small_cnn", "preact_resnet18"))],
+)
+def test_create_states_compiled_quickly_gives_the_bits_of_a_plain_jit(model_name):
+    # create_states compiles at XLA's quick CPU level (loops.jit_once); the initial weights must not move.
+    cfg = tiny_config(model_name)
+    cfg.model.name = model_name
+    model = models.build_model(cfg.model)
+    create = lambda rng: train.create_train_state(rng, model, cfg.train, 10)
+    with full_optimizations():
+        keys = jax.random.split(jax.random.key(5), 2)
+        quick = train.create_states(keys, model, cfg.train, 10, 2)
+        plain = jax.jit(jax.vmap(create))(keys)
+    chex.assert_trees_all_equal(quick.params, plain.params)
