@@ -8,7 +8,9 @@ Each run is a fresh process, timed from spawn to exit, in a fresh workdir: every
 ours with a fresh, empty persistent compilation cache (cold), ours again on the cache that run filled (warm),
 then the baseline (bench/torch_bp_adv.py, the same work in PyTorch eager; only for configs/bp_adv.py without
 overrides: `--baseline=` skips it). The best of each side counts. Ours also report their timings.json
-compilation figures (executables, XLA seconds: compiling, or loading from the cache; tracing seconds).
+compilation figures (executables, XLA seconds: compiling, or loading from the cache; tracing seconds). With
+`--serial_compile`, ours compile one program at a time (fit's compile-ahead thread off), so that the XLA
+seconds add up to the compile work rather than to durations that overlap training and each other.
 """
 
 import json
@@ -33,6 +35,17 @@ _BASELINE = flags.DEFINE_string(
     "baseline", "bench/torch_bp_adv.py", "The baseline script (run for configs/bp_adv.py alone); empty: none."
 )
 _THREADS = flags.DEFINE_integer("baseline_threads", 2, "The baseline's --threads (torch.set_num_threads).")
+_SERIAL = flags.DEFINE_bool(
+    "serial_compile",
+    False,
+    "Ours without the thread that compiles while the first epoch trains: every program compiles on first use, "
+    "one at a time, so the XLA seconds are the compile work, not overlapping durations.",
+)
+# `python -c SERIAL launch.py ARGS...`: launch.py with fit's background compilation switched off.
+SERIAL = (
+    "import runpy, sys; import advjax.fit; advjax.fit._in_background = lambda *args: None; "
+    "sys.argv = sys.argv[1:]; runpy.run_path('launch.py', run_name='__main__')"
+)
 COMPILATION = ("num_executables", "cache_hits", "cache_misses", "backend_seconds", "trace_seconds")
 
 
@@ -50,6 +63,7 @@ def ours(cache_dir: str) -> dict:
         seconds, _ = timed(
             [
                 sys.executable,
+                *(("-c", SERIAL) if _SERIAL.value else ()),
                 "launch.py",
                 f"--config={_CONFIG.value}",
                 f"--workdir={workdir}",
@@ -91,6 +105,7 @@ def main(argv):
                 | {"load_average": {"before": load_before, "after": os.getloadavg()}, "versions": versions},
                 "config": _CONFIG.value,
                 "overrides": _OVERRIDES.value,
+                "serial_compile": _SERIAL.value,
                 "baseline": f"{_BASELINE.value} --threads={_THREADS.value}" if "torch" in runs else None,
                 "runs": runs,
                 "best_wall_s": best,
