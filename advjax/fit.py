@@ -102,7 +102,7 @@ def _build(config: ml_collections.ConfigDict, model, mnist: data.MNIST, mesh: Me
 
     return state, _Epochs(
         run=run_epoch,
-        permutation=loops.jit_once(loops.named(seeds.map_over_seeds(epoch_permutation, k), "epoch_permutation")),
+        permutation=loops.jit_once(seeds.map_over_seeds(epoch_permutation, k)),  # vmap keeps the name
         data=(images, labels),
         keys=(shuffle_rng, step_rng, eval_rng),
         progress=lambda params: clean(params, progress_set, eval_rng),

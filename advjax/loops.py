@@ -67,8 +67,8 @@ QUICK_CPU_COMPILE = {"xla_backend_optimization_level": 1}
 
 
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:
-    """`jax.jit(fn, **jit_kwargs)` for a program a run calls once or a few times (initialization, keys,
-    shuffles): on CPU, where compiling it takes longer than running it, compiled at QUICK_CPU_COMPILE.
+    """`jax.jit(fn, **jit_kwargs)` for a small program whose compile costs more than all its runs
+    (initialization, keys, shuffles, a batch's slice): on CPU, compiled at QUICK_CPU_COMPILE.
 
     The backend is read at each call, not at import. Called inside another trace (jit, eval_shape), it is a
     plain nested jit: it becomes part of the outer program, and JAX takes compiler options at the top only.

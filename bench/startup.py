@@ -41,9 +41,10 @@ _SERIAL = flags.DEFINE_bool(
     "Ours without the thread that compiles while the first epoch trains: every program compiles on first use, "
     "one at a time, so the XLA seconds are the compile work, not overlapping durations.",
 )
-# `python -c SERIAL launch.py ARGS...`: launch.py with fit's background compilation switched off.
+# `python -c SERIAL launch.py ARGS...`: launch.py with fit's background compilation switched off (the name is
+# read first, so that a rename fails loudly rather than leaving the thread on).
 SERIAL = (
-    "import runpy, sys; import advjax.fit; advjax.fit._in_background = lambda *args: None; "
+    "import runpy, sys; import advjax.fit; advjax.fit._in_background; advjax.fit._in_background = lambda *args: None; "
     "sys.argv = sys.argv[1:]; runpy.run_path('launch.py', run_name='__main__')"
 )
 COMPILATION = ("num_executables", "cache_hits", "cache_misses", "backend_seconds", "trace_seconds")
