@@ -22,6 +22,7 @@ Wall-clock seconds and samples per second go under "seconds", which
 advjax.experiment moves into timings.json, so that summary.json stays deterministic.
 """
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -54,14 +55,27 @@ class Certificates(NamedTuple):
     seconds: float
 
 
-def base_classifier(apply_fn: ApplyFn, params, clip: bool = True) -> LogitsFn:
+@dataclasses.dataclass(frozen=True)
+class _BaseLogits:
+    """`apply_fn(params, x)`, on x clipped to [0, 1] first when `clip`. Equal for one apply_fn and clip, so the
+    base classifiers of every seed (`jax.tree_util.Partial`s of it over their params) share one compilation."""
+
+    apply_fn: ApplyFn
+    clip: bool
+
+    def __call__(self, params, x: jax.Array) -> jax.Array:
+        return self.apply_fn(params, clip_to_pixels(x) if self.clip else x)
+
+
+def base_classifier(apply_fn: ApplyFn, params, clip: bool = True) -> jax.tree_util.Partial:
     """The certified base classifier's logits: the model on its input clipped to [0, 1], as it trained
-    (`clip=False`: on its input as it is, for a model trained on unclipped noise).
+    (`clip=False`: on its input as it is, for a model trained on unclipped noise). The params are the Partial's
+    argument, traced rather than baked into the compiled sampler (smoothing.as_pytree).
 
     >>> cert = smoothing.certify(base_classifier(apply_fn, params), images, key, sigma=0.5, n0=100, n=10_000,
     ...                          alpha=0.001, chunk_size=100)
     """
-    return (lambda x: apply_fn(params, clip_to_pixels(x))) if clip else (lambda x: apply_fn(params, x))
+    return jax.tree_util.Partial(_BaseLogits(apply_fn, clip), params)
 
 
 def examples(split: Split, num_examples: int) -> tuple[jax.Array, np.ndarray]:
@@ -161,7 +175,7 @@ def run_certification(
     """
     start, per_seed = time.perf_counter(), []
     for i in range(num_seeds):
-        logits_fn = base_classifier(apply_fn, seeds.select_seed(params, i, num_seeds), clip)  # one compile per seed
+        logits_fn = base_classifier(apply_fn, seeds.select_seed(params, i, num_seeds), clip)
         progress = lambda line, seed=first_seed + i: log(f"certification, seed {seed}: {line}")
         per_seed.append(certify_images(logits_fn, images, seeds.select_seed(key, i, num_seeds), section, progress))
     fields = (np.stack([c[field] for c in per_seed]) for field in range(3))

@@ -4,6 +4,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from advjax import smoothing
 from advjax.files import write_bytes
 
 SPLITS = ("train", "validation", "test")
@@ -196,19 +197,30 @@ def plot_curves(
     xlabel: str,
     title: str,
     path: str,
+    limits: tuple[dict[str, float], str] | None = None,
 ) -> None:
-    """Accuracy against perturbation strength; a band of ±1 std over seeds where there are several."""
+    """Accuracy against perturbation strength; a band of ±1 std over seeds where there are several. `limits`:
+    per curve, an x past which it cannot rise, drawn dotted in its colour where it falls within the grid, and the
+    note that says what the dotted lines are."""
     import numpy as np
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    drawn_limit = False
     for label, (mean, std) in curves.items():
         mean, std = np.asarray(mean), np.asarray(std)
         (line,) = ax.plot(grid, mean, marker="o", markersize=3, label=label)
         if np.any(std > 0):
             ax.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    if any(np.any(np.asarray(std) > 0) for _, std in curves.values()):
-        ax.text(0.99, 0.01, "bands: ±1 std over seeds", transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
+        if limits is not None and min(grid) <= limits[0][label] <= max(grid):
+            ax.axvline(limits[0][label], color=line.get_color(), linestyle=":", linewidth=1.2)
+            drawn_limit = True
+    notes = ["bands: ±1 std over seeds"] if any(np.any(np.asarray(std) > 0) for _, std in curves.values()) else []
+    notes += [limits[1]] if drawn_limit else []
+    if notes:
+        # Lower left: the curves fall as the perturbation grows, so that corner is the one they leave empty.
+        box = dict(facecolor="white", alpha=0.8, edgecolor="none")
+        ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, ha="left", va="bottom", fontsize=8, bbox=box)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
@@ -219,13 +231,16 @@ def plot_curves(
 
 
 def plot_certification(certification: dict, path: str) -> None:
-    """Certified accuracy against L2 radius, one curve per sigma (summary.json's "certification").
+    """Certified accuracy against L2 radius, one curve per sigma (summary.json's "certification"), each with a
+    dotted line at the largest radius its n samples can certify (smoothing.largest_radius), past which it is 0.
 
     >>> plot_certification(summary["certification"], "runs/cnn_smooth/certification.png")
     """
-    curves = {
-        f"σ = {float(sigma):g}": (entry["certified_accuracy"]["accuracy"], entry["certified_accuracy"]["accuracy_std"])
-        for sigma, entry in certification["by_sigma"].items()
-    }
+    curves, limits = {}, {}
+    for sigma, entry in certification["by_sigma"].items():
+        label = f"σ = {float(sigma):g}"
+        curves[label] = (entry["certified_accuracy"]["accuracy"], entry["certified_accuracy"]["accuracy_std"])
+        limits[label] = smoothing.largest_radius(float(sigma), certification["n"], certification["alpha"])
     title = f"Certified accuracy, {certification['num_examples']} {certification['split']} images"
-    plot_curves(certification["radii"], curves, "L2 radius", title, path)
+    note = f"dotted: the largest radius n = {certification['n']:,} samples can certify"
+    plot_curves(certification["radii"], curves, "L2 radius", title, path, limits=(limits, note))

@@ -86,8 +86,18 @@ def _noise(image_keys: jax.Array, sample_ids: jax.Array, shape: Sequence[int], s
     return sigma * draw(image_keys, sample_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "num_samples", "chunk_size"))
-def _count_fold(images, key, sigma, *, logits_fn, num_samples, chunk_size):
+def as_pytree(logits_fn: LogitsFn) -> jax.tree_util.Partial:
+    """`logits_fn` as an argument the counting fold can take: a `jax.tree_util.Partial` as it is (its arguments,
+    such as params, are traced, so Partials of one function over other params share a compilation), any other
+    function wrapped whole (compiled once per function object).
+
+    >>> as_pytree(jax.tree_util.Partial(apply_fn, params))  # logits_fn(x) = apply_fn(params, x)
+    """
+    return logits_fn if isinstance(logits_fn, jax.tree_util.Partial) else jax.tree_util.Partial(logits_fn)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "chunk_size"))
+def _count_fold(images, key, sigma, logits_fn, *, num_samples, chunk_size):
     batch, shape = images.shape[0], images.shape[1:]
     image_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
 
@@ -121,14 +131,15 @@ def class_counts(
     the same counts. Each chunk is one forward pass of B * chunk_size images,
     inside one compiled `lax.scan` over the chunks; compiled once per
     (logits_fn, shapes, num_samples, chunk_size), so pass the same `logits_fn`
-    object to reuse it. `sigma` is traced: `jax.vmap` over several works.
+    object to reuse it, or a `jax.tree_util.Partial` of one function over
+    other params (`as_pytree`). `sigma` is traced: `jax.vmap` over several works.
 
     >>> counts = class_counts(logits_fn, images, jax.random.key(0), sigma=0.5, num_samples=1000, chunk_size=100)
     """
     _check_sigma(sigma)
     _check_chunks("num_samples", num_samples, chunk_size)
     sigma = jnp.asarray(sigma, images.dtype)
-    return _count_fold(images, key, sigma, logits_fn=logits_fn, num_samples=num_samples, chunk_size=chunk_size)
+    return _count_fold(images, key, sigma, as_pytree(logits_fn), num_samples=num_samples, chunk_size=chunk_size)
 
 
 def lower_confidence_bound(count: np.ndarray | int, n: int, alpha: float) -> np.ndarray:

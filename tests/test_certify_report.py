@@ -125,6 +125,23 @@ def test_certification_logs_its_progress_after_each_batch_naming_the_seed(config
     assert lines[1].startswith(f"certification, seed {config.seed}: 8/8 images, ") and "about 0 s left" in lines[1]
 
 
+@pytest.mark.parametrize("sigma", [(0.5,), (0.25, 0.5)])
+def test_every_seed_shares_one_compiled_sampler_per_sample_count(config, mnist, sigma):
+    tiny_certify(config, sigma=sigma, num_examples=8, batch=5)
+    ctx, traces = context(config, mnist, num_seeds=3), []
+
+    def counted_apply(params, images):
+        traces.append(images.shape)
+        return ctx.apply_fn(params, images)
+
+    certificates = certify_report.run_certification(
+        counted_apply, ctx.params, *certify_report.examples(mnist.test, 8)[:1], ctx.eval_rng, config.certify, 3
+    )
+    # n0 = 10 samples in one chunk and n = 40 in chunks of 20: two shapes, each traced once for all three seeds.
+    assert sorted(traces) == [(5 * 10, 28, 28, 1), (5 * 20, 28, 28, 1)], traces
+    assert not np.array_equal(certificates.p_lower[0], certificates.p_lower[1])  # each seed's own params and key
+
+
 def test_the_base_classifier_clips_to_pixels_unless_training_left_its_noise_unclipped():
     apply_fn = lambda params, x: x.reshape(len(x), -1)[:, :2] * params
     logits = certify_report.base_classifier(apply_fn, 1.0)(jnp.full((1, 28, 28, 1), 3.0))
@@ -222,6 +239,26 @@ def test_the_figure_is_written(tmp_path):
     path = tmp_path / "certification.png"
     report.plot_certification(summary_entry(), str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_figure_marks_the_largest_radius_each_sigmas_samples_can_certify(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    lines, texts = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda ax, x, **style: lines.append(x))
+    original_text = matplotlib.axes.Axes.text
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "text", lambda ax, x, y, s, **kw: texts.append(s) or original_text(ax, x, y, s, **kw)
+    )
+    entry = summary_entry()  # n = 40 at alpha 0.001: p_lower <= 0.841, so radii up to 1.0 sigma, both on the grid
+    entry["radii"] = [0.0, 0.3, 0.6]
+    report.plot_certification(entry, str(tmp_path / "certification.png"))
+    assert lines == pytest.approx([smoothing.largest_radius(s, 40, 0.001) for s in (0.25, 0.5)])
+    assert any("largest radius n = 40 samples can certify" in t for t in texts)
+    lines.clear(), texts.clear()
+    entry["radii"] = [0.0, 0.1, 0.2]  # both limits past the grid: no line, and no note about lines
+    report.plot_certification(entry, str(tmp_path / "certification.png"))
+    assert lines == [] and not any("largest radius" in t for t in texts)
 
 
 def spy_objective():
