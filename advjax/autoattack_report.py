@@ -1,8 +1,9 @@
-"""AutoAttack in the robustness report: `config.robust.attacks` naming "autoattack" runs its standard cascade.
+"""AutoAttack in the robustness report: `config.robust.attacks` naming "autoattack" runs its cascade.
 
 On the report's images (robustness.robust_eval_set), at every L-inf eps of
-robust.eps_grid and for every seed, `advjax.autoattack` runs APGD-CE, APGD-T,
-FAB-T and Square, each on the points still robust. The report gains an
+robust.eps_grid and for every seed, `advjax.autoattack` runs the attacks of
+robust.autoattack_version (standard: APGD-CE, APGD-T, FAB-T and Square), each
+on the points still robust. The report gains an
 "autoattack" entry: each stage's cumulative robust accuracy at each eps (mean,
 std and per seed, as every other attack), the budgets and AutoAttack's flags;
 and the L-inf worst case takes AutoAttack's final robust set in as well: the
@@ -30,13 +31,20 @@ from advjax.eval_fold import EvalSet
 from advjax.models import ApplyFn
 
 NAME = "autoattack"
-STAGES: tuple[str, ...] = ("clean",) + auto_attack.STANDARD_ATTACKS
+
+
+def stages(version: str) -> tuple[str, ...]:
+    """The summary's stages for an AutoAttack version: "clean", then its attacks in cascade order.
+
+    >>> stages("standard")  # ('clean', 'apgd-ce', 'apgd-t', 'fab-t', 'square')
+    """
+    return ("clean",) + auto_attack.VERSION_ATTACKS[version]
 
 
 class Cascades(NamedTuple):
     """Every seed's cascade at every eps."""
 
-    robust: np.ndarray  # bool [K, stage, G, N]: still robust after each of STAGES ("clean" first)
+    robust: np.ndarray  # bool [K, stage, G, N]: still robust after each of `stages(version)` ("clean" first)
     flags: list[dict]  # {"seed", "eps", "flag"}: each distinct flag of a seed once, with the eps that raised it
     seconds: float
 
@@ -72,7 +80,7 @@ def _one_cascade(logits_fn: Callable, images, labels, eps: float, key, section, 
     """(robust [stage, N], flags) at one eps; eps 0 leaves nothing to attack, so every stage is the clean set."""
     if eps == 0:
         clean = np.asarray(attacks.predicted_labels(logits_fn, images) == labels)
-        return np.stack([clean] * len(STAGES)), []
+        return np.stack([clean] * len(stages(section.autoattack_version))), []
     result = auto_attack.autoattack(
         logits_fn,
         images,
@@ -85,7 +93,7 @@ def _one_cascade(logits_fn: Callable, images, labels, eps: float, key, section, 
         form=form,
         log=log,
     )
-    return np.stack([result.robust[stage] for stage in STAGES]), result.flags
+    return np.stack([result.robust[stage] for stage in stages(section.autoattack_version)]), result.flags
 
 
 def group_flags(raised: list[tuple[int, float, str]]) -> list[dict]:
@@ -117,7 +125,7 @@ def run_cascades(
     """
     images, labels = eval_examples(eval_set)
     grid = [float(e) for e in section.eps_grid]
-    robust = np.zeros((num_seeds, len(STAGES), len(grid), len(labels)), bool)
+    robust = np.zeros((num_seeds, len(stages(section.autoattack_version)), len(grid), len(labels)), bool)
     raised, start = [], time.perf_counter()
     for i in range(num_seeds):
         seed_params = seeds.select_seed(params, i, num_seeds)
@@ -143,7 +151,8 @@ def autoattack_summary(cascades: Cascades, section, num_seeds: int) -> dict:
         "num_steps": section.autoattack_steps,
         "num_queries": section.autoattack_queries,
         "stages": {
-            stage: seeds.seed_summary(cascades.robust[:, s].mean(-1), num_seeds) for s, stage in enumerate(STAGES)
+            stage: seeds.seed_summary(cascades.robust[:, s].mean(-1), num_seeds)
+            for s, stage in enumerate(stages(section.autoattack_version))
         },
         "flags": cascades.flags,
     }

@@ -1,8 +1,11 @@
-"""The targeted fast adaptive boundary attack, FAB-T (Croce & Hein, ICML 2020), in L-inf, as an IterativeAttack.
+"""The fast adaptive boundary attack (Croce & Hein, ICML 2020), in L-inf, as an IterativeAttack: FAB-T, toward
+a target class, and FAB, toward whichever class's boundary is nearest.
 
 FAB looks for the adversarial point nearest the clean image, not for the
 strongest one within a budget. Each step linearises `f_target - f_label` at
-the current point, so that the decision boundary becomes a hyperplane, and
+the current point (FAB: `f_k - f_label` for the class k whose linearised
+boundary is nearest, `nearest_difference`), so that the decision boundary
+becomes a hyperplane, and
 takes the minimal L-inf step onto it inside [0, 1] from the current point
 and from the clean image (`hyperplane_step`). It then moves to a convex
 combination of the two, each step stretched by `eta` to cross the boundary,
@@ -12,8 +15,8 @@ pulled back toward the clean image, `x_orig + beta (x - x_orig)`, so that the
 next steps search closer. Only the nearest point within eps counts.
 
 It follows AutoAttack's `autoattack/fab_base.py` (`FABAttack.attack_single_run`
-and `perturb`, targeted branch), `autoattack/fab_pt.py`
-(`get_diff_logits_grads_batch_targeted`) and `autoattack/fab_projections.py`
+and `perturb`, both branches), `autoattack/fab_pt.py`
+(`get_diff_logits_grads_batch` and its targeted twin) and `autoattack/fab_projections.py`
 (`projection_linf`), with the standard version's settings: 100 iterations,
 one run per target (no random start, as `use_rand_start=(counter > 0)` gives
 with `n_restarts=1`), alpha_max 0.1, eta 1.05, beta 0.9. Where it departs:
@@ -27,7 +30,8 @@ with `n_restarts=1`), alpha_max 0.1, eta 1.05, beta 0.9. Where it departs:
   examples between attacks;
 - the loop over targets and restarts is the caller's: FAB-T is one
   `make_fab_targeted` per rank in `STANDARD_TARGET_RANKS`, and
-  `random_start=True` gives the start of the reference's later restarts.
+  `random_start=True` gives the start of the reference's later restarts
+  (FAB in AutoAttack's "plus" version runs five, the first from the clean image).
 
 Images are float32 [B, ...] in [0, 1]; the state leads with the batch axis.
 """
@@ -45,6 +49,8 @@ from advjax.norms import clip_to_pixels, per_example, per_image
 STANDARD_TARGET_RANKS: tuple[int, ...] = apgd.STANDARD_TARGET_RANKS
 # The reference's floor on a step's norm, so that step_weight never divides zero by zero.
 STEP_NORM_FLOOR = 1e-8
+# The reference's floor on a gradient's norm in FAB's distance to each class's boundary.
+DISTANCE_FLOOR = 1e-12
 # The reference's later restarts start this fraction of eps from the clean image, inside the ball.
 START_FRACTION = 0.5
 # Halvings of the largest room that bracket the radius: 2^-24 of it is below float32's resolution there.
@@ -56,7 +62,7 @@ class FABState(NamedTuple):
 
     images: jax.Array  # the clean images, whose nearest adversarial point is sought
     labels: jax.Array  # the labels the attack moves away from
-    targets: jax.Array  # the classes whose boundary with the label each step projects onto
+    targets: jax.Array  # FAB-T: the classes whose boundary with the label each step projects onto (FAB: the labels)
     point: jax.Array  # the current iterate
     best: jax.Array  # the nearest adversarial point found (the clean image while none is)
     distance: jax.Array  # its L-inf distance to the clean image: 0 if misclassified there, inf while none found
@@ -150,6 +156,30 @@ def target_difference(
     return value, gradient
 
 
+def nearest_difference(logits_fn: LogitsFn, points: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f_k - f_label at `points` [B] and its input gradient, for the class k != label whose linearised boundary is
+    nearest in L-inf, |f_k - f_label| / ||grad (f_k - f_label)||_1: one forward and one backward pass per class.
+
+    The reference's `get_diff_logits_grads_batch` and its choice of class; ties go to the lower class.
+
+    >>> value, gradient = nearest_difference(logits_fn, images, labels)
+    """
+    logits, pullback = jax.vjp(logits_fn, points)
+    num_classes = logits.shape[-1]
+    # Row c of the Jacobian for every example at once: each example's logits depend on its own image alone.
+    rows = jax.vmap(
+        lambda c: pullback(jnp.broadcast_to(jax.nn.one_hot(c, num_classes, dtype=logits.dtype), logits.shape))[0]
+    )
+    jacobian = jnp.moveaxis(rows(jnp.arange(num_classes)), 0, 1)  # [B, C, ...]
+    own = lambda x: jnp.take_along_axis(x, labels.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)
+    difference, gradients = logits - own(logits), jacobian - own(jacobian)
+    gradient_norms = jnp.sum(jnp.abs(gradients.reshape(gradients.shape[:2] + (-1,))), axis=-1)
+    distance = jnp.abs(difference) / (DISTANCE_FLOOR + gradient_norms)
+    nearest = jnp.argmin(jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), jnp.inf, distance), axis=-1)
+    pick = lambda x: jnp.take_along_axis(x, nearest.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+    return pick(difference), pick(gradients)
+
+
 def boundary_move(state: FABState, value: jax.Array, gradient: jax.Array, alpha_max: float, eta: float) -> jax.Array:
     """The next iterate: the two minimal steps onto the linearised boundary, stretched by eta, combined by alpha.
 
@@ -184,12 +214,18 @@ def record(state: FABState, candidate: jax.Array, fooled: jax.Array, beta: float
     )
 
 
-def fab_step(logits_fn: LogitsFn, state: FABState, alpha_max: float, eta: float, beta: float) -> FABState:
-    """One FAB iteration for every example: linearise, move, then check the new point with one more forward pass.
+def fab_step(
+    logits_fn: LogitsFn, state: FABState, alpha_max: float, eta: float, beta: float, targeted: bool = True
+) -> FABState:
+    """One FAB iteration for every example: linearise (toward the target, or the nearest boundary when not
+    `targeted`), move, then check the new point with one more forward pass.
 
     >>> state = fab_step(logits_fn, state, 0.1, 1.05, 0.9)
     """
-    value, gradient = target_difference(logits_fn, state.point, state.labels, state.targets)
+    if targeted:
+        value, gradient = target_difference(logits_fn, state.point, state.labels, state.targets)
+    else:
+        value, gradient = nearest_difference(logits_fn, state.point, state.labels)
     candidate = boundary_move(state, value, gradient, alpha_max, eta)
     fooled = jnp.argmax(logits_fn(candidate), axis=-1) != state.labels
     return record(state, candidate, fooled, beta)
@@ -204,15 +240,29 @@ def restart_point(key: jax.Array, images: jax.Array, eps: jax.Array | float) -> 
     return clip_to_pixels(images + apgd.onto_sphere(draw, START_FRACTION * eps, "linf"))
 
 
-def fab_init(logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, start: jax.Array, target_rank: int) -> FABState:
-    """The state before the first step: the targets ranked at the clean image, and distance 0 where it is misclassified.
+def start_point(key: jax.Array, images: jax.Array, eps: jax.Array | float, random_start: bool | jax.Array) -> jax.Array:
+    """The clean images, or `restart_point` where `random_start`, which may be traced (a restart's index > 0).
+
+    >>> start = start_point(key, images, 0.3, restart > 0)
+    """
+    if isinstance(random_start, bool):
+        return restart_point(key, images, eps) if random_start else images
+    chosen = jnp.broadcast_to(jnp.asarray(random_start), images.shape[:1])
+    return apgd.select(chosen, restart_point(key, images, eps), images)
+
+
+def fab_init(
+    logits_fn: LogitsFn, images: jax.Array, labels: jax.Array, start: jax.Array, target_rank: int | jax.Array | None
+) -> FABState:
+    """The state before the first step: the targets ranked at the clean image (None, untargeted: the labels, unused),
+    and distance 0 where it is misclassified.
 
     >>> state = fab_init(logits_fn, images, labels, images, 2)
     """
     logits = logits_fn(images)
     misclassified = jnp.argmax(logits, axis=-1) != labels
     distance = jnp.where(misclassified, 0.0, jnp.inf).astype(images.dtype)
-    targets = apgd.ranked_class(logits, target_rank)
+    targets = labels if target_rank is None else apgd.ranked_class(logits, target_rank)
     return FABState(images, labels, targets, start, images, distance)
 
 
@@ -224,6 +274,29 @@ def finalize_within(state: FABState, eps: jax.Array | float) -> jax.Array:
     return apgd.select(state.distance <= eps, state.best, state.images)
 
 
+def _build_fab(
+    logits_fn: LogitsFn,
+    eps: jax.Array | float,
+    target_rank: int | jax.Array | None,
+    num_steps: int,
+    hyper: tuple[float, float, float],
+    random_start: bool | jax.Array,
+) -> iterative.IterativeAttack:
+    """FAB-T toward `target_rank`, or FAB when it is None; `hyper` is (alpha_max, eta, beta)."""
+    if target_rank is not None:
+        apgd.check_target_rank(target_rank)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+
+    def init(images: jax.Array, labels: jax.Array, key: jax.Array) -> FABState:
+        return fab_init(logits_fn, images, labels, start_point(key, images, eps, random_start), target_rank)
+
+    def step(state: FABState, iteration: jax.Array) -> FABState:
+        return fab_step(logits_fn, state, *hyper, targeted=target_rank is not None)
+
+    return iterative.IterativeAttack(init, step, lambda state: finalize_within(state, eps), num_steps)
+
+
 def make_fab_targeted(
     logits_fn: LogitsFn,
     eps: jax.Array | float,
@@ -233,7 +306,7 @@ def make_fab_targeted(
     alpha_max: float = 0.1,
     eta: float = 1.05,
     beta: float = 0.9,
-    random_start: bool = False,
+    random_start: bool | jax.Array = False,
 ) -> iterative.IterativeAttack:
     """FAB-T in L-inf toward each clean image's `target_rank`-th most likely class (2 the runner-up).
 
@@ -245,15 +318,23 @@ def make_fab_targeted(
 
     >>> x_adv = iterative.run(make_fab_targeted(logits_fn, 8 / 255, target_rank=3), images, labels, jax.random.key(0))
     """
-    apgd.check_target_rank(target_rank)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    return _build_fab(logits_fn, eps, target_rank, num_steps, (alpha_max, eta, beta), random_start)
 
-    def init(images: jax.Array, labels: jax.Array, key: jax.Array) -> FABState:
-        start = restart_point(key, images, eps) if random_start else images
-        return fab_init(logits_fn, images, labels, start, target_rank)
 
-    def step(state: FABState, iteration: jax.Array) -> FABState:
-        return fab_step(logits_fn, state, alpha_max, eta, beta)
+def make_fab(
+    logits_fn: LogitsFn,
+    eps: jax.Array | float,
+    *,
+    num_steps: int = 100,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    random_start: bool | jax.Array = False,
+) -> iterative.IterativeAttack:
+    """FAB in L-inf, untargeted: each step projects onto the nearest linearised boundary (`nearest_difference`),
+    at one backward pass per class. Otherwise as make_fab_targeted; AutoAttack's "plus" version runs it five
+    times, the later restarts from `random_start` (which may be traced: `restart > 0`).
 
-    return iterative.IterativeAttack(init, step, lambda state: finalize_within(state, eps), num_steps)
+    >>> x_adv = iterative.run(make_fab(logits_fn, 0.3), images, labels, jax.random.key(0))
+    """
+    return _build_fab(logits_fn, eps, None, num_steps, (alpha_max, eta, beta), random_start)

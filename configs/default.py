@@ -152,7 +152,8 @@ def get_config() -> ml_collections.ConfigDict:
     # first success, as in Wong et al.'s evaluation; weaker, for comparing with their figures.
     config.robust.pgd_protocol = "strict"
     config.robust.deepfool_max_iter = 50
-    config.robust.autoattack_version = "standard"  # AutoAttack's version (advjax.autoattack), if listed
+    # AutoAttack's version, if listed: standard | plus (advjax.auto_attack.VERSION_ATTACKS)
+    config.robust.autoattack_version = "standard"
     config.robust.autoattack_steps = 100  # AutoAttack: iterations of APGD-CE, and of APGD-T and FAB-T per target class
     config.robust.autoattack_queries = 5000  # AutoAttack: Square's queries (forward passes) per example
     config.robust.chunk_size = 4  # attack steps per compiled chunk in the chunked (CPU) loop form

@@ -38,7 +38,7 @@ def test_the_cascades_robust_set_is_the_intersection_of_its_stages(model):
     logits_fn, images, labels = model
     result = run(model, compact=False)
     # Masked, each stage attacks every example with the cascade's key: alone it gives the same verdicts.
-    families = auto_attack.standard_families(logits_fn, EPS, **SHORT)
+    families = auto_attack.version_families(logits_fn, EPS, **SHORT)
     expected = result.robust["clean"]
     for stage, name in enumerate(FAST_STAGES):
         (rank,) = families[name].ranks
@@ -63,6 +63,35 @@ def test_adversarial_images_fool_where_the_cascade_says_and_stay_in_the_ball(mod
         assert np.all(after <= before)  # robustness only shrinks
 
 
+@pytest.mark.slow  # six attacks compiled
+def test_the_plus_cascade_runs_every_start_and_target_on_its_own_key_and_intersects_them(model):
+    logits_fn, images, labels = model
+    eps = EPS / 6  # small enough that the first attacks leave some examples for the later ones
+    result = run(model, version="plus", attacks_to_run=None, compact=False, eps=eps)
+    assert list(result.robust) == ["clean", *auto_attack.VERSION_ATTACKS["plus"]]
+    families = auto_attack.version_families(logits_fn, eps, "plus", **SHORT)
+    assert {name: len(family.ranks) for name, family in families.items()} == {
+        "apgd-ce": 5,
+        "apgd-dlr": 5,
+        "fab": 5,
+        "square": 1,
+        "apgd-t": 9,
+        "fab-t": 9,
+    }
+    expected = result.robust["clean"]
+    for stage, (name, family) in enumerate(families.items()):
+        for i, rank in enumerate(family.ranks):
+            key = jax.random.fold_in(jax.random.key(0), 16 * stage + i)
+            alone = iterative.run(family.make(rank), images, labels, key)
+            expected = expected & np.asarray(attacks.predicted_labels(logits_fn, alone) == labels)
+        np.testing.assert_array_equal(result.robust[name], expected, err_msg=name)
+    assert 0 < result.robust["fab-t"].sum() < result.robust["apgd-ce"].sum() < len(labels)  # the test has teeth
+    # FAB's first start is the clean image, its later ones random, as the reference's restarts.
+    starts = [families["fab"].make(r).init(images, labels, jax.random.key(1)).point for r in (0, 1)]
+    np.testing.assert_array_equal(starts[0], images)
+    assert 0 < linf_norms(np.asarray(starts[1]) - np.asarray(images)).max() <= eps / 2 + 1e-6
+
+
 def test_compaction_pads_to_sixteenths_of_a_power_of_two_no_larger_than_the_batch():
     sizes = (1, 2, 3, 17, 64, 65, 100, 802, 1000, 1025)
     assert [auto_attack._bucket(n, 2000) for n in sizes] == [1, 2, 3, 17, 64, 68, 100, 832, 1024, 1088]
@@ -73,7 +102,7 @@ def test_compaction_pads_to_sixteenths_of_a_power_of_two_no_larger_than_the_batc
 @pytest.mark.parametrize("name", ["apgd-t", "fab-t"])
 def test_one_compiled_family_serves_every_rank_as_its_own_attack_would(model, name):
     logits_fn, images, labels = model
-    family = auto_attack.standard_families(logits_fn, EPS, **SHORT)[name]
+    family = auto_attack.version_families(logits_fn, EPS, **SHORT)[name]
     shared = auto_attack.compiled_family(family, form="scan")
     for rank in (2, 5, 10):
         # The same compiled structure with the rank a Python constant: one attack, built for that rank alone.
@@ -85,7 +114,8 @@ def test_one_compiled_family_serves_every_rank_as_its_own_attack_would(model, na
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"version": "plus"}, "version='plus'"),
+        ({"version": "rand"}, "version='rand'"),
+        ({"version": "plus", "attacks_to_run": ("apgd-ce", "apgd-t", "apgd-l2")}, "attacks_to_run names ['apgd-l2']"),
         ({"norm": "l1"}, "norm='l1'"),
         ({"eps": 0.0}, "eps=0.0 must be positive"),
         ({"num_steps": 0}, "num_steps=0 must be a positive integer"),

@@ -39,10 +39,13 @@ EPS = 0.002
 # The pure parts: summary, worst case, flags, table.
 
 
-def fake_cascades(num_seeds: int, num_eps: int = 2, n: int = 8) -> autoattack_report.Cascades:
+STAGES = autoattack_report.stages("standard")
+
+
+def fake_cascades(num_seeds: int, num_eps: int = 2, n: int = 8, stages=STAGES) -> autoattack_report.Cascades:
     rng = np.random.default_rng(num_seeds)
-    robust = np.ones((num_seeds, len(autoattack_report.STAGES), num_eps, n), bool)
-    for s in range(1, len(autoattack_report.STAGES)):
+    robust = np.ones((num_seeds, len(stages), num_eps, n), bool)
+    for s in range(1, len(stages)):
         robust[:, s] = robust[:, s - 1] & (rng.random((num_seeds, num_eps, n)) < 0.8)
     return autoattack_report.Cascades(robust, [{"seed": 0, "eps": [0.1], "flag": "zero gradients"}], 1.0)
 
@@ -68,6 +71,17 @@ def test_the_summary_entry_has_each_stage_at_each_eps_in_the_seed_summary_form(n
         assert len(stage["accuracy"]) == 2 and np.shape(stage["accuracy_per_seed"]) == (num_seeds, 2)
         np.testing.assert_allclose(stage["accuracy_per_seed"], cascades.robust[:, s].mean(-1))
     assert entry["flags"] == cascades.flags
+
+
+def test_the_plus_version_reports_its_six_attacks_in_the_references_order():
+    plus = autoattack_report.stages("plus")
+    assert plus == ("clean", "apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+    section = section_with_autoattack(autoattack_version="plus")
+    entry = autoattack_report.autoattack_summary(fake_cascades(1, stages=plus), section, 1)
+    assert entry["version"] == "plus" and tuple(entry["stages"]) == plus
+    config = default.get_config()
+    config.robust.attacks, config.robust.autoattack_version = ("autoattack",), "plus"
+    validate(config)
 
 
 def test_flags_are_grouped_per_seed_and_flag_over_eps_and_logged_naming_both():
@@ -110,7 +124,7 @@ def test_autoattack_is_a_robust_attack_name_that_the_specs_leave_to_this_module(
 @pytest.mark.parametrize(
     "path, value",
     [
-        ("robust.autoattack_version", "plus"),
+        ("robust.autoattack_version", "rand"),
         ("robust.autoattack_steps", 0),
         ("robust.autoattack_queries", -1),
         ("robust.autoattack_queries", 2.5),
@@ -242,7 +256,7 @@ def test_one_seed_summary_stages_worst_case_and_the_direct_call_agree(synthetic_
     robust = results["robustness"]
     entry = robust["autoattack"]
     assert (entry["eps"], entry["num_examples"], entry["num_steps"], entry["num_queries"]) == ([0.0, EPS], 24, 3, 10)
-    stages = np.array([entry["stages"][s]["accuracy"] for s in autoattack_report.STAGES])  # [stage, G]
+    stages = np.array([entry["stages"][s]["accuracy"] for s in STAGES])  # [stage, G]
     assert np.all(np.diff(stages, axis=0) <= 0), stages  # cumulative: no stage gives a point back
     assert np.all(stages[:, 0] == 1.0)  # eps 0: nothing to attack, every stage is the clean set
     assert stages[-1, 1] < 1.0  # the cascade fools some at EPS: the comparisons below have teeth
@@ -255,7 +269,7 @@ def test_one_seed_summary_stages_worst_case_and_the_direct_call_agree(synthetic_
     direct = advjax.autoattack(
         lambda x: apply_fn(params, x), images, labels, eps=EPS, key=key, num_steps=3, num_queries=10
     )
-    assert [float(direct.robust[s].mean()) for s in autoattack_report.STAGES] == stages[:, 1].tolist()
+    assert [float(direct.robust[s].mean()) for s in STAGES] == stages[:, 1].tolist()
     # The accuracies alone could agree by chance: the report's one call (eps 0 needs none) took these very inputs.
     ((args, kwargs),) = calls
     np.testing.assert_array_equal(args[1], images)
@@ -276,7 +290,7 @@ def test_two_seeds_give_per_seed_stages_and_each_seeds_flags_in_the_summary_and_
 ):
     *_, results, lines = evaluated(synthetic_mnist_dir, 2, (EPS,), probabilities=True)
     entry = results["robustness"]["autoattack"]
-    for stage in autoattack_report.STAGES:
+    for stage in STAGES:
         summary = entry["stages"][stage]
         assert len(summary["accuracy"]) == 1 and np.shape(summary["accuracy_per_seed"]) == (2, 1)
         assert summary["accuracy"][0] == pytest.approx(np.mean(summary["accuracy_per_seed"]))
@@ -287,5 +301,5 @@ def test_two_seeds_give_per_seed_stages_and_each_seeds_flags_in_the_summary_and_
     assert warnings[0].startswith(f"warning: AutoAttack, seed 0, eps {EPS:g}: ") and len(warnings) == 2
     # Progress: a line after each attack of each seed's cascade, naming seed, eps and the robust count.
     progress = [line for line in lines if line.startswith(f"seed 1, eps {EPS:g}: AutoAttack ")]
-    assert [line.split()[5].rstrip(":") for line in progress] == list(autoattack_report.STAGES[1:])
+    assert [line.split()[5].rstrip(":") for line in progress] == list(STAGES[1:])
     assert all(f"of {NUM_EXAMPLES} still robust" in line for line in progress)

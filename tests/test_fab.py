@@ -183,6 +183,45 @@ def test_fab_t_finds_the_least_linf_distance_to_a_linear_boundary():
     np.testing.assert_allclose(linf_norms(state.best - images), found, atol=TOLERANCE)
 
 
+def nearest_boundaries(weights, bias, images, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the class k != label of least |f_k - f_label| / ||w_k - w_label||_1, and that distance."""
+    logits = np.float64(images).reshape(len(images), -1) @ weights + bias
+    own = logits[np.arange(len(labels)), labels][:, None]
+    norms = np.abs(weights[:, None, :] - weights[:, :, None]).sum(axis=0)[labels]  # [B, C]: ||w_k - w_label||_1
+    own_class = np.arange(weights.shape[1]) == labels[:, None]  # 0 / 0 there: the class itself is no boundary
+    distance = np.where(own_class, np.inf, np.abs(logits - own) / np.where(own_class, 1.0, norms))
+    return distance.argmin(axis=1), distance.min(axis=1)
+
+
+def test_fab_finds_the_least_linf_distance_to_the_nearest_of_several_linear_boundaries():
+    weights, bias, logits_fn = random_linear_model(1, num_classes=4)
+    images = jnp.asarray(uniform_images(8, 0.3, 0.7, seed=3))
+    labels = jnp.argmax(logits_fn(images), axis=-1)
+    nearest, least = nearest_boundaries(weights, bias, np.asarray(images), np.asarray(labels))
+    assert len(set(nearest.tolist())) > 1  # the nearest boundary is not the same class for every image
+    value, gradient = jax.jit(fab.nearest_difference, static_argnums=0)(logits_fn, images, labels)
+    logits = np.asarray(logits_fn(images), np.float64)
+    rows = np.arange(8)
+    np.testing.assert_allclose(value, logits[rows, nearest] - logits[rows, labels], atol=1e-5)
+    expected_gradient = (weights[:, nearest] - weights[:, labels]).T.reshape(gradient.shape)
+    np.testing.assert_allclose(gradient, expected_gradient, atol=1e-6)
+    state = jax.jit(lambda x, y: final_state(fab.make_fab(logits_fn, 0.5, num_steps=20), x, y))(images, labels)
+    found = np.asarray(state.distance, np.float64)
+    np.testing.assert_allclose(found, least, atol=1e-4)
+    assert np.all(found >= least - TOLERANCE)
+    np.testing.assert_allclose(found, least * (1.0 + fab_overshoot()), rtol=1e-3)  # as FAB-T toward that class
+    assert np.all(np.asarray(jnp.argmax(logits_fn(state.best), axis=-1)) != np.asarray(labels))
+
+
+def test_fab_s_random_start_may_be_traced_as_a_restart_index_is():
+    logits_fn = mlp_logits_fn(mlp_params())
+    images, labels, key = jnp.full(SMALL_SHAPE, 0.5), jnp.zeros(8, jnp.int32), jax.random.key(4)
+    init = jax.jit(lambda restart: fab.make_fab(logits_fn, 0.2, random_start=restart > 0).init(images, labels, key))
+    np.testing.assert_array_equal(init(0).point, images)
+    np.testing.assert_allclose(init(3).point, fab.restart_point(key, images, 0.2), atol=1e-7)  # fused in jit
+    np.testing.assert_array_equal(init(0).targets, labels)  # untargeted: the labels stand in for targets
+
+
 # ----------------------------------------------------------------------------
 # The small MLP: the eps rule of finalize, the targets, examples already misclassified.
 

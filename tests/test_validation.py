@@ -154,7 +154,7 @@ ROBUST_BAD_VALUES = [
     ("robust.deepfool_max_iter", 0),
     ("robust.chunk_size", 0),
     ("robust.attacks", ("autoattack", "autoattack-plus")),
-    ("robust.autoattack_version", "plus"),
+    ("robust.autoattack_version", "rand"),
     ("robust.autoattack_steps", 0),
     ("robust.autoattack_queries", 2.5),
 ]
