@@ -1,6 +1,6 @@
 """advjax's AutoAttack stages against the reference (fra31/auto-attack, PyTorch), same model and images. Prints JSON.
 
-    python bench/autoattack_reference.py --workdir=RUN --eps=0.1 [--num_examples=1000]
+    python bench/autoattack_reference.py --workdir=RUN --eps=0.1 [--num_examples=1000] [--version=standard|plus]
         [--reference_dir=/work/autoattack] [--attacks=apgd-ce,apgd-t,fab-t,square] [--reference_whole]
 
 RUN is a finished advjax run (`advjax.restore`); the images are the first
@@ -17,12 +17,12 @@ repository: check it out anywhere and pass its directory, e.g.
    two models' logits on the images must agree to 1e-4, or the script prints
    the port's JSON and exits 1.
 2. advjax runs `advjax.autoattack(logits_fn, images, labels, eps=eps, key=key,
-   attacks_to_run=stages)` as a user calls it: each stage on the examples still
+   version=version, attacks_to_run=stages)` as a user calls it: each stage on the examples still
    robust (compacted), one compiled fold per attack family. It is called twice,
    with a persistent compilation cache in a fresh temporary directory: the first
    call compiles everything (cold), the second finds it all in the cache (warm).
 3. The reference runs the same stages as `AutoAttack(model, norm='Linf',
-   eps=eps, version='standard', seed=0)`, one stage per `run_standard_evaluation`
+   eps=eps, version=version, seed=0)`, one stage per `run_standard_evaluation`
    call (its `attacks_to_run` set to that stage) on the examples still robust:
    the cascade one standard call runs, with each stage's robust accuracy and
    time. `--reference_whole` also times one call over all the stages.
@@ -43,16 +43,17 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from advjax.auto_attack import VERSION_ATTACKS  # noqa: E402
 from bench.common import machine, torch_model  # noqa: E402
 
-STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
 PORT_TOLERANCE = 1e-4
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished advjax run (advjax.restore).", required=True)
 _EPS = flags.DEFINE_float("eps", 0.3, "L-inf radius, on images in [0, 1].")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 1000, "The first N test images.")
 _REFERENCE_DIR = flags.DEFINE_string("reference_dir", "/work/autoattack", "A checkout of fra31/auto-attack.")
-_ATTACKS = flags.DEFINE_list("attacks", list(STAGES), f"Stages, in AutoAttack's order, from {STAGES}.")
+_VERSION = flags.DEFINE_enum("version", "standard", list(VERSION_ATTACKS), "AutoAttack's version, on both sides.")
+_ATTACKS = flags.DEFINE_list("attacks", [], "Some of the version's stages, run in its order (empty: all of them).")
 _BATCH = flags.DEFINE_integer("reference_batch_size", 1000, "The reference's batch size (bs).")
 _SEED = flags.DEFINE_integer("seed", 0, "advjax's key and the reference's seed.")
 _WHOLE = flags.DEFINE_bool("reference_whole", False, "Also time one reference call over all the stages.")
@@ -90,6 +91,7 @@ def run_advjax(params, apply_fn, images, labels, eps: float, stages) -> dict:
             y,
             eps=eps,
             key=jax.random.key(_SEED.value),
+            version=_VERSION.value,
             attacks_to_run=stages,
             log=lambda line, call=call: print(f"advjax ({call} cache) {line}", file=sys.stderr, flush=True),
         )
@@ -122,7 +124,7 @@ def run_reference(autoattack, model, images_nchw, labels, eps: float, stages) ->
 
     x, y = torch.from_numpy(images_nchw), torch.from_numpy(labels.astype(np.int64))
     adversary = autoattack.AutoAttack(
-        model, norm="Linf", eps=eps, version="standard", seed=_SEED.value, verbose=False, device="cpu"
+        model, norm="Linf", eps=eps, version=_VERSION.value, seed=_SEED.value, verbose=False, device="cpu"
     )
     with torch.no_grad():
         robust = (model(x).argmax(1) == y).numpy()
@@ -165,9 +167,10 @@ def points(fraction: float) -> float:
 
 def main(argv):
     del argv
-    stages = [s for s in STAGES if s in _ATTACKS.value]
-    if len(stages) != len(_ATTACKS.value):
-        sys.exit(f"--attacks={','.join(_ATTACKS.value)}: each must be one of {STAGES}, named once")
+    every = VERSION_ATTACKS[_VERSION.value]
+    stages = [s for s in every if s in _ATTACKS.value] if _ATTACKS.value else list(every)
+    if _ATTACKS.value and len(stages) != len(_ATTACKS.value):
+        sys.exit(f"--attacks={','.join(_ATTACKS.value)}: each must be one of {every}, named once")
     autoattack = import_reference(_REFERENCE_DIR.value)
     import jax
     import torch
@@ -207,6 +210,7 @@ def main(argv):
         "epoch": epochs[0],
         "eps": _EPS.value,
         "num_examples": len(labels),
+        "version": _VERSION.value,
         "attacks": stages,
         "port_max_logit_difference": port_difference,
         "port_predictions_differ": int(np.sum(torch_logits.argmax(1) != jax_logits.argmax(1))),
