@@ -274,15 +274,29 @@ def finalize_within(state: FABState, eps: jax.Array | float) -> jax.Array:
     return apgd.select(state.distance <= eps, state.best, state.images)
 
 
-def _build_fab(
+def make_fab(
     logits_fn: LogitsFn,
     eps: jax.Array | float,
-    target_rank: int | jax.Array | None,
-    num_steps: int,
-    hyper: tuple[float, float, float],
-    random_start: bool | jax.Array,
+    *,
+    num_steps: int = 100,
+    target_rank: int | jax.Array | None = None,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    random_start: bool | jax.Array = False,
 ) -> iterative.IterativeAttack:
-    """FAB-T toward `target_rank`, or FAB when it is None; `hyper` is (alpha_max, eta, beta)."""
+    """FAB in L-inf: untargeted by default, each step projecting onto the nearest linearised boundary
+    (`nearest_difference`, one backward pass per class); toward each clean image's `target_rank`-th most likely
+    class when one is given (FAB-T, `make_fab_targeted`). AutoAttack's "plus" version runs the untargeted one five
+    times, the later restarts from `random_start` (which may be traced: `restart > 0`).
+
+    The state is a FABState, so `distance`, the minimal L-inf distance found,
+    can be read after any step; `finalize` returns the nearest adversarial point
+    where it is within eps, else the clean image. eps enters only there and in
+    the random start.
+
+    >>> x_adv = iterative.run(make_fab(logits_fn, 0.3), images, labels, jax.random.key(0))
+    """
     if target_rank is not None:
         apgd.check_target_rank(target_rank)
     if num_steps < 1:
@@ -292,49 +306,18 @@ def _build_fab(
         return fab_init(logits_fn, images, labels, start_point(key, images, eps, random_start), target_rank)
 
     def step(state: FABState, iteration: jax.Array) -> FABState:
-        return fab_step(logits_fn, state, *hyper, targeted=target_rank is not None)
+        return fab_step(logits_fn, state, alpha_max, eta, beta, targeted=target_rank is not None)
 
     return iterative.IterativeAttack(init, step, lambda state: finalize_within(state, eps), num_steps)
 
 
 def make_fab_targeted(
-    logits_fn: LogitsFn,
-    eps: jax.Array | float,
-    *,
-    num_steps: int = 100,
-    target_rank: int = 2,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-    random_start: bool | jax.Array = False,
+    logits_fn: LogitsFn, eps: jax.Array | float, *, target_rank: int | jax.Array = 2, **options
 ) -> iterative.IterativeAttack:
-    """FAB-T in L-inf toward each clean image's `target_rank`-th most likely class (2 the runner-up).
-
-    The defaults are one target of AutoAttack's standard FAB-T, which runs
-    once per rank in STANDARD_TARGET_RANKS. The state is a FABState, so
-    `distance`, the minimal L-inf distance found, can be read after any step;
-    `finalize` returns the nearest adversarial point where it is within eps,
-    else the clean image. eps enters only there and in the random start.
+    """FAB-T in L-inf toward each clean image's `target_rank`-th most likely class (2 the runner-up); `options`
+    are make_fab's. The defaults are one target of AutoAttack's standard FAB-T, which runs once per rank in
+    STANDARD_TARGET_RANKS.
 
     >>> x_adv = iterative.run(make_fab_targeted(logits_fn, 8 / 255, target_rank=3), images, labels, jax.random.key(0))
     """
-    return _build_fab(logits_fn, eps, target_rank, num_steps, (alpha_max, eta, beta), random_start)
-
-
-def make_fab(
-    logits_fn: LogitsFn,
-    eps: jax.Array | float,
-    *,
-    num_steps: int = 100,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-    random_start: bool | jax.Array = False,
-) -> iterative.IterativeAttack:
-    """FAB in L-inf, untargeted: each step projects onto the nearest linearised boundary (`nearest_difference`),
-    at one backward pass per class. Otherwise as make_fab_targeted; AutoAttack's "plus" version runs it five
-    times, the later restarts from `random_start` (which may be traced: `restart > 0`).
-
-    >>> x_adv = iterative.run(make_fab(logits_fn, 0.3), images, labels, jax.random.key(0))
-    """
-    return _build_fab(logits_fn, eps, None, num_steps, (alpha_max, eta, beta), random_start)
+    return make_fab(logits_fn, eps, target_rank=target_rank, **options)

@@ -14,20 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from advjax import (
-    attacks,
-    checkpoint,
-    data,
-    experiment,
-    files,
-    noise,
-    paper_tables,
-    report,
-    seeds,
-    smoothing,
-    validation,
-    workdir,
-)
+from advjax import attacks, checkpoint, data, experiment, files, noise, paper_tables, report, seeds, validation, workdir
 
 
 def is_paper_config(config: ml_collections.ConfigDict) -> bool:
@@ -166,12 +153,10 @@ def certified_figure(s: dict, figures: str) -> dict[str, str]:
     curves, limits = {}, {}
     for name, certification in certified.items():
         sigma, entry = next(iter(certification["by_sigma"].items()))
-        curve, label = (
-            entry["certified_accuracy"],
-            f"{paper_tables.NOISE_TRAINED[name]}, noise-trained, σ = {float(sigma):g}",
-        )
+        curve = entry["certified_accuracy"]
+        label = f"{paper_tables.NOISE_TRAINED[name]}, noise-trained, σ = {float(sigma):g}"
         curves[label] = (curve["accuracy"], curve["accuracy_std"])
-        limits[label] = smoothing.largest_radius(float(sigma), certification["n"], certification["alpha"])
+        limits[label] = report.largest_certifiable_radius(sigma, certification)
     first, dataset = next(iter(certified.values())), paper_tables.dataset_title(s)
     title = "Certified L2 accuracy, noise-trained models"
     filename = "fig_certified_l2.png"
@@ -181,7 +166,7 @@ def certified_figure(s: dict, figures: str) -> dict[str, str]:
         "L2 radius",
         f"{title}\n({first['num_examples']} {dataset} {first['split']} images, n = {first['n']:,})",
         os.path.join(figures, filename),
-        limits=(limits, "dotted: the largest radius n samples can certify"),
+        limits=(limits, "largest radius n can certify"),
     )
     return {filename: title}
 

@@ -201,7 +201,7 @@ def plot_curves(
 ) -> None:
     """Accuracy against perturbation strength; a band of ±1 std over seeds where there are several. `limits`:
     per curve, an x past which it cannot rise, drawn dotted in its colour where it falls within the grid, and the
-    note that says what the dotted lines are."""
+    legend's label for the dotted lines."""
     import numpy as np
 
     plt = _pyplot()
@@ -215,12 +215,10 @@ def plot_curves(
         if limits is not None and min(grid) <= limits[0][label] <= max(grid):
             ax.axvline(limits[0][label], color=line.get_color(), linestyle=":", linewidth=1.2)
             drawn_limit = True
-    notes = ["bands: ±1 std over seeds"] if any(np.any(np.asarray(std) > 0) for _, std in curves.values()) else []
-    notes += [limits[1]] if drawn_limit else []
-    if notes:
-        # Lower left: the curves fall as the perturbation grows, so that corner is the one they leave empty.
-        box = dict(facecolor="white", alpha=0.8, edgecolor="none")
-        ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes, ha="left", va="bottom", fontsize=8, bbox=box)
+    if drawn_limit:  # what the dotted lines are, as a legend entry: the legend finds a place clear of the curves
+        ax.plot([], [], color="gray", linestyle=":", linewidth=1.2, label=limits[1])
+    if any(np.any(np.asarray(std) > 0) for _, std in curves.values()):
+        ax.text(0.99, 0.01, "bands: ±1 std over seeds", transform=ax.transAxes, ha="right", va="bottom", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
@@ -230,9 +228,18 @@ def plot_curves(
     _save(fig, path)
 
 
+def largest_certifiable_radius(sigma: float | str, certification: dict) -> float:
+    """The largest radius a summary's "certification" can hold at `sigma`, whatever the model: its n and alpha's
+    cap (smoothing.largest_radius), past which a certified-accuracy curve is 0.
+
+    >>> largest_certifiable_radius(0.5, summary["certification"])  # 1.60 at n = 10,000, alpha = 0.001
+    """
+    return smoothing.largest_radius(float(sigma), certification["n"], certification["alpha"])
+
+
 def plot_certification(certification: dict, path: str) -> None:
     """Certified accuracy against L2 radius, one curve per sigma (summary.json's "certification"), each with a
-    dotted line at the largest radius its n samples can certify (smoothing.largest_radius), past which it is 0.
+    dotted line at the largest radius its n samples can certify (`largest_certifiable_radius`).
 
     >>> plot_certification(summary["certification"], "runs/cnn_smooth/certification.png")
     """
@@ -240,7 +247,7 @@ def plot_certification(certification: dict, path: str) -> None:
     for sigma, entry in certification["by_sigma"].items():
         label = f"σ = {float(sigma):g}"
         curves[label] = (entry["certified_accuracy"]["accuracy"], entry["certified_accuracy"]["accuracy_std"])
-        limits[label] = smoothing.largest_radius(float(sigma), certification["n"], certification["alpha"])
+        limits[label] = largest_certifiable_radius(sigma, certification)
     title = f"Certified accuracy, {certification['num_examples']} {certification['split']} images"
-    note = f"dotted: the largest radius n = {certification['n']:,} samples can certify"
+    note = f"largest radius at n = {certification['n']:,}"
     plot_curves(certification["radii"], curves, "L2 radius", title, path, limits=(limits, note))

@@ -134,9 +134,8 @@ def test_every_seed_shares_one_compiled_sampler_per_sample_count(config, mnist, 
         traces.append(images.shape)
         return ctx.apply_fn(params, images)
 
-    certificates = certify_report.run_certification(
-        counted_apply, ctx.params, *certify_report.examples(mnist.test, 8)[:1], ctx.eval_rng, config.certify, 3
-    )
+    images, _ = certify_report.examples(mnist.test, 8)
+    certificates = certify_report.run_certification(counted_apply, ctx.params, images, ctx.eval_rng, config.certify, 3)
     # n0 = 10 samples in one chunk and n = 40 in chunks of 20: two shapes, each traced once for all three seeds.
     assert sorted(traces) == [(5 * 10, 28, 28, 1), (5 * 20, 28, 28, 1)], traces
     assert not np.array_equal(certificates.p_lower[0], certificates.p_lower[1])  # each seed's own params and key
@@ -244,21 +243,23 @@ def test_the_figure_is_written(tmp_path):
 def test_the_figure_marks_the_largest_radius_each_sigmas_samples_can_certify(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    lines, texts = [], []
+    lines, labels = [], []
     monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda ax, x, **style: lines.append(x))
-    original_text = matplotlib.axes.Axes.text
+    original_legend = matplotlib.axes.Axes.legend
     monkeypatch.setattr(
-        matplotlib.axes.Axes, "text", lambda ax, x, y, s, **kw: texts.append(s) or original_text(ax, x, y, s, **kw)
+        matplotlib.axes.Axes,
+        "legend",
+        lambda ax, *a, **kw: labels.extend(ax.get_legend_handles_labels()[1]) or original_legend(ax, *a, **kw),
     )
     entry = summary_entry()  # n = 40 at alpha 0.001: p_lower <= 0.841, so radii up to 1.0 sigma, both on the grid
     entry["radii"] = [0.0, 0.3, 0.6]
     report.plot_certification(entry, str(tmp_path / "certification.png"))
     assert lines == pytest.approx([smoothing.largest_radius(s, 40, 0.001) for s in (0.25, 0.5)])
-    assert any("largest radius n = 40 samples can certify" in t for t in texts)
-    lines.clear(), texts.clear()
-    entry["radii"] = [0.0, 0.1, 0.2]  # both limits past the grid: no line, and no note about lines
+    assert "largest radius at n = 40" in labels
+    lines.clear(), labels.clear()
+    entry["radii"] = [0.0, 0.1, 0.2]  # both limits past the grid: no line, and no legend entry about lines
     report.plot_certification(entry, str(tmp_path / "certification.png"))
-    assert lines == [] and not any("largest radius" in t for t in texts)
+    assert lines == [] and not any("largest radius" in label for label in labels) and labels
 
 
 def spy_objective():
