@@ -13,7 +13,7 @@ What a notebook needs, for a model trained here or one of its own: a model is
     result = advjax.autoattack(lambda x: apply_fn(params, x), x, y, eps=0.3, key=jax.random.key(0))
 """
 
-from advjax import apgd, attacks, deepfool, fab, iterative, noise, norms, square
+from advjax import apgd, attacks, deepfool, eot, fab, iterative, noise, norms, square
 from advjax.attack_specs import AttackSpec
 from advjax.auto_attack import AutoAttackResult, autoattack
 from advjax.checkpoint import Restored, restore
@@ -31,6 +31,7 @@ __all__ = [
     "attacks",
     "autoattack",
     "deepfool",
+    "eot",
     "fab",
     "iterative",
     "make_eval_set",

@@ -11,7 +11,7 @@ its best loss has not improved since (`should_halve`). Each step is
 
 It follows `autoattack/autopgd_base.py` (`APGDAttack.attack_single_run`,
 `dlr_loss`; `APGDAttack_targeted.dlr_loss_targeted` and its choice of target),
-for its L-inf and L2 branches without EOT. Where it departs:
+for its L-inf and L2 branches (EoT over a randomised model is advjax.eot's). Where it departs:
 
 - the rises of the first period start from the start point's loss, as in the
   paper's algorithm: the reference's `check_oscillation` compares the first
@@ -312,18 +312,34 @@ def build_apgd(
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
     evaluate = functools.partial(loss_and_gradient, logits_fn, loss)
-    marks = jnp.asarray(checkpoints(num_steps))
 
     def init(images, labels, key):
         return initial_state(evaluate, images, labels, choose_targets(images, labels), key, eps, norm)
 
     def step(state, iteration):
-        # The first step has no previous step to carry, as in the reference.
-        weight = jnp.where(iteration == 0, 1.0, momentum)
-        state = advance(evaluate, state, eps, norm, weight)
-        return check_step_size(state, jnp.any(iteration + 1 == marks), rho)
+        return apgd_step(evaluate, state, iteration, eps, norm, num_steps, momentum, rho)
 
     return iterative.IterativeAttack(init, step, finalize, num_steps)
+
+
+def apgd_step(
+    evaluate: Evaluate,
+    state: APGDState,
+    iteration: jax.Array,
+    eps: jax.Array | float,
+    norm: Norm,
+    num_steps: int,
+    momentum: float,
+    rho: float,
+) -> APGDState:
+    """APGD's step `iteration` of `num_steps`: a momentum step, then the checkpoint's rule where one falls.
+
+    >>> state = apgd_step(evaluate, state, jnp.int32(0), 0.3, "linf", 100, 0.75, 0.75)
+    """
+    # The first step has no previous step to carry, as in the reference.
+    weight = jnp.where(iteration == 0, 1.0, momentum)
+    state = advance(evaluate, state, eps, norm, weight)
+    return check_step_size(state, jnp.any(iteration + 1 == jnp.asarray(checkpoints(num_steps))), rho)
 
 
 def make_apgd(

@@ -4,11 +4,12 @@ The standard version, L-inf: APGD-CE; APGD-T (targeted DLR, the 9 most likely
 other classes); FAB-T (9 targets); Square (5000 queries). The "plus" version,
 as the reference's `set_version`: APGD-CE and APGD-DLR from 5 random starts
 each, untargeted FAB from 5 starts (the clean image, then random ones),
-Square, then APGD-T and FAB-T. An example counts as robust only while every
+Square, then APGD-T and FAB-T. The "rand" version, for a randomised model
+(`logits_fn(images, key)`, advjax.eot): APGD-CE and APGD-DLR, one start each,
+every gradient averaged over 20 draws (EoT), each verdict one fresh draw per
+example, as the reference's. An example counts as robust only while every
 attack so far has left it correctly classified, and the adversarial image kept
-for it is the first that fooled the model. The reference's "rand" version (EoT
-over a randomised model) needs a model that takes a key, which `logits_fn`
-does not: it is not provided.
+for it is the first that fooled the model.
 
 Static shapes meet the shrinking robust set by compaction between attacks: the
 examples still robust are gathered, padded up to a sixteenth of their power of
@@ -38,15 +39,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advjax import apgd, attacks, fab, iterative, loops, square
+from advjax import apgd, attacks, eot, fab, iterative, loops, square
 from advjax.losses import LogitsFn
 
 # Each version's attacks in cascade order, as the reference's set_version gives them.
 VERSION_ATTACKS: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
 }
 VERSIONS: tuple[str, ...] = tuple(VERSION_ATTACKS)
+RANDOMISED_VERSIONS: tuple[str, ...] = ("rand",)  # their logits_fn takes (images, key)
+DETERMINISTIC_VERSIONS: tuple[str, ...] = tuple(v for v in VERSIONS if v not in RANDOMISED_VERSIONS)
+EOT_SAMPLES = 20  # the rand version's draws per gradient (the reference's eot_iter)
+VERDICT_STREAM = 1 << 20  # folded into the key for a randomised model's verdict draws, apart from the attacks' keys
 STANDARD_ATTACKS: tuple[str, ...] = VERSION_ATTACKS["standard"]
 PLUS_RESTARTS = 5  # the plus version's starts of APGD-CE, APGD-DLR and FAB (the reference's n_restarts)
 NORMS: tuple[str, ...] = ("linf",)
@@ -64,7 +70,7 @@ class AutoAttackResult(NamedTuple):
 
 def _check_arguments(labels: jax.Array, num_classes: int, eps: float, norm: str, version: str, budgets: dict) -> None:
     if version not in VERSIONS:
-        raise ValueError(f"version={version!r} is not one of {VERSIONS} ('rand' needs a model that takes a key)")
+        raise ValueError(f"version={version!r} is not one of {VERSIONS}")
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is not one of {NORMS} (the L2 cascade needs L2 FAB and Square)")
     if not eps > 0:
@@ -75,7 +81,7 @@ def _check_arguments(labels: jax.Array, num_classes: int, eps: float, norm: str,
     labels = np.asarray(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must be in 0..{num_classes - 1} for a model of {num_classes} classes")
-    if num_classes < max(apgd.STANDARD_TARGET_RANKS):
+    if version not in RANDOMISED_VERSIONS and num_classes < max(apgd.STANDARD_TARGET_RANKS):
         raise ValueError(f"the {version} version's 9 targets need at least 10 classes; the model has {num_classes}")
 
 
@@ -92,11 +98,17 @@ def version_families(
 ) -> dict[str, Family]:
     """A version's attacks, L-inf, in cascade order: {name: Family}. A family's ranks are its targets, or for the
     plus version's untargeted attacks its restarts (each from its own key; FAB's first from the clean image).
+    For the rand version `logits_fn` takes (images, key).
 
     >>> apgd_t = version_families(logits_fn, 0.3)["apgd-t"]  # 9 ranks, the 2nd to 10th most likely classes
     >>> attack = apgd_t.make(apgd_t.ranks[0])
     """
     ranks, once = apgd.STANDARD_TARGET_RANKS, (0,)
+    if version in RANDOMISED_VERSIONS:
+        eot_apgd = lambda loss: eot.make_apgd_eot(
+            logits_fn, eps, loss=loss, num_steps=num_steps, eot_samples=EOT_SAMPLES
+        )
+        return {"apgd-ce": Family(lambda _: eot_apgd("ce"), once), "apgd-dlr": Family(lambda _: eot_apgd("dlr"), once)}
     starts = tuple(range(PLUS_RESTARTS)) if version == "plus" else once
     every = {
         "apgd-ce": Family(lambda _: apgd.make_apgd(logits_fn, eps, loss="ce", num_steps=num_steps), starts),
@@ -142,30 +154,57 @@ def _bucket(count: int, total: int) -> int:
     return min(total, -(-max(count, 1) // granularity) * granularity)
 
 
-def _attack_robust(run: Callable, logits_fn, images, labels, key, robust: np.ndarray, compact: bool):
-    """(still robust after the attack [B], its adversarial images where it fooled the model)."""
+def _attack_robust(run: Callable, predict: Callable, images, labels, key, robust: np.ndarray, compact: bool):
+    """(still robust after the attack [B], its adversarial images where it fooled the model).
+
+    `predict(images, index)` labels the images of examples `index` (a randomised model draws by example)."""
     if not compact:
         adversarial = run(images, labels, key)
-        return np.asarray(attacks.predicted_labels(logits_fn, adversarial) == labels) & robust, adversarial
+        return np.asarray(predict(adversarial, np.arange(len(robust))) == labels) & robust, adversarial
     index = np.flatnonzero(robust)
     padded = np.resize(index, _bucket(len(index), len(robust)))  # repeats of real examples: no effect on them
     adversarial = run(images[padded], labels[padded], key)
-    fooled = np.asarray(attacks.predicted_labels(logits_fn, adversarial) != labels[padded])[: len(index)]
+    fooled = np.asarray(predict(adversarial, padded) != labels[padded])[: len(index)]
     survived = robust.copy()
     survived[index[fooled]] = False
     full = jnp.asarray(images).at[index].set(adversarial[: len(index)])
     return survived, full
 
 
-def _flags(logits_fn, images, labels, robust: dict[str, np.ndarray]) -> list[str]:
+def _num_classes(logits_fn, images: jax.Array, key: jax.Array, version: str) -> int:
+    arguments, takes = (
+        ((images[:1], key), "(images, key)") if version in RANDOMISED_VERSIONS else ((images[:1],), "(images)")
+    )
+    try:
+        return int(jax.eval_shape(logits_fn, *arguments).shape[-1])
+    except TypeError as error:
+        raise TypeError(
+            f"the {version} version calls logits_fn{takes}, and that call failed: {error}; a randomised model that "
+            "takes a key is attacked by version='rand', a deterministic one by 'standard' or 'plus'"
+        ) from error
+
+
+def _one_draw(logits_fn, key: jax.Array, num_examples: int, randomised: bool, draw: int) -> Callable:
+    """(images, index) -> logits for examples `index`: the model, or a randomised model's draw `draw` of each
+    example's own key, so that a verdict does not depend on the batch compaction gives it."""
+    if not randomised:
+        return lambda images, index: logits_fn(images)
+    keys = jax.random.split(jax.random.fold_in(key, VERDICT_STREAM), num_examples)
+    model = jax.jit(eot.each_with_its_key(logits_fn))
+    return lambda images, index: model(images, eot.draw_keys(keys[index], draw, 0))
+
+
+def _flags(logits_fn, images, labels, robust: dict[str, np.ndarray], randomised: bool) -> list[str]:
     flags = []
     outputs = logits_fn(images)
     if bool(jnp.all(jnp.abs(outputs.sum(-1) - 1) < PROBABILITY_TOLERANCE) & (outputs.min() > -PROBABILITY_TOLERANCE)):
         flags.append("the outputs look like probabilities (they sum to one): pass logits, not softmax outputs")
-    if not bool(jnp.array_equal(outputs, logits_fn(images))):
+    # As the reference, the rand version skips the randomness check: its model is randomised by design.
+    if not randomised and not bool(jnp.array_equal(outputs, logits_fn(images))):
         flags.append(
             "two calls on the same images disagree: the model is randomised, and the standard version's "
-            "robust accuracy does not hold for it (the reference's 'rand' version, with EoT, is its attack)"
+            "robust accuracy does not hold for it (version='rand' attacks it with EoT, given a logits_fn that "
+            "takes a key)"
         )
     gradient = attacks.input_gradient(logits_fn, images, labels)
     zero = int(jnp.sum(jnp.all(gradient.reshape(len(labels), -1) == 0, axis=-1)))
@@ -204,11 +243,12 @@ def autoattack(
 
     `attacks_to_run` picks some of the version's attacks (all by default), which run in the version's order.
     `log` receives one line after each attack (its robust count and seconds): progress for a long cascade.
+    For version="rand", `logits_fn(images, key)` is a randomised model (advjax.eot): each verdict is one draw.
 
     >>> result = advjax.autoattack(logits_fn, x, y, eps=0.3, key=jax.random.key(0))
     >>> float(result.robust["square"].mean())  # AutoAttack's robust accuracy
     """
-    num_classes = int(jax.eval_shape(logits_fn, images[:1]).shape[-1])
+    num_classes = _num_classes(logits_fn, images, key, version)
     _check_arguments(labels, num_classes, eps, norm, version, {"num_steps": num_steps, "num_queries": num_queries})
     attacks_to_run = VERSION_ATTACKS[version] if attacks_to_run is None else attacks_to_run
     unknown = sorted(set(attacks_to_run) - set(VERSION_ATTACKS[version]))
@@ -217,7 +257,9 @@ def autoattack(
             f"attacks_to_run names {unknown}; each must be one of the {version} version's {VERSION_ATTACKS[version]}"
         )
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-    robust = {"clean": np.asarray(attacks.predicted_labels(logits_fn, images) == labels)}
+    draw = functools.partial(_one_draw, logits_fn, key, len(labels), version in RANDOMISED_VERSIONS)
+    predict = lambda d: lambda x, index: jnp.argmax(draw(d)(x, index), axis=-1)
+    robust = {"clean": np.asarray(predict(0)(images, np.arange(len(labels))) == labels)}
     adversarial, current = images, robust["clean"]
     families = version_families(logits_fn, eps, version, num_steps=num_steps, num_queries=num_queries)
     seconds = {}
@@ -229,7 +271,7 @@ def autoattack(
                 break
             key_i = jax.random.fold_in(key, 16 * stage + i)
             survived, candidate = _attack_robust(
-                functools.partial(run, rank=rank), logits_fn, images, labels, key_i, current, compact
+                functools.partial(run, rank=rank), predict(1 + 16 * stage + i), images, labels, key_i, current, compact
             )
             fooled_now = jnp.asarray(current & ~survived).reshape((-1,) + (1,) * (images.ndim - 1))
             adversarial = jnp.where(fooled_now, candidate, adversarial)
@@ -238,4 +280,7 @@ def autoattack(
         seconds[name] = time.perf_counter() - start  # the verdicts came to the host: the attack has finished
         count = f"{int(current.sum())} of {len(current)} still robust ({current.mean():.2%})"
         log(f"AutoAttack {name}: {count}, {seconds[name]:.1f} s")
-    return AutoAttackResult(adversarial, robust, _flags(logits_fn, images, labels, robust), seconds)
+    everyone = np.arange(len(labels))
+    fixed = lambda x: draw(1 << 16)(x, everyone)  # one draw for the checks, apart from the verdicts'
+    randomised = version in RANDOMISED_VERSIONS
+    return AutoAttackResult(adversarial, robust, _flags(fixed, images, labels, robust, randomised), seconds)

@@ -154,7 +154,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "robust.pgd_protocol": one_of(tuple(PGD_PROTOCOLS)),
     "robust.deepfool_max_iter": positive_int(),
     "robust.chunk_size": positive_int(),
-    "robust.autoattack_version": one_of(auto_attack.VERSIONS),
+    "robust.autoattack_version": (
+        lambda v: v in auto_attack.DETERMINISTIC_VERSIONS,
+        f"one of {auto_attack.DETERMINISTIC_VERSIONS} (the models trained here are deterministic; 'rand' is "
+        "advjax.autoattack's version for a randomised model that takes a key)",
+    ),
     "robust.autoattack_steps": positive_int(),
     "robust.autoattack_queries": positive_int(),
     "certify.enabled": boolean(),

@@ -2,6 +2,7 @@
 
     python bench/autoattack_reference.py --workdir=RUN --eps=0.1 [--num_examples=1000] [--version=standard|plus]
         [--reference_dir=/work/autoattack] [--attacks=apgd-ce,apgd-t,fab-t,square] [--reference_whole]
+    python bench/autoattack_reference.py --workdir=RUN --eps=0.1 --version=rand --noise_sigma=0.5
 
 RUN is a finished advjax run (`advjax.restore`); the images are the first
 `num_examples` test images of its data (`advjax.data.load_mnist(config.data)`,
@@ -27,6 +28,17 @@ repository: check it out anywhere and pass its directory, e.g.
    the cascade one standard call runs, with each stage's robust accuracy and
    time. `--reference_whole` also times one call over all the stages.
 `difference_points` is advjax's robust accuracy minus the reference's, in points.
+
+With `--version=rand` the model on both sides is randomised: the run's
+network behind Gaussian noise of std `--noise_sigma` on its input (clipped to
+[0, 1] where the run's `train.noise_clip` clipped its training noise), drawn
+by torch.randn on the reference's side and from the key on advjax's. The two
+sides draw different noise, so their robust accuracies agree only up to the
+sampling error of one draw per verdict; and each reference call draws again at
+the clean images (its clean check, then `perturb`'s), leaving unattacked the
+examples a draw gets wrong, so the stage-by-stage figures count more of them
+robust than one call does (`--reference_whole`). `bench/eot_reference.py`
+compares the two attacks' strength itself.
 """
 
 import contextlib
@@ -44,7 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from advjax.auto_attack import VERSION_ATTACKS  # noqa: E402
-from bench.common import machine, torch_model  # noqa: E402
+from bench.common import import_reference, machine, noisy, randomised, torch_model  # noqa: E402
 
 PORT_TOLERANCE = 1e-4
 
@@ -58,21 +70,13 @@ _BATCH = flags.DEFINE_integer("reference_batch_size", 1000, "The reference's bat
 _SEED = flags.DEFINE_integer("seed", 0, "advjax's key and the reference's seed.")
 _WHOLE = flags.DEFINE_bool("reference_whole", False, "Also time one reference call over all the stages.")
 _THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
-
-
-def import_reference(path: str):
-    if not os.path.isfile(os.path.join(path, "autoattack", "autoattack.py")):
-        sys.exit(f"no AutoAttack checkout at --reference_dir={path} (expected {path}/autoattack/autoattack.py)")
-    sys.path.insert(0, path)
-    import autoattack
-
-    return autoattack
+_NOISE = flags.DEFINE_float("noise_sigma", 0.0, "For --version=rand: the std of Gaussian noise on the model's input.")
 
 
 # ----------------------------------------------------------------------------- advjax's side
 
 
-def run_advjax(params, apply_fn, images, labels, eps: float, stages) -> dict:
+def run_advjax(params, apply_fn, images, labels, eps: float, stages, noise_clip: bool) -> dict:
     """`advjax.autoattack` as a user calls it (compaction, the backend's loop form), twice: the first call
     compiles (a cold persistent cache), the second finds every executable in the cache."""
     import jax
@@ -81,6 +85,9 @@ def run_advjax(params, apply_fn, images, labels, eps: float, stages) -> dict:
     import advjax
 
     logits_fn = lambda x: apply_fn(params, x)
+    if _VERSION.value == "rand":
+        draw = lambda x, key: _NOISE.value * jax.random.normal(key, x.shape)
+        logits_fn = lambda x, key: apply_fn(params, noisy(x, draw(x, key), noise_clip))
     x, y = jnp.asarray(images), jnp.asarray(labels)
     calls = []
     for call in ("cold", "warm"):
@@ -171,6 +178,8 @@ def main(argv):
     stages = [s for s in every if s in _ATTACKS.value] if _ATTACKS.value else list(every)
     if _ATTACKS.value and len(stages) != len(_ATTACKS.value):
         sys.exit(f"--attacks={','.join(_ATTACKS.value)}: each must be one of {every}, named once")
+    if (_VERSION.value == "rand") != (_NOISE.value > 0):
+        sys.exit("--version=rand attacks a randomised model, and needs --noise_sigma > 0; other versions need none")
     autoattack = import_reference(_REFERENCE_DIR.value)
     import jax
     import torch
@@ -220,7 +229,11 @@ def main(argv):
         print(json.dumps(output, indent=2))
         sys.exit(1)
 
-    ours = run_advjax(params, apply_fn, images, labels, _EPS.value, stages)
+    noise_clip = bool(config.train.get("noise_clip", False))
+    output.update(noise_sigma=_NOISE.value, noise_clip=noise_clip)
+    ours = run_advjax(params, apply_fn, images, labels, _EPS.value, stages, noise_clip)
+    if _NOISE.value > 0:
+        model = randomised(model, _NOISE.value, noise_clip)
     reference = run_reference(autoattack, model, images_nchw, labels, _EPS.value, stages)
     by_stage = {s["attack"]: s for s in reference["stages"]}
     for stage in ours["stages"]:

@@ -120,3 +120,32 @@ def measure_in_fresh_process(script: str, spec: dict, cwd: str, log) -> dict:
         log(f"worker {spec} failed:\n{stderr[-3000:]}")
         return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else "the worker failed"}
     return out | {"process_wall_s": time.perf_counter() - start}
+
+
+def import_reference(path: str):
+    if not os.path.isfile(os.path.join(path, "autoattack", "autoattack.py")):
+        sys.exit(f"no AutoAttack checkout at --reference_dir={path} (expected {path}/autoattack/autoattack.py)")
+    sys.path.insert(0, path)
+    import autoattack
+
+    return autoattack
+
+
+def noisy(images, noise, clip: bool):
+    """images + noise, clipped to [0, 1] where the run's training clipped its noise (jnp or torch arrays)."""
+    return (images + noise).clip(0.0, 1.0) if clip else images + noise
+
+
+def randomised(model, sigma: float, clip: bool):
+    """The PyTorch model behind Gaussian input noise drawn by torch.randn at every call."""
+    import torch
+
+    class NoisyInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(noisy(x, sigma * torch.randn_like(x), clip))
+
+    return NoisyInput().eval()

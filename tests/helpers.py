@@ -237,6 +237,22 @@ def random_linear_model(seed: int, num_classes: int = 10, scale: float = 0.05, b
     return weights, bias, linear_logits_fn(weights, bias)
 
 
+def noisy_input_model(logits_fn, sigma: float = 0.5):
+    """A randomised model, (images, key) -> logits: Gaussian noise on the input, as a smoothed classifier's base."""
+    return lambda x, key: logits_fn(x + sigma * jax.random.normal(key, x.shape))
+
+
+def noisy_gradient_model(logits_fn, scale: float):
+    """(images, key) -> logits_fn(images), whose input gradient carries noise of `scale` drawn from the key."""
+
+    def keyed(x, key):
+        flat = x.reshape(x.shape[0], -1)
+        projected = flat @ jax.random.normal(key, (flat.shape[1], 10))
+        return logits_fn(x) + scale * (projected - jax.lax.stop_gradient(projected))
+
+    return keyed
+
+
 def numpy_logits(weights, bias, images) -> np.ndarray:
     return per_image(images) @ np.asarray(weights, np.float64) + np.asarray(bias, np.float64)
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advjax import attacks, auto_attack, iterative
-from tests.helpers import linf_norms, random_linear_model, uniform_images
+from advjax import attacks, auto_attack, eot, iterative
+from tests.helpers import linf_norms, noisy_gradient_model, random_linear_model, uniform_images
 
 # The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
 pytestmark = pytest.mark.slow
@@ -92,6 +92,39 @@ def test_the_plus_cascade_runs_every_start_and_target_on_its_own_key_and_interse
     assert 0 < linf_norms(np.asarray(starts[1]) - np.asarray(images)).max() <= eps / 2 + 1e-6
 
 
+@pytest.mark.slow  # two EoT attacks compiled
+@pytest.mark.parametrize("compact", [False, True])
+def test_the_rand_cascade_runs_eot_apgd_ce_then_dlr_and_intersects_them(model, compact):
+    logits_fn, images, labels = model
+    keyed = noisy_gradient_model(logits_fn, 0.1)  # outputs are logits_fn's: the verdicts are exact
+    result = run((keyed, images, labels), version="rand", attacks_to_run=None, compact=compact)
+    assert list(result.robust) == ["clean", "apgd-ce", "apgd-dlr"]
+    assert not any("randomised" in flag for flag in result.flags)  # the rand version expects randomness
+    broken = ~result.robust["apgd-dlr"]
+    assert 0 < broken.sum() < len(labels)  # the test has teeth
+    assert np.all(np.asarray(attacks.predicted_labels(logits_fn, result.adversarial))[broken] != labels[broken])
+    assert linf_norms(np.asarray(result.adversarial) - np.asarray(images)).max() <= EPS + 1e-6
+    if compact:
+        return
+    families = auto_attack.version_families(keyed, EPS, "rand", **SHORT)
+    expected = result.robust["clean"]
+    for stage, (name, family) in enumerate(families.items()):
+        key = jax.random.fold_in(jax.random.key(0), 16 * stage)
+        alone = iterative.run(family.make(0), images, labels, key)
+        twenty = eot.make_apgd_eot(keyed, EPS, loss=name[5:], num_steps=SHORT["num_steps"], eot_samples=20)
+        np.testing.assert_array_equal(alone, iterative.run(twenty, images, labels, key), err_msg=name)
+        expected = expected & np.asarray(attacks.predicted_labels(logits_fn, alone) == labels)
+        np.testing.assert_array_equal(result.robust[name], expected, err_msg=name)
+
+
+def test_a_model_and_a_version_that_disagree_on_the_key_are_refused_naming_both(model):
+    logits_fn, images, labels = model
+    with pytest.raises(TypeError, match=re.escape("the rand version calls logits_fn(images, key)")):
+        run(model, version="rand", attacks_to_run=None)
+    with pytest.raises(TypeError, match=re.escape("the standard version calls logits_fn(images)")):
+        run((noisy_gradient_model(logits_fn, 0.1), images, labels))
+
+
 def test_compaction_pads_to_sixteenths_of_a_power_of_two_no_larger_than_the_batch():
     sizes = (1, 2, 3, 17, 64, 65, 100, 802, 1000, 1025)
     assert [auto_attack._bucket(n, 2000) for n in sizes] == [1, 2, 3, 17, 64, 68, 100, 832, 1024, 1088]
@@ -114,7 +147,7 @@ def test_one_compiled_family_serves_every_rank_as_its_own_attack_would(model, na
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"version": "rand"}, "version='rand'"),
+        ({"version": "random"}, "version='random'"),
         ({"version": "plus", "attacks_to_run": ("apgd-ce", "apgd-t", "apgd-l2")}, "attacks_to_run names ['apgd-l2']"),
         ({"norm": "l1"}, "norm='l1'"),
         ({"eps": 0.0}, "eps=0.0 must be positive"),
