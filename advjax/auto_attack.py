@@ -184,14 +184,14 @@ def _num_classes(logits_fn, images: jax.Array, key: jax.Array, version: str) -> 
         ) from error
 
 
-def _one_draw(logits_fn, key: jax.Array, num_examples: int, randomised: bool, draw: int) -> Callable:
-    """(images, index) -> logits for examples `index`: the model, or a randomised model's draw `draw` of each
-    example's own key, so that a verdict does not depend on the batch compaction gives it."""
+def _draws(logits_fn, key: jax.Array, num_examples: int, randomised: bool) -> Callable[[int], Callable]:
+    """draw -> ((images, index) -> logits for examples `index`): the model, or a randomised model's draw `draw` of
+    each example's own key, so that a verdict does not depend on the batch compaction gives it."""
     if not randomised:
-        return lambda images, index: logits_fn(images)
+        return lambda draw: lambda images, index: logits_fn(images)
     keys = jax.random.split(jax.random.fold_in(key, VERDICT_STREAM), num_examples)
-    model = jax.jit(eot.each_with_its_key(logits_fn))
-    return lambda images, index: model(images, eot.draw_keys(keys[index], draw, 0))
+    model = jax.jit(eot.each_with_its_key(logits_fn))  # one compile per batch shape for every draw
+    return lambda draw: lambda images, index: model(images, eot.draw_keys(keys[index], draw, 0))
 
 
 def _flags(logits_fn, images, labels, robust: dict[str, np.ndarray], randomised: bool) -> list[str]:
@@ -257,7 +257,7 @@ def autoattack(
             f"attacks_to_run names {unknown}; each must be one of the {version} version's {VERSION_ATTACKS[version]}"
         )
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-    draw = functools.partial(_one_draw, logits_fn, key, len(labels), version in RANDOMISED_VERSIONS)
+    draw = _draws(logits_fn, key, len(labels), version in RANDOMISED_VERSIONS)
     predict = lambda d: lambda x, index: jnp.argmax(draw(d)(x, index), axis=-1)
     robust = {"clean": np.asarray(predict(0)(images, np.arange(len(labels))) == labels)}
     adversarial, current = images, robust["clean"]
