@@ -257,9 +257,10 @@ def autoattack(
             f"attacks_to_run names {unknown}; each must be one of the {version} version's {VERSION_ATTACKS[version]}"
         )
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-    draw = _draws(logits_fn, key, len(labels), version in RANDOMISED_VERSIONS)
+    randomised, everyone = version in RANDOMISED_VERSIONS, np.arange(len(labels))
+    draw = _draws(logits_fn, key, len(labels), randomised)
     predict = lambda d: lambda x, index: jnp.argmax(draw(d)(x, index), axis=-1)
-    robust = {"clean": np.asarray(predict(0)(images, np.arange(len(labels))) == labels)}
+    robust = {"clean": np.asarray(predict(0)(images, everyone) == labels)}
     adversarial, current = images, robust["clean"]
     families = version_families(logits_fn, eps, version, num_steps=num_steps, num_queries=num_queries)
     seconds = {}
@@ -280,7 +281,5 @@ def autoattack(
         seconds[name] = time.perf_counter() - start  # the verdicts came to the host: the attack has finished
         count = f"{int(current.sum())} of {len(current)} still robust ({current.mean():.2%})"
         log(f"AutoAttack {name}: {count}, {seconds[name]:.1f} s")
-    everyone = np.arange(len(labels))
     fixed = lambda x: draw(1 << 16)(x, everyone)  # one draw for the checks, apart from the verdicts'
-    randomised = version in RANDOMISED_VERSIONS
     return AutoAttackResult(adversarial, robust, _flags(fixed, images, labels, robust, randomised), seconds)
