@@ -68,9 +68,9 @@ def test_twenty_draws_find_what_one_misses_when_the_gradient_is_noisy(linear):
         assert float(jnp.max(jnp.abs(adversarial - images))) <= EPS + 1e-6
         return float(jnp.mean(attacks.predicted_labels(logits_fn, adversarial) == labels))
 
-    exact = robust_accuracy(apgd.make_apgd(logits_fn, EPS, num_steps=10))
-    one = robust_accuracy(eot.make_apgd_eot(noisy_gradient_model(logits_fn, 0.1), EPS, num_steps=10, eot_samples=1))
-    twenty = robust_accuracy(eot.make_apgd_eot(noisy_gradient_model(logits_fn, 0.1), EPS, num_steps=10, eot_samples=20))
+    exact = robust_accuracy(apgd.make_apgd(logits_fn, EPS, num_steps=5))
+    one = robust_accuracy(eot.make_apgd_eot(noisy_gradient_model(logits_fn, 0.1), EPS, num_steps=5, eot_samples=1))
+    twenty = robust_accuracy(eot.make_apgd_eot(noisy_gradient_model(logits_fn, 0.1), EPS, num_steps=5, eot_samples=20))
     # The noise's spread is 4.5 times smaller averaged: the attack comes within two examples of the exact gradient's.
     assert twenty <= exact + 2 / len(labels) and one >= twenty + 0.2, (exact, one, twenty)
 
