@@ -53,6 +53,7 @@ RANDOMISED_VERSIONS: tuple[str, ...] = ("rand",)  # their logits_fn takes (image
 DETERMINISTIC_VERSIONS: tuple[str, ...] = tuple(v for v in VERSIONS if v not in RANDOMISED_VERSIONS)
 EOT_SAMPLES = 20  # the rand version's draws per gradient (the reference's eot_iter)
 VERDICT_STREAM = 1 << 20  # folded into the key for a randomised model's verdict draws, apart from the attacks' keys
+FLAGS_DRAW = 1 << 16  # the verdict stream's draw for the flags' checks, past any cascade's verdicts
 STANDARD_ATTACKS: tuple[str, ...] = VERSION_ATTACKS["standard"]
 PLUS_RESTARTS = 5  # the plus version's starts of APGD-CE, APGD-DLR and FAB (the reference's n_restarts)
 NORMS: tuple[str, ...] = ("linf",)
@@ -190,8 +191,9 @@ def _draws(logits_fn, key: jax.Array, num_examples: int, randomised: bool) -> Ca
     if not randomised:
         return lambda draw: lambda images, index: logits_fn(images)
     keys = jax.random.split(jax.random.fold_in(key, VERDICT_STREAM), num_examples)
-    model = jax.jit(eot.each_with_its_key(logits_fn))  # one compile per batch shape for every draw
-    return lambda draw: lambda images, index: model(images, eot.draw_keys(keys[index], draw, 0))
+    # The draw is traced: one compile per batch shape serves every verdict.
+    model = jax.jit(lambda images, keys, draw: eot.each_with_its_key(logits_fn)(images, eot.draw_keys(keys, draw, 0)))
+    return lambda draw: lambda images, index: model(images, keys[index], draw)
 
 
 def _flags(logits_fn, images, labels, robust: dict[str, np.ndarray], randomised: bool) -> list[str]:
@@ -281,5 +283,5 @@ def autoattack(
         seconds[name] = time.perf_counter() - start  # the verdicts came to the host: the attack has finished
         count = f"{int(current.sum())} of {len(current)} still robust ({current.mean():.2%})"
         log(f"AutoAttack {name}: {count}, {seconds[name]:.1f} s")
-    fixed = lambda x: draw(1 << 16)(x, everyone)  # one draw for the checks, apart from the verdicts'
+    fixed = lambda x: draw(FLAGS_DRAW)(x, everyone)
     return AutoAttackResult(adversarial, robust, _flags(fixed, images, labels, robust, randomised), seconds)

@@ -56,7 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from advjax.auto_attack import VERSION_ATTACKS  # noqa: E402
-from bench.common import import_reference, machine, noisy, randomised, torch_model  # noqa: E402
+from bench.common import import_reference, machine, randomised, torch_model  # noqa: E402
 
 PORT_TOLERANCE = 1e-4
 
@@ -83,11 +83,11 @@ def run_advjax(params, apply_fn, images, labels, eps: float, stages, noise_clip:
     import jax.numpy as jnp
 
     import advjax
+    from advjax import noise
 
     logits_fn = lambda x: apply_fn(params, x)
     if _VERSION.value == "rand":
-        draw = lambda x, key: _NOISE.value * jax.random.normal(key, x.shape)
-        logits_fn = lambda x, key: apply_fn(params, noisy(x, draw(x, key), noise_clip))
+        logits_fn = lambda x, key: apply_fn(params, noise.gaussian(key, x, _NOISE.value, clip=noise_clip))
     x, y = jnp.asarray(images), jnp.asarray(labels)
     calls = []
     for call in ("cold", "warm"):

@@ -131,13 +131,9 @@ def import_reference(path: str):
     return autoattack
 
 
-def noisy(images, noise, clip: bool):
-    """images + noise, clipped to [0, 1] where the run's training clipped its noise (jnp or torch arrays)."""
-    return (images + noise).clip(0.0, 1.0) if clip else images + noise
-
-
 def randomised(model, sigma: float, clip: bool):
-    """The PyTorch model behind Gaussian input noise drawn by torch.randn at every call."""
+    """The PyTorch model behind Gaussian input noise drawn by torch.randn at every call, clipped to [0, 1] when
+    `clip`: advjax.noise.gaussian's noise, for the reference's side."""
     import torch
 
     class NoisyInput(torch.nn.Module):
@@ -146,6 +142,7 @@ def randomised(model, sigma: float, clip: bool):
             self.model = model
 
         def forward(self, x):
-            return self.model(noisy(x, sigma * torch.randn_like(x), clip))
+            noisy = x + sigma * torch.randn_like(x)
+            return self.model(noisy.clamp(0.0, 1.0) if clip else noisy)
 
     return NoisyInput().eval()

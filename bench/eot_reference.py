@@ -35,7 +35,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import import_reference, machine, noisy, randomised, torch_model  # noqa: E402
+from bench.common import import_reference, machine, randomised, torch_model  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished advjax run (advjax.restore).", required=True)
 _EPS = flags.DEFINE_float("eps", 0.1, "L-inf radius, on images in [0, 1].")
@@ -58,7 +58,7 @@ def main(argv):
     from autoattack.autopgd_base import APGDAttack
 
     import advjax
-    from advjax import data, eot, iterative
+    from advjax import data, eot, iterative, noise
 
     torch.set_num_threads(_THREADS.value)
     config, params, apply_fn, epochs = advjax.restore(_WORKDIR.value)
@@ -69,7 +69,7 @@ def main(argv):
     images = test.images[: _NUM_EXAMPLES.value].astype(np.float32) / 255.0
     labels = np.asarray(test.labels[: _NUM_EXAMPLES.value], np.int32)
     sigma = _SIGMA.value
-    keyed = lambda x, key: apply_fn(params, noisy(x, sigma * jax.random.normal(key, x.shape), clip))
+    keyed = lambda x, key: apply_fn(params, noise.gaussian(key, x, sigma, clip=clip))
     correct = jax.jit(lambda x, key: jnp.argmax(keyed(x, key), -1) == labels)
     draw = lambda x, key: np.asarray(correct(jnp.asarray(x), key))
 

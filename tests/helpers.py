@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from advjax import attacks, data, eval_fold, experiment, idx, models, objectives, train, validation
+from advjax import attacks, data, eval_fold, experiment, idx, models, noise, objectives, train, validation
 from configs import default
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -239,7 +239,7 @@ def random_linear_model(seed: int, num_classes: int = 10, scale: float = 0.05, b
 
 def noisy_input_model(logits_fn, sigma: float = 0.5):
     """A randomised model, (images, key) -> logits: Gaussian noise on the input, as a smoothed classifier's base."""
-    return lambda x, key: logits_fn(x + sigma * jax.random.normal(key, x.shape))
+    return lambda x, key: logits_fn(noise.gaussian(key, x, sigma, clip=False))
 
 
 def noisy_gradient_model(logits_fn, scale: float):
