@@ -12,7 +12,7 @@ from advjax import attacks, auto_attack, eot, iterative
 from tests.helpers import linf_norms, noisy_gradient_model, random_linear_model, uniform_images
 
 # The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quick_compile_module")]
 
 
 EPS = 0.03

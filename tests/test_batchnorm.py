@@ -211,6 +211,7 @@ def test_a_training_objective_s_inner_attack_leaves_the_statistics_to_its_traini
     assert differ(stats, variables.batch_stats) and logits.shape == (6, 10) and np.isfinite(loss)
 
 
+@pytest.mark.slow  # compiles the ResNet's whole jitted training step, per mode
 @pytest.mark.parametrize("mode", ["fast", "trades"])
 def test_a_training_step_updates_the_statistics_and_only_the_step_does(mode):
     model, variables = tiny()
@@ -237,6 +238,7 @@ def test_models_without_batchnorm_keep_the_plain_train_state():
 # The seed axis, evaluation folds and checkpoints.
 
 
+@pytest.mark.slow  # three runs: two seeds at once, one seed alone, and their evaluations
 def test_two_seeds_carry_their_own_statistics_and_seed_0_is_the_one_seed_run():
     model, _ = tiny()
     config = resnet_config("fast")
@@ -334,7 +336,8 @@ def test_data_parallel_training_keeps_the_statistics_replicated_and_of_the_whole
     import sys
 
     repo = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # Both sides of the comparison run in the subprocess, so it compiles quickly as the quick tier does.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     run = subprocess.run([sys.executable, "-c", DATA_PARALLEL], cwd=repo, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
@@ -344,6 +347,7 @@ def test_data_parallel_training_keeps_the_statistics_replicated_and_of_the_whole
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("quick_compile")  # a narrow network: XLA's full passes cost more than they save
 def test_wong_et_al_s_recipe_trains_attacks_reports_and_restores_on_synthetic_cifar10(tmp_path):
     import advjax
     from configs import cifar10_fast

@@ -8,6 +8,9 @@ import pytest
 from advjax import apgd, attacks, eot, iterative
 from tests.helpers import noisy_gradient_model, noisy_input_model, random_linear_model, uniform_images
 
+# Linear models: compiling with most of XLA's passes costs more than it saves, whatever the tier.
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 EPS = 0.03
 
 

@@ -7,6 +7,9 @@ import pytest
 
 from tests.helpers import TIMING_FIELDS, outputs, run_experiment, synthetic_config
 
+# Tiny runs: XLA's full optimisation passes cost more to compile than they save (as in the quick tier).
+pytestmark = pytest.mark.usefixtures("quick_compile_module")
+
 
 @pytest.mark.slow
 def test_the_same_config_twice_gives_byte_identical_metrics_and_summary(tmp_path, synthetic_mnist_dir):

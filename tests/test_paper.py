@@ -30,6 +30,7 @@ def tiny_paper_config(data_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("quick_compile")  # six tiny runs: XLA's full passes cost more than they save
 def test_paper_writes_all_tables_and_figures_and_reuses_finished_runs(tmp_path, synthetic_mnist_dir):
     config = tiny_paper_config(synthetic_mnist_dir)
     messages = []

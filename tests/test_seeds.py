@@ -88,6 +88,7 @@ def test_map_body_over_seeds_equals_a_python_loop_over_seeds(unrolled):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("quick_compile")  # tiny runs: XLA's full passes cost more than they save
 def test_k_seeds_at_once_equal_k_separate_runs_and_differ_from_each_other(tmp_path, synthetic_mnist_dir):
     config = synthetic_config(synthetic_mnist_dir, mode="gaussian")  # noise too must differ per seed
     config.seed, config.num_seeds = 5, 3

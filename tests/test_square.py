@@ -10,7 +10,7 @@ from advjax import iterative, square
 from tests.helpers import assert_in_unit_interval, linear_logits_fn, linf_norms
 
 # The AutoAttack attacks compile whole attacks per test: they run in the full tier, which CI runs.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("quick_compile_module")]
 
 
 EPS = 0.1

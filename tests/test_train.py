@@ -502,6 +502,7 @@ def test_epoch_forms_agree_for_a_tiny_cnn():
     assert int(chunked_totals.examples) == 8
 
 
+@pytest.mark.slow  # three runs: two seeds at once, then each alone
 def test_a_convnets_seeds_train_one_by_one_on_cpu_not_as_a_grouped_convolution():
     # docs/design.md, "Seeds of a convnet": on XLA:CPU a vmapped convolution (one group per seed) runs many
     # times slower than the seeds' convolutions one by one; each seed still trains as it would alone.
