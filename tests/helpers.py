@@ -37,6 +37,10 @@ def optimizations_disabled(disabled: bool = True):
 
 full_optimizations = functools.partial(optimizations_disabled, False)
 
+# optimizations_disabled for a subprocess, through its environment: both sides of a comparison made inside it
+# compile the same way.
+QUICK_COMPILE_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
 
 # ----------------------------------------------------------------------------
 # Configs shrunk to seconds.

@@ -336,8 +336,9 @@ def test_data_parallel_training_keeps_the_statistics_replicated_and_of_the_whole
     import sys
 
     repo = pathlib.Path(__file__).resolve().parents[1]
-    # Both sides of the comparison run in the subprocess, so it compiles quickly as the quick tier does.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    from tests.helpers import QUICK_COMPILE_ENV
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **QUICK_COMPILE_ENV}  # both sides of the comparison run in it
     run = subprocess.run([sys.executable, "-c", DATA_PARALLEL], cwd=repo, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])

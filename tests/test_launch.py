@@ -17,7 +17,7 @@ import pytest
 
 import advjax
 from advjax import data
-from tests.helpers import write_synthetic_mnist
+from tests.helpers import QUICK_COMPILE_ENV, write_synthetic_mnist
 
 # Every test here starts launch.py in a subprocess.
 pytestmark = pytest.mark.slow
@@ -279,10 +279,7 @@ def test_launch_on_four_simulated_devices_equals_one_device(tmp_path, synthetic_
     )
     # Both runs compile quickly, as the quick tier does: the wiring is under test, not XLA's passes.
     env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", **QUICK_COMPILE_ENV
     )
     runs = {}
     for devices in (1, 4):
