@@ -30,9 +30,13 @@ from tests.helpers import (
 # never stale) and shared with the launch.py subprocesses through the
 # environment, compiles each program once: a repeated tiny run drops from
 # about 11 s to 2 s on the 2-core CI machine. It must be set before the first
-# compilation, which is why it happens here, at import.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="advjax-test-jax-cache-")
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+# compilation, which is why it happens here, at import. pytest-xdist's workers
+# inherit the directory from the process that started them, so they share it.
+_COMPILATION_CACHE = os.environ.get("ADVJAX_TEST_COMPILATION_CACHE", "")
+if not _COMPILATION_CACHE:
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="advjax-test-jax-cache-")
+    os.environ["ADVJAX_TEST_COMPILATION_CACHE"] = _COMPILATION_CACHE
+    atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 for _name, _value in {
     "jax_compilation_cache_dir": _COMPILATION_CACHE,
     "jax_persistent_cache_min_compile_time_secs": 0.0,
