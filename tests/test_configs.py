@@ -108,3 +108,24 @@ def test_cifar10_fast_is_wong_et_al_s_recipe_and_validates_and_builds():
     state = jax.eval_shape(lambda: train.create_states(jax.random.key(0), model, config.train, 351, 1))
     assert isinstance(state, train.BatchNormState) and "batch_stats" not in state.params
     assert memory.parameter_count(config.model, info) == 11_172_170
+
+
+@pytest.mark.parametrize("argument, steps", [(None, 10), ("2", 2)])
+def test_small_cnn_pgd_is_small_cnn_fast_with_pgd_of_the_steps_after_the_colon(argument, steps):
+    from configs import small_cnn_fast, small_cnn_pgd
+
+    config = small_cnn_pgd.get_config(argument)
+    assert (config.train.mode, config.train.attack_steps) == ("pgd", steps)
+    assert config.train.attack_step_size == pytest.approx(2.5 * 0.3 / steps)
+    fast = small_cnn_fast.get_config()
+    fast.train.mode, fast.train.attack_steps = "pgd", steps
+    fast.train.attack_step_size = config.train.attack_step_size
+    assert config.to_dict() == fast.to_dict()
+
+
+@pytest.mark.parametrize("argument", ["0", "-1", "two", "2.5"])
+def test_small_cnn_pgd_refuses_steps_that_are_not_a_positive_integer(argument):
+    from configs import small_cnn_pgd
+
+    with pytest.raises(ValueError, match=r"configs/small_cnn_pgd\.py.*positive integer.*" + repr(argument)):
+        small_cnn_pgd.get_config(argument)
