@@ -13,6 +13,7 @@ it holds under AutoAttack, against fast training, is in docs/results.md ("Fast
 training on the small CNN").
 """
 
+from advjax import attacks
 from configs import small_cnn_fast
 
 
@@ -26,5 +27,5 @@ def get_config(arg: str | None = None):
     config = small_cnn_fast.get_config()
     config.train.mode = "pgd"
     config.train.attack_steps = steps
-    config.train.attack_step_size = 2.5 * config.train.eps / steps
+    config.train.attack_step_size = attacks.default_step_size(config.train.eps, steps)
     return config

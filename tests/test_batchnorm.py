@@ -19,6 +19,7 @@ import pytest
 
 from advjax import attack_registry, checkpoint, data, eval_fold, evaluate, models, objectives, seeds, train
 from configs import default
+from tests.helpers import QUICK_COMPILE_ENV
 
 SHAPE, WIDTH = (8, 8, 3), 2
 INFO = data.DatasetInfo("cifar10", SHAPE, 10)
@@ -336,8 +337,6 @@ def test_data_parallel_training_keeps_the_statistics_replicated_and_of_the_whole
     import sys
 
     repo = pathlib.Path(__file__).resolve().parents[1]
-    from tests.helpers import QUICK_COMPILE_ENV
-
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **QUICK_COMPILE_ENV}  # both sides of the comparison run in it
     run = subprocess.run([sys.executable, "-c", DATA_PARALLEL], cwd=repo, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
