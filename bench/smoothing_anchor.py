@@ -34,8 +34,9 @@ import numpy as np
 from scipy import stats
 
 from advjax import smoothing
+from configs import default
 
-RADII = np.arange(0.0, 2.75, 0.25)
+RADII = np.array(default.get_config().certify.radii)  # the radii of advjax's certification table
 
 
 def read_log(path: str) -> dict[str, np.ndarray]:
@@ -74,12 +75,14 @@ def reestimated(log: dict, keep: np.ndarray, args: argparse.Namespace) -> dict:
     probability = recovered_counts(log["radius"][keep], args.sigma, args.log_n, args.alpha) / args.log_n
     rng = np.random.default_rng(args.seed)
     draws = []
+    # CERTIFY's statistics on two columns: the logged class (column 0, always selected) and the rest.
+    selection = np.tile([1, 0], (len(prediction), 1))
     for _ in range(args.draws):
         counts = rng.binomial(args.n, probability)
-        p_lower = smoothing.lower_confidence_bound(counts, args.n, args.alpha)
-        certified = (prediction >= 0) & (p_lower > 0.5)
-        radius = args.sigma * stats.norm.ppf(np.where(certified, p_lower, 0.75))
-        draws.append(scores(np.where(certified, prediction, smoothing.ABSTAIN), radius, labels))
+        estimation = np.stack([counts, args.n - counts], axis=1)
+        cert = smoothing.certificate_from_counts(selection, estimation, sigma=args.sigma, n=args.n, alpha=args.alpha)
+        certified = (prediction >= 0) & (cert.prediction == 0)
+        draws.append(scores(np.where(certified, prediction, smoothing.ABSTAIN), cert.radius, labels))
     mean = lambda name: np.mean([d[name] for d in draws], axis=0).round(4).tolist()
     std = lambda name: np.std([d[name] for d in draws], axis=0).round(4).tolist()
     return {name: mean(name) for name in draws[0]} | {f"{name}_std": std(name) for name in draws[0]}
